@@ -1,0 +1,1 @@
+"""Flower client side: ClientApp builders and the local trainer."""

@@ -1,0 +1,19 @@
+"""SVD-factored adapters: the layer, injection into any model, and state I/O."""
+
+from .groups import group_context, group_weights_from_ids
+from .inject import adapter_layers, inject_adapters
+from .layer import UNKNOWN_GROUP, SVDLinear
+from .state import FACTOR_SUFFIXES, exchange_state, load_exchange_state, split_factor_key
+
+__all__ = [
+    "FACTOR_SUFFIXES",
+    "UNKNOWN_GROUP",
+    "SVDLinear",
+    "adapter_layers",
+    "exchange_state",
+    "group_context",
+    "group_weights_from_ids",
+    "inject_adapters",
+    "load_exchange_state",
+    "split_factor_key",
+]

@@ -1,0 +1,1 @@
+"""Exact factored aggregation of low-rank adapters."""

@@ -1,0 +1,1 @@
+"""fedlowrank.compression (in progress)."""

@@ -1,0 +1,1 @@
+"""fedlowrank.fairness (in progress)."""

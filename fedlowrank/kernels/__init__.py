@@ -1,0 +1,1 @@
+"""fedlowrank.kernels (in progress)."""

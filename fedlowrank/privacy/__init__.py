@@ -1,0 +1,1 @@
+"""fedlowrank.privacy (in progress)."""

@@ -1,0 +1,1 @@
+"""Flower server side: strategies that aggregate low-rank adapters."""
