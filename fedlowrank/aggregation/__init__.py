@@ -1,1 +1,13 @@
-"""Exact factored aggregation of low-rank adapters."""
+"""Exact factored aggregation of low-rank adapters (DESIGN.md, "Exact factored aggregation")."""
+
+from .balance import balance_factors
+from .svd import SVDAggregate, aggregate_svd, dense_weighted_sum
+from .validate import check_client_factors
+
+__all__ = [
+    "SVDAggregate",
+    "aggregate_svd",
+    "balance_factors",
+    "check_client_factors",
+    "dense_weighted_sum",
+]
