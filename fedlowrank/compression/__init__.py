@@ -1,1 +1,67 @@
-"""fedlowrank.compression (in progress)."""
+"""Compression of client updates: codecs, error feedback, the L-GreCo allocator.
+
+Torch/numpy only (no Flower). Importing this package registers the built-in
+codecs: ``"none"``, ``"powersgd"``, ``"topk"``, ``"qsgd"``.
+"""
+
+from .allocate import DEFAULT_NUM_BINS, lgreco_allocate, lgreco_budget
+from .codec import (
+    Codec,
+    RawCodec,
+    candidate_key,
+    get_codec,
+    payload_nbytes,
+    register_codec,
+    registered_codecs,
+)
+from .error_feedback import ErrorFeedback
+from .powersgd import PowerSGDCodec
+from .qsgd import QSGDCodec
+from .topk import TopKCodec
+from .update import (
+    CANDIDATES_KEY,
+    ENCODED_PREFIX,
+    ERRORS_KEY,
+    SETTING_PREFIX,
+    SIZES_KEY,
+    decode_update,
+    encode_update,
+    is_encoded_key,
+    make_spec,
+    parse_spec,
+    read_tables,
+    settings_from_config,
+    settings_to_config,
+    table_rows,
+)
+
+__all__ = [
+    "CANDIDATES_KEY",
+    "DEFAULT_NUM_BINS",
+    "ENCODED_PREFIX",
+    "ERRORS_KEY",
+    "SETTING_PREFIX",
+    "SIZES_KEY",
+    "Codec",
+    "ErrorFeedback",
+    "PowerSGDCodec",
+    "QSGDCodec",
+    "RawCodec",
+    "TopKCodec",
+    "candidate_key",
+    "decode_update",
+    "encode_update",
+    "get_codec",
+    "is_encoded_key",
+    "lgreco_allocate",
+    "lgreco_budget",
+    "make_spec",
+    "parse_spec",
+    "payload_nbytes",
+    "read_tables",
+    "register_codec",
+    "registered_codecs",
+    "settings_from_config",
+    "settings_to_config",
+    "table_rows",
+]

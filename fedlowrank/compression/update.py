@@ -1,0 +1,241 @@
+"""Wire format of a compressed model update (client encode, server decode).
+
+Plain ``dict[str, np.ndarray]`` and ``dict[str, str]`` only, so the core stays
+free of Flower; ``fedlowrank.strategies.lgreco`` puts these dicts into
+``ArrayRecord``/``ConfigRecord`` unchanged.
+
+Server -> client (config entries)
+    ``"lgreco.<tensor>" -> "<codec>:<setting>"`` for every tensor of the
+    global arrays (e.g. ``"powersgd:4"``, ``"topk:0.05"``, ``"qsgd:4"``,
+    ``"none"``), and, in rounds whose tables the server will use,
+    ``"lgreco-candidates" -> [candidate strings]`` (the table columns).
+
+Client -> server (arrays)
+    For every tensor ``t`` of the update (local minus the round's global
+    arrays, plus the error-feedback residual):
+
+    * ``"lgreco/<t>::spec"``: uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``
+      (shape as comma-separated ints, opts as ``k=v`` pairs joined by ``;``),
+      so each tensor decodes on its own;
+    * ``"lgreco/<t>::<field>"``: the codec's arrays (``p``/``q``, ``idx``/``val``,
+      ``q``/``norm``, ``raw``).
+
+    If candidates were asked for, also ``"lgreco-errors"`` (float64) and
+    ``"lgreco-sizes"`` (int64), both ``(num_tensors, num_candidates)``: rows
+    are the tensors in sorted name order, columns the candidates in the order
+    the server sent them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .codec import Codec, _lookup
+from .error_feedback import ErrorFeedback
+
+ENCODED_PREFIX = "lgreco/"
+FIELD_SEP = "::"
+SPEC_FIELD = "spec"
+ERRORS_KEY = "lgreco-errors"
+SIZES_KEY = "lgreco-sizes"
+SETTING_PREFIX = "lgreco."
+CANDIDATES_KEY = "lgreco-candidates"
+_MAX_SPEC_BYTES = 512
+
+
+# -- per-tensor spec -------------------------------------------------------
+def make_spec(codec: Codec, shape: Sequence[int]) -> np.ndarray:
+    """The uint8 spec array that tells the server how to decode one tensor."""
+    opts = ";".join(f"{k}={int(v)}" for k, v in sorted(codec.options().items()))
+    text = f"{codec.key}|{','.join(str(int(s)) for s in shape)}|{opts}"
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).copy()
+
+
+def parse_spec(spec: np.ndarray) -> tuple[Codec, tuple[int, ...]]:
+    """Inverse of :func:`make_spec`; raises ``ValueError`` on a malformed spec."""
+    if not isinstance(spec, np.ndarray) or spec.dtype != np.uint8 or spec.ndim != 1:
+        raise ValueError("Spec must be a 1-D uint8 array.")
+    if spec.size > _MAX_SPEC_BYTES:
+        raise ValueError(f"Spec longer than {_MAX_SPEC_BYTES} bytes.")
+    try:
+        text = spec.tobytes().decode("ascii")
+        key, shape_text, opts_text = text.split("|")
+        shape = tuple(int(s) for s in shape_text.split(",")) if shape_text else ()
+        options = dict(_parse_option(o) for o in opts_text.split(";")) if opts_text else {}
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"Malformed spec {spec.tobytes()[:80]!r}: {err}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"Negative dimension in spec shape {shape}.")
+    name, _, setting_text = key.partition(":")
+    cls = _lookup(name)
+    setting = cls.parse_setting(setting_text) if setting_text else None
+    return cls.from_options(setting, options), shape
+
+
+def _parse_option(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"option {text!r} is not k=v")
+    return name, int(value)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``"lgreco/<tensor>::<field>"`` -> ``(tensor, field)``."""
+    body = key[len(ENCODED_PREFIX) :]
+    if FIELD_SEP not in body:
+        raise ValueError(f"Encoded key {key!r} lacks the '{FIELD_SEP}<field>' suffix.")
+    return tuple(body.rsplit(FIELD_SEP, 1))  # type: ignore[return-value]
+
+
+# -- client side -----------------------------------------------------------
+def encode_update(
+    update: Mapping[str, np.ndarray],
+    settings: Mapping[str, str],
+    ef: ErrorFeedback,
+    *,
+    candidates: Sequence[str] | None = None,
+    end_round: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Compress an update with error feedback; optionally measure candidates.
+
+    Parameters
+    ----------
+    update : mapping of str to np.ndarray
+        Local arrays minus the round's global arrays, per tensor.
+    settings : mapping of str to str
+        Candidate string per tensor (from :func:`settings_from_config`).
+        Every tensor of ``update`` needs one; extra entries are ignored.
+    ef : ErrorFeedback
+        This client's error-feedback state; updated in place.
+    candidates : sequence of str, optional
+        If given, the error/size tables are measured on ``update + residual``
+        before compression.
+    end_round : bool, default True
+        Advance ``ef``'s round counter afterwards.
+
+    Returns
+    -------
+    payload : dict[str, np.ndarray]
+        Spec and codec arrays per tensor (see module docstring).
+    tables : dict[str, np.ndarray]
+        ``{ERRORS_KEY: ..., SIZES_KEY: ...}``, or empty without candidates.
+
+    Raises
+    ------
+    ValueError
+        If a tensor has no setting, or a setting is not a valid candidate.
+    """
+    names = sorted(update)
+    missing = [n for n in names if n not in settings]
+    if missing:
+        raise ValueError(f"No compression setting for tensors {missing[:5]} (of {len(missing)}).")
+    tables: dict[str, np.ndarray] = {}
+    if candidates is not None:
+        rows = [ef.tables(n, update[n], candidates) for n in names]
+        tables[ERRORS_KEY] = np.array([r[0] for r in rows], dtype=np.float64).reshape(len(names), len(candidates))
+        tables[SIZES_KEY] = np.array([r[1] for r in rows], dtype=np.int64).reshape(len(names), len(candidates))
+    payload: dict[str, np.ndarray] = {}
+    for name in names:
+        codec = ef.codec(settings[name])
+        arrays, _ = ef.compress(name, update[name], codec)
+        payload[f"{ENCODED_PREFIX}{name}{FIELD_SEP}{SPEC_FIELD}"] = make_spec(codec, np.shape(update[name]))
+        for field, arr in arrays.items():
+            payload[f"{ENCODED_PREFIX}{name}{FIELD_SEP}{field}"] = arr
+    if end_round:
+        ef.end_round()
+    return payload, tables
+
+
+def settings_from_config(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str] | None]:
+    """Read per-tensor settings and the candidate list from a round's config.
+
+    Returns
+    -------
+    settings : dict[str, str]
+        Tensor name -> candidate string.
+    candidates : list of str or None
+        The table columns, if the server asked for tables this round.
+    """
+    settings = {k[len(SETTING_PREFIX) :]: str(v) for k, v in config.items() if k.startswith(SETTING_PREFIX)}
+    cands = config.get(CANDIDATES_KEY)
+    return settings, (None if cands is None else [str(c) for c in cands])
+
+
+# -- server side -----------------------------------------------------------
+def settings_to_config(settings: Mapping[str, str], candidates: Sequence[str] | None = None) -> dict[str, Any]:
+    """Config entries the server sends (inverse of :func:`settings_from_config`)."""
+    out: dict[str, Any] = {f"{SETTING_PREFIX}{k}": str(v) for k, v in settings.items()}
+    if candidates is not None:
+        out[CANDIDATES_KEY] = [str(c) for c in candidates]
+    return out
+
+
+def is_encoded_key(key: str) -> bool:
+    """Whether an array key belongs to an encoded tensor."""
+    return key.startswith(ENCODED_PREFIX)
+
+
+def decode_update(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decode every encoded tensor in ``payload`` (other keys are ignored).
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        Float32 update per tensor, in sorted name order.
+
+    Raises
+    ------
+    ValueError
+        If a tensor lacks its spec, or its arrays do not match the declared
+        codec, shape or setting.
+    """
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in payload.items():
+        if is_encoded_key(key):
+            name, field = _split_key(key)
+            grouped.setdefault(name, {})[field] = np.asarray(value)
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(grouped):
+        fields = grouped[name]
+        if SPEC_FIELD not in fields:
+            raise ValueError(f"Tensor {name!r}: no '{SPEC_FIELD}' entry in the payload.")
+        try:
+            codec, shape = parse_spec(fields.pop(SPEC_FIELD))
+            out[name] = codec.decode(fields, shape)
+        except ValueError as err:
+            raise ValueError(f"Tensor {name!r}: {err}") from None
+    return out
+
+
+def read_tables(
+    arrays: Mapping[str, np.ndarray], num_tensors: int, num_candidates: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The error/size tables in a reply, or ``None`` if it sent none.
+
+    Raises
+    ------
+    ValueError
+        If only one table came, or shapes/values are not usable.
+    """
+    has = [ERRORS_KEY in arrays, SIZES_KEY in arrays]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(f"Tables need both {ERRORS_KEY!r} and {SIZES_KEY!r}.")
+    errors = np.asarray(arrays[ERRORS_KEY], dtype=np.float64)
+    sizes = np.asarray(arrays[SIZES_KEY], dtype=np.float64)
+    expected = (num_tensors, num_candidates)
+    for label, table in ((ERRORS_KEY, errors), (SIZES_KEY, sizes)):
+        if table.shape != expected:
+            raise ValueError(f"{label} has shape {table.shape}, expected {expected}.")
+        if not np.all(np.isfinite(table)) or np.any(table < 0):
+            raise ValueError(f"{label} holds negative or non-finite values.")
+    return errors, sizes
+
+
+def table_rows(names: Iterable[str]) -> list[str]:
+    """Row order of the tables: tensor names sorted."""
+    return sorted(names)

@@ -1,0 +1,227 @@
+"""Codecs: round trips, exact byte counts, error estimates, payload validation."""
+
+import numpy as np
+import pytest
+
+from fedlowrank.compression import (
+    Codec,
+    PowerSGDCodec,
+    QSGDCodec,
+    TopKCodec,
+    candidate_key,
+    decode_update,
+    get_codec,
+    make_spec,
+    parse_spec,
+    payload_nbytes,
+    register_codec,
+    registered_codecs,
+)
+
+CANDIDATES = ["none", "powersgd:1", "powersgd:4", "topk:0.05", "topk:1.0", "qsgd:2", "qsgd:4", "qsgd:12"]
+SHAPES = [(30, 20), (8, 3, 3, 3), (17,), (), (1, 5), (64, 2)]
+
+
+@pytest.mark.parametrize("cand", CANDIDATES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_shape_dtype_and_exact_bytes(cand, shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    codec = get_codec(cand)
+    payload = codec.encode(x, state={}, rng=rng)
+    assert all(isinstance(a, np.ndarray) for a in payload.values())
+    assert payload_nbytes(payload) == sum(a.nbytes for a in payload.values())
+    out = codec.decode(payload, shape)
+    assert out.shape == x.shape and out.dtype == np.float32
+    # The default estimate is a trial encode: its size is the real one.
+    err, size = codec.estimate(x, state={}, rng=np.random.default_rng(0))
+    assert size == payload_nbytes(payload)
+    assert err >= 0
+
+
+def test_sizes_match_the_documented_formulas():
+    x = np.ones((30, 20))
+    assert payload_nbytes(get_codec("none").encode(x)) == 600 * 4
+    assert payload_nbytes(get_codec("powersgd:4").encode(x, rng=np.random.default_rng(0))) == (30 + 20) * 4 * 4
+    assert payload_nbytes(get_codec("topk:0.05").encode(x)) == 30 * 8
+    q4 = get_codec("qsgd:4").encode(x, rng=np.random.default_rng(0))
+    assert q4["q"].dtype == np.int8 and payload_nbytes(q4) == 600 + 2 * 4  # two 512-buckets
+    q12 = get_codec("qsgd:12").encode(x, rng=np.random.default_rng(0))
+    assert q12["q"].dtype == np.int16 and payload_nbytes(q12) == 1200 + 8
+    per_tensor = QSGDCodec(4, bucket_size=0).encode(x, rng=np.random.default_rng(0))
+    assert per_tensor["norm"].shape == (1,)
+
+
+def test_none_is_lossless_for_float32():
+    x = np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32)
+    codec = get_codec(("none", None))
+    np.testing.assert_array_equal(codec.decode(codec.encode(x), x.shape), x)
+
+
+def test_powersgd_exact_on_low_rank_and_falls_back_to_raw():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30))
+    codec = PowerSGDCodec(3)
+    out = codec.decode(codec.encode(x, state={}, rng=rng), x.shape)
+    np.testing.assert_allclose(out, x, atol=1e-4)
+    # 1-D tensors and tensors whose factors would not be smaller travel raw.
+    assert set(codec.encode(np.ones(9))) == {"raw"}
+    assert set(PowerSGDCodec(4).encode(np.ones((64, 4)))) == {"raw"}
+
+
+def test_powersgd_warm_start_converges_to_the_svd_tail():
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((50, 50)))
+    v, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    s = 0.7 ** np.arange(40)
+    x = (u[:, :40] * s) @ v.T
+    codec, state = PowerSGDCodec(4), {}
+    tail, size = codec.estimate(x)
+    np.testing.assert_allclose(tail, np.sum(s[4:] ** 2), rtol=1e-8)
+    assert size == (50 + 40) * 4 * 4
+    errs = []
+    for _ in range(15):
+        out = codec.decode(codec.encode(x, state=state, rng=rng), x.shape)
+        errs.append(np.sum((x - out) ** 2))
+    # One power iteration is never better than the best rank-k; warm starts approach it.
+    assert min(errs) >= tail * (1 - 1e-4)
+    assert errs[-1] < errs[0] and errs[-1] < tail * 1.05
+    assert state["q"].shape == (40, 4)
+
+
+def test_powersgd_reinitialises_q_when_the_rank_changes():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20, 20))
+    state = {}
+    PowerSGDCodec(2).encode(x, state=state, rng=rng)
+    PowerSGDCodec(5).encode(x, state=state, rng=rng)
+    assert state["q"].shape == (20, 5)
+
+
+def test_topk_keeps_the_largest_entries_and_estimates_exactly():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((25, 16))
+    codec = TopKCodec(0.1)
+    payload = codec.encode(x)
+    k = codec.num_kept(x.size)
+    assert payload["idx"].dtype == np.int32 and len(payload["idx"]) == k == 40
+    kept = np.sort(np.abs(x).ravel())[-k:]
+    np.testing.assert_allclose(np.sort(np.abs(payload["val"])), kept, rtol=1e-6)
+    out = codec.decode(payload, x.shape)
+    err, size = codec.estimate(x)
+    np.testing.assert_allclose(err, np.sum((x - out) ** 2), rtol=1e-5)
+    assert size == payload_nbytes(payload)
+
+
+def test_qsgd_is_unbiased_and_seeded():
+    x = np.random.default_rng(6).standard_normal(300)
+    codec = get_codec("qsgd:2")
+    a = codec.encode(x, rng=np.random.default_rng(9))
+    b = codec.encode(x, rng=np.random.default_rng(9))
+    np.testing.assert_array_equal(a["q"], b["q"])
+    rng = np.random.default_rng(7)
+    mean = np.mean([codec.decode(codec.encode(x, rng=rng), x.shape) for _ in range(2000)], axis=0)
+    # 2 bits = levels {-1, 0, 1}: a coarse, high-variance but unbiased codec.
+    assert np.max(np.abs(mean - x)) < 0.15
+    assert abs(np.mean(mean - x)) < 0.01
+
+
+def test_qsgd_l2_norm_variant_round_trips():
+    x = np.random.default_rng(8).standard_normal((10, 10))
+    codec = QSGDCodec(8, bucket_size=32, norm="l2")
+    spec_codec, shape = parse_spec(make_spec(codec, x.shape))
+    assert spec_codec == codec and shape == x.shape
+    out = spec_codec.decode(codec.encode(x, rng=np.random.default_rng(0)), shape)
+    assert np.sum((out - x) ** 2) < 0.1 * np.sum(x**2)
+
+
+# -- validation ----------------------------------------------------------------
+def _payload(cand, shape=(12, 10)):
+    x = np.random.default_rng(10).standard_normal(shape)
+    codec = get_codec(cand)
+    return codec, codec.encode(x, state={}, rng=np.random.default_rng(0)), shape
+
+
+@pytest.mark.parametrize(
+    "cand, mutate, match",
+    [
+        ("topk:0.1", lambda p: p.update(idx=p["idx"].astype(np.int64)), "dtype"),
+        ("topk:0.1", lambda p: p["idx"].__setitem__(-1, 120), "out of range"),
+        ("topk:0.1", lambda p: p["idx"].__setitem__(0, -1), "out of range"),
+        ("topk:0.1", lambda p: p["idx"].__setitem__(1, p["idx"][0]), "increasing"),
+        ("topk:0.1", lambda p: p.update(val=p["val"][:-1]), "shape"),
+        ("powersgd:2", lambda p: p.update(p=p["p"][:, :1]), "shape"),
+        ("powersgd:2", lambda p: p.update(q=np.zeros((10, 3), np.float32)), "shape"),
+        ("powersgd:2", lambda p: p.pop("q"), "fields"),
+        ("powersgd:2", lambda p: p["p"].__setitem__((0, 0), np.nan), "non-finite"),
+        ("qsgd:4", lambda p: p.update(q=p["q"].astype(np.int16)), "bits mismatch"),
+        ("qsgd:4", lambda p: p["q"].__setitem__(0, 100), "bits mismatch"),
+        ("qsgd:4", lambda p: p.update(norm=np.zeros(3, np.float32)), "shape"),
+        ("none", lambda p: p.update(extra=np.zeros(1)), "fields"),
+        ("none", lambda p: p.update(raw=p["raw"].astype(np.float64)), "dtype"),
+    ],
+)
+def test_decode_rejects_payloads_that_do_not_match(cand, mutate, match):
+    codec, payload, shape = _payload(cand)
+    mutate(payload)
+    with pytest.raises(ValueError, match=match):
+        codec.decode(payload, shape)
+
+
+def test_decoding_with_another_setting_fails():
+    _, payload, shape = _payload("powersgd:2")
+    with pytest.raises(ValueError):
+        get_codec("powersgd:3").decode(payload, shape)
+    _, payload, shape = _payload("qsgd:4")
+    with pytest.raises(ValueError, match="bits"):
+        get_codec("qsgd:12").decode(payload, shape)
+
+
+@pytest.mark.parametrize("bad", ["zip:3", "powersgd:x", "powersgd:0", "topk:0", "topk:1.5", "qsgd:1", "qsgd:17", "none:3"])
+def test_bad_candidates_raise(bad):
+    with pytest.raises(ValueError):
+        get_codec(bad)
+
+
+def test_bad_specs_raise():
+    with pytest.raises(ValueError, match="Malformed"):
+        parse_spec(np.frombuffer(b"powersgd:4|12,x|", dtype=np.uint8))
+    with pytest.raises(ValueError, match="Unknown codec"):
+        parse_spec(np.frombuffer(b"zip:4|12|", dtype=np.uint8))
+    with pytest.raises(ValueError, match="options"):
+        parse_spec(np.frombuffer(b"topk:0.5|12|bucket_size=3", dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        parse_spec(np.zeros(3, dtype=np.int8))
+
+
+def test_decode_update_names_the_bad_tensor():
+    with pytest.raises(ValueError, match="'w'.*spec"):
+        decode_update({"lgreco/w::raw": np.zeros(3, np.float32)})
+    codec = get_codec("none")
+    good = {"lgreco/w::spec": make_spec(codec, (3,)), "lgreco/w::raw": np.zeros(4, np.float32)}
+    with pytest.raises(ValueError, match="'w'.*shape"):
+        decode_update(good)
+
+
+def test_registry_and_candidate_keys():
+    assert {"none", "powersgd", "topk", "qsgd"} <= set(registered_codecs())
+    assert candidate_key(("powersgd", 4)) == "powersgd:4"
+    assert candidate_key(("topk", 0.05)) == "topk:0.05"
+    assert candidate_key(("none", None)) == "none"
+    assert get_codec("qsgd:4") == get_codec(("qsgd", 4))
+
+    @register_codec("test-sign")
+    class SignCodec(Codec):
+        def encode(self, x, *, state=None, rng=None):
+            return {"s": np.signbit(np.asarray(x)).astype(np.uint8)}
+
+        def decode(self, payload, shape):
+            self._expect_fields(payload, {"s"})
+            s = self._expect_array(payload, "s", np.uint8, tuple(shape))
+            return np.where(s, -1.0, 1.0).astype(np.float32)
+
+    assert get_codec("test-sign").decode(get_codec("test-sign").encode(-np.ones(3)), (3,)).tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="already registered"):
+        register_codec("test-sign")(type("Other", (SignCodec,), {}))
+    with pytest.raises(ValueError, match="Invalid codec name"):
+        register_codec("a:b")
