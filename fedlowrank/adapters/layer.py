@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import lowrank_delta
+
 UNKNOWN_GROUP = -1
 """Group id for samples whose group is not known (uses the group-share-weighted S)."""
 
@@ -102,12 +104,16 @@ class SVDLinear(nn.Module):
         return self.group_weights.to(self.lora_S.dtype) @ self.lora_S
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale * ((x V) * S[g]) U^T`` without forming ``U diag(S) V^T``."""
-        shrunk = x @ self.lora_V
-        row_s = self.row_singular_values(x.shape[0])
-        # Broadcast a per-sample scale over any middle (sequence) dimensions.
-        row_s = row_s.reshape(x.shape[0], *([1] * (x.dim() - 2)), self.rank)
-        return (shrunk * row_s) @ self.lora_U.T * self.scale
+        """``scale * ((x V) * S[g]) U^T`` without forming ``U diag(S) V^T``.
+
+        Runs :func:`fedlowrank.kernels.lowrank_delta` (fused Triton kernels on CUDA,
+        the torch reference elsewhere). Rows without group weights use the
+        group-share mix of ``S``.
+        """
+        weights = self.group_weights
+        if weights is None and self.groups > 1:
+            weights = self.group_share
+        return lowrank_delta(x, self.lora_U, self.lora_S, self.lora_V, self.scale, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.adapter_delta(x)
