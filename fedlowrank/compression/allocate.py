@@ -7,11 +7,17 @@ it by dynamic programming over errors discretised into ``num_bins`` bins of
 width ``budget / num_bins``. Errors are rounded *up* to whole bins, so any
 choice the DP accepts has a true total error within the budget.
 
-Exactness: the DP is exact for the rounded problem. Rounding up can only
-exclude a choice whose true error is within ``num_layers * budget / num_bins``
-of the budget, so the DP's size lies between the brute-force optimum at
-``budget`` and the brute-force optimum at ``budget * (1 - num_layers /
-num_bins)``; with fine bins the two nearly always coincide.
+Exactness: every choice whose rounded-up total fits ``num_bins`` is feasible,
+and the DP finds the smallest of them. Rounding up can only hide a choice
+whose true error is within ``num_layers * budget / num_bins`` of the budget,
+so the result's size lies between the brute-force optimum at ``budget`` and
+the brute-force optimum at ``budget * (1 - num_layers / num_bins)``; with fine
+bins the two nearly always coincide. Two extras narrow the gap further while
+keeping every returned choice within budget (checked on the true errors):
+cells up to ``num_bins + num_layers`` are kept and accepted when their true
+total fits, and the uniform settings (one candidate for all layers) are
+always considered, so the default at ``alpha = 1`` is never lost to
+rounding.
 """
 
 from __future__ import annotations
@@ -80,20 +86,26 @@ def lgreco_allocate(
     if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
         raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}.")
     bins = _discretise(errors, budget, int(num_bins))
-    capacity = int(num_bins)
-    # Float rounding of bins * width could, in a corner case, let the true
-    # total creep past the budget; shrink the capacity until it does not.
-    while capacity >= 0:
-        choice = _knapsack(bins, sizes, capacity)
-        if choice is None:
-            break
-        if errors[np.arange(len(choice)), choice].sum() <= budget:
-            return choice
-        capacity -= 1
-    raise ValueError(
-        f"No allocation fits the error budget {budget:.6g}: the smallest possible total error is "
-        f"{errors.min(axis=1).sum():.6g}."
-    )
+    layers = errors.shape[0]
+    # Rounded-up totals up to num_bins are feasible by construction. Paths up
+    # to num_bins + layers may still be feasible (each layer rounds up by less
+    # than one bin); keep them as candidates and check their true totals.
+    choice = _knapsack(bins, errors, sizes, int(num_bins) + layers, budget)
+    # The uniform settings are always admissible references, so the result is
+    # never larger than the best uniform setting that fits (e.g. the default
+    # at alpha = 1, which sits exactly on the budget).
+    rows = np.arange(layers)
+    for c in range(errors.shape[1]):
+        if errors[:, c].sum() <= budget and (
+            choice is None or sizes[:, c].sum() < sizes[rows, choice].sum()
+        ):
+            choice = np.full(layers, c, dtype=np.int64)
+    if choice is None:
+        raise ValueError(
+            f"No allocation fits the error budget {budget:.6g}: the smallest possible total error is "
+            f"{errors.min(axis=1).sum():.6g}."
+        )
+    return choice
 
 
 def _check_table(label: str, table: np.ndarray) -> np.ndarray:
@@ -121,29 +133,42 @@ def _discretise(errors: np.ndarray, budget: float, num_bins: int) -> np.ndarray:
     return np.minimum(bins, never)
 
 
-def _knapsack(bins: np.ndarray, sizes: np.ndarray, capacity: int) -> np.ndarray | None:
-    """Multiple-choice knapsack DP; ``None`` if nothing fits ``capacity``."""
+def _knapsack(
+    bins: np.ndarray, errors: np.ndarray, sizes: np.ndarray, capacity: int, budget: float
+) -> np.ndarray | None:
+    """Multiple-choice knapsack DP over error bins.
+
+    Each cell ``b`` holds the smallest size of a path using exactly ``b``
+    bins (ties: smaller true error) and that path's true error. Returns the
+    smallest-size path whose true total error is within ``budget``, or
+    ``None`` if no cell has one.
+    """
     layers, cands = bins.shape
-    # best[b]: least size of the layers so far using exactly b bins.
     best = np.full(capacity + 1, np.inf)
-    best[0] = 0.0
+    best_err = np.full(capacity + 1, np.inf)
+    best[0] = best_err[0] = 0.0
     picks = np.zeros((layers, capacity + 1), dtype=np.int64)
     for layer in range(layers):
         new = np.full(capacity + 1, np.inf)
+        new_err = np.full(capacity + 1, np.inf)
         for c in range(cands):
-            w = bins[layer, c]
+            w = int(bins[layer, c])
             if w > capacity:
                 continue
-            shifted = np.full(capacity + 1, np.inf)
-            shifted[w:] = best[: capacity + 1 - w] + sizes[layer, c]
-            better = shifted < new
-            new[better] = shifted[better]
+            size = np.full(capacity + 1, np.inf)
+            err = np.full(capacity + 1, np.inf)
+            size[w:] = best[: capacity + 1 - w] + sizes[layer, c]
+            err[w:] = best_err[: capacity + 1 - w] + errors[layer, c]
+            better = (size < new) | ((size == new) & (err < new_err))
+            new[better], new_err[better] = size[better], err[better]
             picks[layer, better] = c
-        best = new
-    if not np.isfinite(best).any():
+        best, best_err = new, new_err
+    feasible = np.isfinite(best) & (best_err <= budget)
+    if not feasible.any():
         return None
-    # Smallest size; ties go to the smallest used error (argmin takes the first).
-    b = int(np.argmin(best))
+    # Smallest size among feasible cells; ties go to the smaller true error.
+    order = np.lexsort((best_err, np.where(feasible, best, np.inf)))
+    b = int(order[0])
     choice = np.zeros(layers, dtype=np.int64)
     for layer in range(layers - 1, -1, -1):
         c = picks[layer, b]
