@@ -1,0 +1,139 @@
+"""Build a Flower ``ClientApp`` that fine-tunes SVD-factored adapters on local data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from torch import nn
+
+from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.fairness import group_fairness_report
+
+from .trainer import pick_device, predict, train_local
+
+
+@dataclass
+class AdapterConfig:
+    """Where adapters go and how big they are.
+
+    ``rank`` is the default; a node overrides it with ``rank`` in its node config
+    (deployment) or the run config key ``client-ranks`` (a comma-separated rank per
+    partition, simulation), so clients may differ in rank.
+    """
+
+    target_modules: str | list[str]
+    rank: int = 8
+    groups: int = 1
+    alpha: float | None = None
+    trainable: str | list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClientData:
+    """One client's data: iterables of ``(x, y, group_ids)`` batches."""
+
+    train: Iterable
+    test: Iterable
+    num_groups: int = 1
+
+
+def client_rank(context: Context, default: int) -> int:
+    """This node's adapter rank: node config, then per-partition run config, then default."""
+    if "rank" in context.node_config:
+        return int(context.node_config["rank"])
+    ranks = str(context.run_config.get("client-ranks", "")).strip()
+    if ranks and "partition-id" in context.node_config:
+        table = [int(r) for r in ranks.split(",")]
+        return table[int(context.node_config["partition-id"]) % len(table)]
+    return default
+
+
+def build_model(model_fn: Callable[[Context], nn.Module], adapter: AdapterConfig, context: Context) -> nn.Module:
+    """The frozen base from ``model_fn`` with adapters injected at this node's rank."""
+    model = model_fn(context)
+    inject_adapters(
+        model,
+        adapter.target_modules,
+        rank=client_rank(context, adapter.rank),
+        groups=adapter.groups,
+        alpha=adapter.alpha,
+        trainable=adapter.trainable,
+    )
+    return model
+
+
+def to_record(state: dict) -> ArrayRecord:
+    """Tensors to an ArrayRecord of float32 numpy arrays, keeping key order."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().float().numpy())) for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict:
+    """ArrayRecord to a dict of tensors."""
+    return record.to_torch_state_dict()
+
+
+def build_client_app(
+    model_fn: Callable[[Context], nn.Module],
+    data_fn: Callable[[Context], ClientData],
+    adapter: AdapterConfig,
+    local_epochs: int = 1,
+    lr: float = 1e-3,
+) -> ClientApp:
+    """A ``ClientApp`` that loads the global adapter, trains locally, evaluates and replies.
+
+    Parameters
+    ----------
+    model_fn : callable
+        ``context -> nn.Module``: the frozen base model (pretrained weights loaded),
+        built the same way on every node and on the server.
+    data_fn : callable
+        ``context -> ClientData`` for this node (use ``context.node_config``'s
+        ``partition-id`` in simulation, local files in deployment).
+    adapter : AdapterConfig
+        Where adapters go and their rank.
+    local_epochs, lr : int, float
+        Defaults; the round's config keys ``local-epochs`` and ``lr`` override them.
+
+    Notes
+    -----
+    Train replies carry the adapter factors and other trainable tensors (the wire
+    convention of :mod:`fedlowrank.adapters.state`) and a MetricRecord with
+    ``train-loss`` and ``num-examples``. Evaluate replies carry ``eval-loss``,
+    ``num-examples`` and the group-fairness metrics of
+    :func:`fedlowrank.fairness.group_fairness_report` on the local test data.
+    """
+    app = ClientApp()
+    device = pick_device()
+
+    def prepare(msg: Message, context: Context) -> tuple[nn.Module, ClientData]:
+        model = build_model(model_fn, adapter, context).to(device)
+        load_exchange_state(model, {k: v.to(device) for k, v in from_record(msg.content["arrays"]).items()})
+        return model, data_fn(context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model, data = prepare(msg, context)
+        config = msg.content["config"]
+        epochs = int(config.get("local-epochs", local_epochs))
+        result = train_local(model, data.train, epochs, float(config.get("lr", lr)), device)
+        log(INFO, "client trained %d steps on %s, loss %.4f", result.steps, device.type, result.loss)
+        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples})
+        content = RecordDict({"arrays": to_record(exchange_state(model)), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        model, data = prepare(msg, context)
+        pred = predict(model, data.test, device)
+        report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=data.num_groups)
+        metrics = {f"eval-{k}": float(v) for k, v in report.items() if k != "n"}
+        metrics.update({"eval-loss": pred.loss, "num-examples": len(pred.labels)})
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app

@@ -1,0 +1,110 @@
+"""Local training and evaluation of an adapted model on one client's data.
+
+Batches are ``(x, y, group_ids)``. The model's last dimension is one logit (binary
+task, BCE loss) or one logit per class (cross-entropy). Group ids route each sample to
+its row of singular values when the adapters are grouped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlowrank.adapters import adapter_layers, group_context
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def routed(model: nn.Module, group_ids: torch.Tensor):
+    """Group routing for grouped adapters; nothing to do for G = 1."""
+    grouped = any(layer.groups > 1 for layer in adapter_layers(model).values())
+    return group_context(model, group_ids) if grouped else nullcontext()
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE on one logit, cross-entropy on several."""
+    if logits.shape[-1] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), y.float())
+    return nn.functional.cross_entropy(logits, y.long())
+
+
+@dataclass
+class TrainResult:
+    """What a round of local training reports."""
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def train_local(
+    model: nn.Module,
+    batches: Iterable,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    weight_decay: float = 0.0,
+) -> TrainResult:
+    """Train the trainable parameters with Adam for ``epochs`` passes over ``batches``.
+
+    The optimiser starts fresh each round, as usual in federated learning: its state
+    belongs to the previous global model.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; inject adapters first")
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y, groups in batches:
+            x, y, groups = x.to(device), y.to(device), groups.to(device)
+            with routed(model, groups):
+                loss = task_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            count += len(y)
+            steps += 1
+    if count == 0:
+        raise ValueError("no training data on this client")
+    return TrainResult(total / count, count // max(epochs, 1), steps)
+
+
+@dataclass
+class Predictions:
+    """Scores, labels and groups of an evaluation pass (kept on the client)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    loss: float
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable, device: torch.device) -> Predictions:
+    """Positive-class probabilities (binary) or class probabilities, with the mean loss."""
+    model.eval()
+    scores, labels, groups, total = [], [], [], 0.0
+    for x, y, g in batches:
+        x, y, g = x.to(device), y.to(device), g.to(device)
+        with routed(model, g):
+            logits = model(x)
+        total += float(task_loss(logits, y)) * len(y)
+        probs = torch.sigmoid(logits.squeeze(-1)) if logits.shape[-1] == 1 else logits.softmax(-1)
+        scores.append(probs.float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+        groups.append(g.cpu().numpy())
+    if not labels:
+        raise ValueError("no evaluation data on this client")
+    labels_np = np.concatenate(labels)
+    return Predictions(np.concatenate(scores), labels_np, np.concatenate(groups), total / len(labels_np))

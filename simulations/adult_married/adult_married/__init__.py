@@ -1,0 +1,1 @@
+"""UCI Adult married population: federated fine-tuning of a base pretrained elsewhere."""

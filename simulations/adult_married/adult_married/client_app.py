@@ -1,0 +1,29 @@
+"""ClientApp: each SuperNode is one site holding part of the married population."""
+
+from flwr.app import Context
+
+from fedlowrank.clients import AdapterConfig, ClientData, build_client_app
+
+from .data import loader, site_rows
+from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
+
+
+def site_data(context: Context) -> ClientData:
+    """This node's rows, from its partition id (simulation) in a seeded split."""
+    partition = int(context.node_config["partition-id"])
+    partitions = int(context.node_config["num-partitions"])
+    seed = int(context.run_config["seed"])
+    train, test = site_rows(partition, partitions, seed)
+    batch_size = int(context.run_config["batch-size"])
+    return ClientData(
+        train=loader(train, batch_size, shuffle=True, seed=seed + partition),
+        test=loader(test, 1024, shuffle=False),
+        num_groups=2,
+    )
+
+
+app = build_client_app(
+    model_fn=lambda context: load_base_model(),
+    data_fn=site_data,
+    adapter=AdapterConfig(target_modules=ADAPTER_TARGETS, rank=4, trainable=TRAINABLE),
+)
