@@ -11,3 +11,21 @@ __all__ = [
     "check_client_factors",
     "dense_weighted_sum",
 ]
+
+from .grouped import (
+    GroupedSVDAggregate,
+    aggregate_grouped_svd,
+    average_factors,
+    balance_grouped_factors,
+    fairfedmed_average,
+    group_weights_from_counts,
+)
+
+__all__ += [
+    "GroupedSVDAggregate",
+    "aggregate_grouped_svd",
+    "average_factors",
+    "balance_grouped_factors",
+    "fairfedmed_average",
+    "group_weights_from_counts",
+]
