@@ -225,3 +225,11 @@ def test_registry_and_candidate_keys():
         register_codec("test-sign")(type("Other", (SignCodec,), {}))
     with pytest.raises(ValueError, match="Invalid codec name"):
         register_codec("a:b")
+
+
+def test_core_does_not_import_flower():
+    import subprocess
+    import sys
+
+    code = "import sys, fedlowrank.compression; assert not any(m.split('.')[0] == 'flwr' for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

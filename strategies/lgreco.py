@@ -1,0 +1,343 @@
+"""L-GreCo: layer-wise adaptive compression of client updates, as a strategy wrapper.
+
+``LGreCo`` wraps any Flower ``Strategy`` the way Flower's
+``DifferentialPrivacyServerSideFixedClipping`` does: it forwards the calls and
+adds its own step around them. Here the step is: tell clients how to
+compress each tensor, decode what they send back into ordinary arrays, and
+every few rounds re-choose the per-tensor settings with the L-GreCo
+allocator (:func:`fedlowrank.compression.lgreco_allocate`).
+
+Message convention
+------------------
+Server -> client (``configure_train``), added to the train message's
+ConfigRecord (the inner strategy's ``configrecord_key``, ``"config"`` for
+FedAvg):
+
+* ``"lgreco.<tensor>" -> "<codec>:<setting>"`` for every tensor of the global
+  ArrayRecord (``"powersgd:4"``, ``"topk:0.05"``, ``"qsgd:4"``, ``"none"``);
+* ``"lgreco-candidates" -> list[str]``, only in rounds whose tables the
+  server will use: the candidate columns the client must measure.
+
+The ArrayRecord the inner strategy sends (the round's global arrays) is
+unchanged.
+
+Client -> server (train reply): exactly one ArrayRecord (any key) holding
+
+* the *update* ``local - global`` (global = the arrays received this round)
+  plus the client's error-feedback residual, compressed per tensor:
+  ``"lgreco/<tensor>::spec"`` (uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``)
+  and ``"lgreco/<tensor>::<field>"`` (the codec's arrays), for every tensor
+  of the global arrays, with the global shape;
+* when candidates were sent: ``"lgreco-errors"`` (float64) and
+  ``"lgreco-sizes"`` (int64), ``(num_tensors, num_candidates)``, rows in
+  sorted tensor-name order, columns in the order of ``"lgreco-candidates"``;
+
+plus the MetricRecord the inner strategy expects (e.g. ``"num-examples"``).
+:func:`fedlowrank.compression.encode_update` produces exactly these arrays.
+
+Server side (``aggregate_train``): each reply is decoded
+(:func:`fedlowrank.compression.decode_update`), the delta is added to the
+global arrays sent this round, and the reply is handed to the inner strategy
+as a plain ArrayRecord of the reconstructed arrays (same key, same metrics),
+so FedAvg or ``FedLowRank`` aggregate as if nothing had been compressed. A
+reply that fails to decode (unknown codec, shapes, dtypes, missing tensors)
+is dropped with a logged reason; the round goes on with the others.
+
+Because the update is a delta from the global arrays, clients must keep the
+global shapes (no per-client factor ranks under compression).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlowrank.compression import (
+    CANDIDATES_KEY,
+    DEFAULT_NUM_BINS,
+    candidate_key,
+    decode_update,
+    lgreco_allocate,
+    lgreco_budget,
+    read_tables,
+    settings_to_config,
+    table_rows,
+)
+
+DEFAULT_CANDIDATES = (
+    "none",
+    "powersgd:1",
+    "powersgd:2",
+    "powersgd:4",
+    "powersgd:8",
+    "topk:0.01",
+    "topk:0.05",
+    "topk:0.2",
+    "qsgd:4",
+    "qsgd:8",
+)
+
+
+class LGreCo(Strategy):
+    """Strategy wrapper for layer-wise adaptive compression of client updates.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that aggregates the decoded (reconstructed) arrays,
+        e.g. ``FedAvg`` or ``FedLowRank``.
+    candidates : sequence of str or (name, setting) tuples
+        Settings the allocator may choose from, e.g. ``"powersgd:4"`` or
+        ``("topk", 0.05)``.
+    default : str or tuple, default "powersgd:4"
+        Uniform setting used during warm-up; its total error, times
+        ``alpha``, is the allocator's error budget. Must be a candidate.
+    alpha : float, default 1.0
+        Budget slack (L-GreCo's error threshold relative to the default).
+    warmup_rounds : int, default 1
+        Rounds at the uniform default before the first allocation; the first
+        allocation uses the tables of round ``max(1, warmup_rounds)``.
+    reallocate_every : int, default 5
+        Rounds between allocations after warm-up.
+    num_bins : int, default 1000
+        Error discretisation of the allocator.
+
+    Examples
+    --------
+    Wrap a strategy::
+
+        strategy = LGreCo(FedAvg(), default="powersgd:4", alpha=1.0)
+
+    and on the client encode the update with
+    :func:`fedlowrank.compression.encode_update`.
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        strategy: Strategy,
+        candidates: Sequence[str | tuple] = DEFAULT_CANDIDATES,
+        default: str | tuple = "powersgd:4",
+        alpha: float = 1.0,
+        warmup_rounds: int = 1,
+        reallocate_every: int = 5,
+        num_bins: int = DEFAULT_NUM_BINS,
+    ) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.candidates = [candidate_key(c) for c in candidates]
+        if not self.candidates or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates must be non-empty and distinct, got {self.candidates}.")
+        self.default = candidate_key(default)
+        if self.default not in self.candidates:
+            raise ValueError(f"default {self.default!r} must be one of the candidates {self.candidates}.")
+        if not np.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}.")
+        if warmup_rounds < 0 or reallocate_every < 1 or num_bins < 1:
+            raise ValueError("Need warmup_rounds >= 0, reallocate_every >= 1, num_bins >= 1.")
+        self.alpha = float(alpha)
+        self.warmup_rounds = int(warmup_rounds)
+        self.reallocate_every = int(reallocate_every)
+        self.num_bins = int(num_bins)
+        self.settings: dict[str, str] = {}
+        self.current_arrays = ArrayRecord()
+        self.bytes_history: dict[int, dict[int, int]] = {}
+        self.allocation_history: dict[int, dict[str, str]] = {}
+
+    def __repr__(self) -> str:
+        """Compute a string representation of the strategy."""
+        return f"LGreCo(default={self.default!r}, alpha={self.alpha}) wrapping {self.strategy!r}"
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> L-GreCo settings:")
+        log(INFO, "\t│\t├── Candidates: %s", self.candidates)
+        log(INFO, "\t│\t├── Default: %s, alpha: %s", self.default, self.alpha)
+        log(INFO, "\t│\t└── Warm-up: %s, reallocate every: %s", self.warmup_rounds, self.reallocate_every)
+        self.strategy.summary()
+
+    # -- schedule -----------------------------------------------------------
+    def tables_wanted(self, server_round: int) -> bool:
+        """Whether this round's tables feed an allocation (and are asked for)."""
+        first = max(1, self.warmup_rounds)
+        return server_round >= first and (server_round - first) % self.reallocate_every == 0
+
+    # -- training -----------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of training, adding per-tensor settings."""
+        self.current_arrays = arrays
+        # New tensors start at the default; vanished ones are forgotten.
+        self.settings = {k: self.settings.get(k, self.default) for k in arrays.keys()}
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        wanted = self.candidates if self.tables_wanted(server_round) else None
+        entries = settings_to_config(self.settings, wanted)
+        for message in messages:
+            record = self._config_record(message.content)
+            # The same ConfigRecord object may be reused across rounds.
+            record.pop(CANDIDATES_KEY, None)
+            record.update(entries)
+        return messages
+
+    def _config_record(self, content: RecordDict) -> ConfigRecord:
+        """The message's ConfigRecord (created if it has none)."""
+        key = getattr(self.strategy, "configrecord_key", "config")
+        records = content.config_records
+        if key in records:
+            return records[key]
+        if len(records) == 1:
+            return next(iter(records.values()))
+        content[key] = ConfigRecord()
+        return content[key]
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode replies, aggregate them with the inner strategy, re-allocate."""
+        base = {k: v.numpy() for k, v in self.current_arrays.items()}
+        decoded: list[Message] = []
+        tables: list[tuple[np.ndarray, np.ndarray]] = []
+        node_ids: list[int] = []
+        nbytes: list[int] = []
+        serialized: list[int] = []
+        dropped = 0
+        for reply in replies:
+            if reply.has_error():
+                decoded.append(reply)  # the inner strategy logs and skips it
+                continue
+            node = int(reply.metadata.src_node_id)
+            try:
+                record_key, record = self._single_array_record(reply.content)
+                # Count first: a reply that fails to decode still travelled.
+                node_ids.append(node)
+                nbytes.append(sum(int(a.numpy().nbytes) for a in record.values()))
+                serialized.append(sum(len(a.data) for a in record.values()))
+                payload = {k: a.numpy() for k, a in record.items()}
+                decoded.append(self._reconstructed_reply(reply, record_key, payload, base))
+            except ValueError as err:
+                dropped += 1
+                log(WARNING, "LGreCo: dropping reply from node %s in round %s: %s", node, server_round, err)
+                continue
+            table = self._reply_tables(payload, node)
+            if table is not None:
+                tables.append(table)
+
+        self.bytes_history[server_round] = dict(zip(node_ids, nbytes))
+        arrays, metrics = self.strategy.aggregate_train(server_round, decoded)
+        metrics = self._with_byte_metrics(metrics, node_ids, nbytes, serialized, dropped)
+        if self.tables_wanted(server_round):
+            self._reallocate(server_round, tables)
+        return arrays, metrics
+
+    @staticmethod
+    def _single_array_record(content: RecordDict) -> tuple[str, ArrayRecord]:
+        if len(content.array_records) != 1:
+            raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
+        return next(iter(content.array_records.items()))
+
+    @staticmethod
+    def _reconstructed_reply(
+        reply: Message, record_key: str, payload: dict[str, np.ndarray], base: dict[str, np.ndarray]
+    ) -> Message:
+        """A copy of ``reply`` whose ArrayRecord holds ``global + decoded delta``."""
+        delta = decode_update(payload)
+        missing = sorted(set(base) - set(delta))
+        extra = sorted(set(delta) - set(base))
+        if missing or extra:
+            raise ValueError(f"encoded tensors do not match the global arrays (missing {missing[:5]}, extra {extra[:5]})")
+        arrays = {}
+        for name, ref in base.items():
+            if delta[name].shape != ref.shape:
+                raise ValueError(f"tensor {name!r} has shape {delta[name].shape}, global is {ref.shape}")
+            arrays[name] = Array(np.asarray(ref.astype(np.float64) + delta[name]).astype(ref.dtype))
+        content = RecordDict({record_key: ArrayRecord(arrays)})
+        for key, rec in reply.content.metric_records.items():
+            content[key] = rec
+        for key, rec in reply.content.config_records.items():
+            content[key] = rec
+        # Same metadata: the inner strategy sees the same sender and round.
+        return Message(content=content, metadata=reply.metadata)
+
+    def _reply_tables(self, payload: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The reply's tables, or None (a bad table costs the table, not the update)."""
+        try:
+            return read_tables(payload, len(self.settings), len(self.candidates))
+        except ValueError as err:
+            log(WARNING, "LGreCo: ignoring error tables from node %s: %s", node, err)
+            return None
+
+    def _with_byte_metrics(
+        self,
+        metrics: MetricRecord | None,
+        node_ids: list[int],
+        nbytes: list[int],
+        serialized: list[int],
+        dropped: int,
+    ) -> MetricRecord | None:
+        """Add the bytes that travelled to the aggregated metrics."""
+        if not node_ids and metrics is None:
+            return None
+        metrics = MetricRecord() if metrics is None else metrics
+        raw = 4 * sum(int(np.prod(a.shape)) for a in self.current_arrays.values())
+        metrics["lgreco-bytes"] = int(sum(nbytes))
+        metrics["lgreco-bytes-per-client"] = [int(b) for b in nbytes]
+        metrics["lgreco-node-ids"] = [int(n) for n in node_ids]
+        metrics["lgreco-serialized-bytes"] = int(sum(serialized))
+        metrics["lgreco-raw-bytes"] = int(raw * len(node_ids))
+        metrics["lgreco-dropped"] = int(dropped)
+        return metrics
+
+    # -- allocation ---------------------------------------------------------
+    def _reallocate(self, server_round: int, tables: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Average the clients' tables and re-choose every tensor's setting.
+
+        Tables are averaged without weights: they describe how compressible
+        each tensor's update is, not how much a client counts.
+        """
+        if not tables:
+            log(INFO, "LGreCo: no error tables in round %s; keeping the current settings.", server_round)
+            return
+        errors = np.mean([t[0] for t in tables], axis=0)
+        sizes = np.mean([t[1] for t in tables], axis=0)
+        budget = lgreco_budget(errors, self.candidates.index(self.default), self.alpha)
+        try:
+            choice = lgreco_allocate(errors, sizes, budget, num_bins=self.num_bins)
+        except ValueError as err:
+            log(WARNING, "LGreCo: allocation failed in round %s (%s); keeping the current settings.", server_round, err)
+            return
+        rows = table_rows(self.settings)
+        self.settings = {name: self.candidates[c] for name, c in zip(rows, choice)}
+        self.allocation_history[server_round] = dict(self.settings)
+        chosen = sizes[np.arange(len(rows)), choice].sum()
+        uniform = sizes[:, self.candidates.index(self.default)].sum()
+        log(
+            INFO,
+            "LGreCo: round %s allocation from %d tables: %.0f bytes (uniform %s: %.0f), error %.4g <= %.4g",
+            server_round,
+            len(tables),
+            chosen,
+            self.default,
+            uniform,
+            errors[np.arange(len(rows)), choice].sum(),
+            budget,
+        )
+
+    # -- evaluation: unchanged ---------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of federated evaluation."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate MetricRecords in the received Messages."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
