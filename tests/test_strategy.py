@@ -1,0 +1,110 @@
+"""FedLowRank on real Flower reply Messages: exact aggregation, bad replies dropped."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.strategies import FedLowRank
+from flower_messages import array_record, train_reply
+
+
+def client_arrays(seed, rank, d_out=12, d_in=9):
+    rng = np.random.default_rng(seed)
+    return {
+        "fc.lora_U": rng.normal(size=(d_out, rank)),
+        "fc.lora_S": np.abs(rng.normal(size=(1, rank))) + 0.1,
+        "fc.lora_V": rng.normal(size=(d_in, rank)),
+        "head.weight": rng.normal(size=(1, d_out)),
+        "head.bias": rng.normal(size=(1,)),
+    }
+
+
+def product(arrays):
+    return (arrays["fc.lora_U"] * arrays["fc.lora_S"][0]) @ arrays["fc.lora_V"].T
+
+
+def aggregate(strategy, replies, global_arrays):
+    strategy._global_arrays = array_record(global_arrays)  # what configure_train records
+    return strategy.aggregate_train(1, replies)
+
+
+def test_exact_weighted_mean_of_products_with_mixed_ranks():
+    ranks, counts = [2, 4, 3], [10, 30, 60]
+    clients = [client_arrays(k, r) for k, r in enumerate(ranks)]
+    replies = [train_reply(k + 1, a, n) for k, (a, n) in enumerate(zip(clients, counts))]
+    # Global rank 9 >= sum of client ranks: the aggregate must be the exact weighted mean.
+    arrays, metrics = aggregate(FedLowRank(rank=9), replies, client_arrays(99, 9))
+    shares = np.array(counts) / sum(counts)
+    got = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
+    want = sum(w * product(c) for w, c in zip(shares, clients))
+    assert np.linalg.norm(product(got) - want) / np.linalg.norm(want) < 1e-5
+    for key in ("head.weight", "head.bias"):
+        assert np.allclose(got[key], sum(w * c[key] for w, c in zip(shares, clients)), atol=1e-6)
+    # Handed back balanced: S = 1 and U, V columns of equal norm.
+    assert np.allclose(got["fc.lora_S"], 1.0)
+    assert np.allclose(np.linalg.norm(got["fc.lora_U"], axis=0), np.linalg.norm(got["fc.lora_V"], axis=0), rtol=1e-4)
+    assert metrics["agg-truncation-rel"] < 1e-6 and metrics["agg-clients-dropped"] == 0
+
+
+def test_truncation_reported_and_best_rank_kept():
+    clients = [client_arrays(k, 4) for k in range(4)]
+    replies = [train_reply(k + 1, a, 25) for k, a in enumerate(clients)]
+    arrays, metrics = aggregate(FedLowRank(rank=3), replies, client_arrays(99, 3))
+    want = sum(0.25 * product(c) for c in clients)
+    u, s, vt = np.linalg.svd(want)
+    best = (u[:, :3] * s[:3]) @ vt[:3]
+    got = product({k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()})
+    assert np.linalg.norm(got - best) / np.linalg.norm(best) < 1e-5
+    assert np.isclose(metrics["agg-truncation-rel"], np.linalg.norm(s[3:]) / np.linalg.norm(s), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "corrupt,reason",
+    [
+        (lambda a: a.update({"fc.lora_U": a["fc.lora_U"][:-1]}), "factor 'fc.lora_U' has shape"),
+        (lambda a: a.update({"fc.lora_V": a["fc.lora_V"][:, :2]}), "disagree on rank"),
+        (lambda a: a["fc.lora_S"].__setitem__((0, 0), np.nan), "'fc.lora_S' contains NaN or Inf"),
+        (lambda a: a["head.weight"].__setitem__((0, 1), np.inf), "'head.weight' contains NaN or Inf"),
+        (lambda a: a.update({"head.bias": np.zeros(2)}), "'head.bias' has shape"),
+        (lambda a: a.pop("head.bias"), "missing \\['head.bias'\\]"),
+    ],
+)
+def test_bad_reply_is_dropped_logged_and_round_goes_on(corrupt, reason, caplog):
+    good = [client_arrays(k, 3) for k in range(2)]
+    bad = client_arrays(7, 3)
+    corrupt(bad)
+    replies = [train_reply(1, good[0], 50), train_reply(66, bad, 1000), train_reply(2, good[1], 50)]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = aggregate(FedLowRank(rank=6), replies, client_arrays(99, 6))
+    assert any("node 66" in r.getMessage() and __import__("re").search(reason, r.getMessage()) for r in caplog.records)
+    got = product({k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()})
+    want = 0.5 * product(good[0]) + 0.5 * product(good[1])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    assert metrics["agg-clients-dropped"] == 1
+
+
+def test_negative_or_missing_weight_is_dropped(caplog):
+    good = client_arrays(0, 3)
+    replies = [train_reply(1, good, 10), train_reply(5, client_arrays(1, 3), -4)]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = aggregate(FedLowRank(rank=3), replies, client_arrays(99, 3))
+    assert any("node 5" in r.getMessage() and "must be a finite number >= 0" in r.getMessage() for r in caplog.records)
+    got = product({k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()})
+    assert np.linalg.norm(got - product(good)) / np.linalg.norm(product(good)) < 1e-5
+
+
+def test_all_replies_bad_keeps_global_model():
+    bad = client_arrays(0, 3)
+    bad["fc.lora_U"][0, 0] = np.nan
+    arrays, metrics = aggregate(FedLowRank(rank=3), [train_reply(1, bad, 10)], client_arrays(99, 3))
+    # Strategy.start keeps the previous global arrays when aggregate_train returns None.
+    assert arrays is None and metrics is None
+
+
+def test_grouped_factors_are_refused_with_a_pointer_to_fairlora():
+    arrays = client_arrays(0, 3)
+    arrays["fc.lora_S"] = np.ones((2, 3))
+    with pytest.raises(ValueError, match="use FairLoRA"):
+        aggregate(FedLowRank(rank=3), [train_reply(1, arrays, 10)], arrays)
