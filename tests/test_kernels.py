@@ -209,19 +209,39 @@ def test_triton_rejects_bad_input_before_launch(interpreter_report):
     assert bad["launches"] == ["skinny", "expand"], bad["launches"]
 
 
+@pytest.mark.parametrize("backend", ("reference", "torch"))
 @pytest.mark.parametrize("groups", GROUPS)
 @pytest.mark.parametrize("rank", (4, 16))
 @pytest.mark.parametrize("op", ("delta", "linear"))
-def test_reference_matches_dense(op, groups, rank):
+def test_torch_paths_match_dense(op, groups, rank, backend):
     kinds = ("none",) if groups == 1 else ("ids", "soft")
     for kind in kinds:
-        errors = dict(zip(NAMES, run_case(op, groups, rank, "float64", kind, "reference")))
+        errors = dict(zip(NAMES, run_case(op, groups, rank, "float64", kind, backend)))
         assert all(err <= 1e-10 for err in errors.values()), (kind, errors)
 
 
-def test_reference_bf16_within_tolerance():
-    errors = run_case("delta", 3, 16, "bfloat16", "soft", "reference")
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_torch_paths_bf16_within_tolerance(backend):
+    errors = run_case("delta", 3, 16, "bfloat16", "soft", backend)
     assert max(errors) <= TOL["bfloat16"], errors
+
+
+def test_functorch_transforms_use_the_reference():
+    """Per-sample gradients (Opacus' vmap path) cannot batch the custom Function."""
+    x, U, S, V, _, _, _, _ = _case_inputs(3, 4, "none")
+    ids = torch.tensor([2, 0, 1])
+    seen = []
+
+    def loss(U, xi, gi):
+        seen.append(kernel_backend(xi))
+        return lowrank_delta(xi[None], U, S, V, 0.5, gi[None]).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(U, x, ids)
+    assert set(seen) == {"reference"}
+    for i in range(BATCH):
+        Ui = U.clone().requires_grad_(True)
+        lowrank_delta(x[i : i + 1], Ui, S, V, 0.5, ids[i : i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(per_sample[i], Ui.grad)
 
 
 def test_one_mix_for_every_row_and_soft_weight_gradient():
@@ -239,7 +259,7 @@ def test_one_mix_for_every_row_and_soft_weight_gradient():
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kernel_backend(torch.zeros(2)) == "reference"
+    assert kernel_backend(torch.zeros(2)) == "torch"
     assert kernel_backend(torch.zeros(2), "reference") == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):
         kernel_backend(torch.zeros(2), "fast")

@@ -7,11 +7,13 @@ per sample. Two entry points:
   adds to its frozen base);
 * :func:`lowrank_linear` - the whole layer, the expand accumulated into the base output.
 
-On CUDA tensors with Triton importable both run Triton kernels for forward and
-backward (:mod:`fedlowrank.kernels.triton_lowrank`); otherwise the torch reference
-(:mod:`fedlowrank.kernels.reference`). :func:`kernel_backend` says which path runs;
-``backend=`` or the ``FEDLOWRANK_KERNEL_BACKEND`` environment variable
-(``auto`` | ``triton`` | ``reference``) forces one. All checks raise ``ValueError``
+Both go through one autograd Function with a hand-written backward whose two
+primitives (shrink, expand) run as Triton kernels on CUDA tensors when Triton
+imports (:mod:`fedlowrank.kernels.triton_lowrank`), else as torch BLAS calls
+(:mod:`fedlowrank.kernels.reference`); plain torch autograd (the reference) is used
+under functorch transforms. :func:`kernel_backend` says which path runs; ``backend=``
+or the ``FEDLOWRANK_KERNEL_BACKEND`` environment variable
+(``auto`` | ``triton`` | ``torch`` | ``reference``) forces one. All checks raise ``ValueError``
 before any kernel launches.
 """
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from .reference import reference_delta, reference_linear
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "FEDLOWRANK_KERNEL_BACKEND"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,7 +42,13 @@ def _interpreter_on() -> bool:
 
 
 def kernel_backend(x: torch.Tensor | None = None, backend: str | None = None) -> str:
-    """Say which path runs for an input: ``"triton"`` or ``"reference"``.
+    """Say which path runs for an input: ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    ``"triton"`` and ``"torch"`` share one autograd Function with a hand-written
+    backward (rank-r intermediates only, expand accumulated in place); ``"triton"``
+    runs its primitives as Triton kernels, ``"torch"`` as BLAS calls.
+    ``"reference"`` is plain torch autograd, used under functorch transforms (vmap
+    for Opacus per-sample gradients), which cannot batch the Function.
 
     Parameters
     ----------
@@ -48,13 +56,14 @@ def kernel_backend(x: torch.Tensor | None = None, backend: str | None = None) ->
         The input the op would get (its device decides). Without it, the answer is
         for a CUDA tensor when CUDA is available, else for a CPU tensor.
     backend : str, optional
-        ``"auto"``, ``"triton"`` or ``"reference"``; defaults to the
-        ``FEDLOWRANK_KERNEL_BACKEND`` environment variable, else ``"auto"``.
+        ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; defaults to the
+        ``FEDLOWRANK_KERNEL_BACKEND`` environment variable, else ``"auto"`` (Triton for
+        CUDA tensors when triton imports, else torch).
 
     Returns
     -------
     str
-        ``"triton"`` or ``"reference"``.
+        The path name.
 
     Raises
     ------
@@ -65,22 +74,19 @@ def kernel_backend(x: torch.Tensor | None = None, backend: str | None = None) ->
     choice = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {choice!r}")
-    if choice == "reference":
-        return "reference"
+    if choice in ("reference", "torch"):
+        return choice
     on_cuda = x.is_cuda if x is not None else torch.cuda.is_available()
-    runnable = _triton_importable() and (on_cuda or _interpreter_on())
     if choice == "triton":
-        if not runnable:
+        if not (_triton_importable() and (on_cuda or _interpreter_on())):
             raise ValueError(
                 "the Triton backend needs triton installed and a CUDA tensor "
                 "(or TRITON_INTERPRET=1 for CPU tensors)"
             )
         return "triton"
-    # functorch transforms (vmap for per-sample gradients) cannot batch the custom
-    # Function; the reference is plain torch and transforms cleanly.
     if torch._C._are_functorch_transforms_active():
         return "reference"
-    return "triton" if (on_cuda and _triton_importable()) else "reference"
+    return "triton" if (on_cuda and _triton_importable()) else "torch"
 
 
 def _check_factors(
@@ -149,7 +155,10 @@ def _row_singular_values(
                 f"integer group ids must have shape ({batch},) for this batch, got "
                 f"{tuple(w.shape)}"
             )
-        if batch and (int(w.min()) < 0 or int(w.max()) >= groups):
+        # Under vmap (per-sample gradients) the ids cannot be read; indexing still
+        # fails loudly on an out-of-range id there.
+        in_transform = torch._C._are_functorch_transforms_active()
+        if batch and not in_transform and (int(w.min()) < 0 or int(w.max()) >= groups):
             raise ValueError(
                 f"group ids must be in 0..{groups - 1}; map unknown groups to weights "
                 "with fedlowrank.adapters.group_weights_from_ids"
@@ -176,16 +185,32 @@ def _kernel_rows(s_rows: torch.Tensor, rows: int) -> torch.Tensor:
     return s_rows if s_rows.shape[0] > 1 else s_rows.expand(rows, -1)
 
 
+def _kernel_module(name: str):
+    if name == "triton":
+        from . import triton_lowrank
+
+        return triton_lowrank
+    from . import reference
+
+    return reference
+
+
 class _LowRankFunction(torch.autograd.Function):
-    """Triton forward and backward; saves ``x``, the factors and the rank-r ``h``, ``z``."""
+    """Fused forward and hand-written backward over two primitives (shrink, expand).
+
+    ``kernels`` picks their implementation: ``"triton"`` or ``"torch"`` (BLAS calls).
+    Saves ``x``, the factors and the rank-r ``h`` (float32) and ``z``; never forms dW.
+    """
 
     @staticmethod
-    def forward(ctx, x2, U, V, s_rows, weight, bias, scale, rows_per_sample):
-        from . import triton_lowrank as tk
+    def forward(ctx, x2, U, V, s_rows, weight, bias, scale, rows_per_sample, kernels):
+        tk = _kernel_module(kernels)
 
         M, rank = x2.shape[0], U.shape[1]
         srow = _kernel_rows(s_rows, M)
-        h = torch.empty(M, rank, device=x2.device, dtype=torch.float32)
+        # Accumulate in float32 (float64 for float64 inputs on the torch path).
+        acc_dtype = torch.promote_types(x2.dtype, torch.float32)
+        h = torch.empty(M, rank, device=x2.device, dtype=acc_dtype)
         z = torch.empty(M, rank, device=x2.device, dtype=x2.dtype)
         tk.skinny(
             x2, V, h, alpha=scale, epilogue=tk.SHRINK, out2=z, srow=srow,
@@ -199,11 +224,12 @@ class _LowRankFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, U, V, s_rows, weight, h, z)
         ctx.scale = scale
         ctx.rows_per_sample = rows_per_sample
+        ctx.kernels = kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        from . import triton_lowrank as tk
+        tk = _kernel_module(ctx.kernels)
 
         x2, U, V, s_rows, weight, h, z = ctx.saved_tensors
         need_x, need_u, need_v, need_s, need_w, need_b = ctx.needs_input_grad[:6]
@@ -211,7 +237,7 @@ class _LowRankFunction(torch.autograd.Function):
         dx = dU = dV = ds = dW = db = None
         if need_x or need_v or need_s:
             dh = torch.empty(M, rank, device=x2.device, dtype=x2.dtype)
-            ds_row = torch.empty(M, rank, device=x2.device, dtype=torch.float32)
+            ds_row = torch.empty(M, rank, device=x2.device, dtype=h.dtype)
             tk.skinny(
                 grad, U, dh, alpha=ctx.scale, epilogue=tk.GRAD, out2=ds_row,
                 srow=_kernel_rows(s_rows, M),
@@ -224,7 +250,7 @@ class _LowRankFunction(torch.autograd.Function):
                     dx = (grad @ weight).contiguous()
                 tk.expand(dh, V, dx, accumulate=weight is not None)
             if need_v:
-                dV32 = torch.zeros(V.shape, device=V.device, dtype=torch.float32)
+                dV32 = torch.zeros(V.shape, device=V.device, dtype=h.dtype)
                 tk.skinny(x2.T, dh, dV32)
                 dV = dV32.to(V.dtype)
             if need_s:
@@ -234,7 +260,7 @@ class _LowRankFunction(torch.autograd.Function):
                     ds = ds_row.view(s_rows.shape[0], -1, rank).sum(1)
                 ds = ds.to(s_rows.dtype)
         if need_u:
-            dU32 = torch.zeros(U.shape, device=U.device, dtype=torch.float32)
+            dU32 = torch.zeros(U.shape, device=U.device, dtype=h.dtype)
             tk.skinny(grad.T, z, dU32)
             dU = dU32.to(U.dtype)
         # The frozen base's own gradients, only if someone trains it (dense baseline).
@@ -242,7 +268,7 @@ class _LowRankFunction(torch.autograd.Function):
             dW = grad.T @ x2
         if need_b:
             db = grad.sum(0)
-        return dx, dU, dV, ds, dW, db, None, None
+        return dx, dU, dV, ds, dW, db, None, None, None
 
 
 def _run(x, U, S, V, scale, group_weights, weight, bias, backend):
@@ -267,10 +293,8 @@ def _run(x, U, S, V, scale, group_weights, weight, bias, backend):
     if path == "triton" and dtype not in _TRITON_DTYPES:
         if (backend or os.environ.get(ENV_VAR) or "auto").lower() == "triton":
             raise ValueError(f"the Triton path takes float32/float16/bfloat16, got {dtype}")
-        path = "reference"
-    if x2.shape[0] == 0:
-        path = "reference"  # nothing to launch for an empty batch
-    if path == "reference":
+        path = "torch"
+    if path == "reference" or x2.shape[0] == 0:  # nothing to launch for an empty batch
         if weight is None:
             out = reference_delta(x2, U, s_rows, V, scale)
         else:
@@ -278,7 +302,7 @@ def _run(x, U, S, V, scale, group_weights, weight, bias, backend):
     else:
         rows_per_sample = x2.shape[0] // batch if s_rows.shape[0] > 1 else 1
         out = _LowRankFunction.apply(
-            x2, U, V, s_rows, weight, bias, float(scale), rows_per_sample
+            x2, U, V, s_rows, weight, bias, float(scale), rows_per_sample, path
         )
     return out.reshape(*x.shape[:-1], d_out)
 
@@ -313,7 +337,8 @@ def lowrank_delta(
         ids, any mix for soft assignment), integer (batch,) ids in ``0..G-1``, or one
         float (G,) mix for every row. May be None only when G = 1.
     backend : str, optional
-        ``"auto"`` (default), ``"triton"`` or ``"reference"``; see :func:`kernel_backend`.
+        ``"auto"`` (default), ``"triton"``, ``"torch"`` or ``"reference"``; see
+        :func:`kernel_backend`.
 
     Returns
     -------
