@@ -1,5 +1,8 @@
 """Flower server side: strategies that aggregate low-rank adapters."""
 
+from .fairlora import FairLoRA
+from .federated_fairness import FederatedFairnessMetrics
 from .fedlowrank import FedLowRank
+from .lgreco import LGreCo
 
-__all__ = ["FedLowRank"]
+__all__ = ["FairLoRA", "FederatedFairnessMetrics", "FedLowRank", "LGreCo"]
