@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from torch import nn
 
-from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
-from fedlowrank.fairness import group_fairness_report
+from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.fairness import group_fairness_report, local_statistics
 
 from .trainer import pick_device, predict, train_local
 
@@ -78,6 +79,34 @@ def from_record(record: ArrayRecord) -> dict:
     return record.to_torch_state_dict()
 
 
+def set_group_share(model: nn.Module, config) -> None:
+    """Load the server's group shares (config ``group-share``) into every grouped layer.
+
+    They weight the rows of ``S`` for samples of unknown group; a list of another length
+    than the layer's group count is an error rather than a silent mismatch.
+    """
+    if "group-share" not in config:
+        return
+    shares = [float(x) for x in config["group-share"]]
+    for name, layer in adapter_layers(model).items():
+        if len(shares) != layer.groups:
+            raise ValueError(f"{name}: got {len(shares)} group shares for {layer.groups} groups")
+        layer.group_share.copy_(torch.tensor(shares, dtype=layer.group_share.dtype))
+
+
+def group_count_metrics(counts: dict[int, int], groups: int) -> dict[str, int]:
+    """``group-count-g{g}`` for every group of a grouped adapter (0 for groups not seen)."""
+    return {f"group-count-g{g}": int(counts.get(g, 0)) for g in range(groups)} if groups > 1 else {}
+
+
+def fairness_statistics(pred, num_groups: int) -> ArrayRecord | None:
+    """Mergeable fairness statistics of a binary task for the server (no predictions leave)."""
+    if np.ndim(pred.scores) != 1:
+        return None
+    stats = local_statistics(pred.labels, pred.scores, pred.groups, num_groups)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
+
+
 def build_client_app(
     model_fn: Callable[[Context], nn.Module],
     data_fn: Callable[[Context], ClientData],
@@ -107,6 +136,13 @@ def build_client_app(
     ``train-loss`` and ``num-examples``. Evaluate replies carry ``eval-loss``,
     ``num-examples`` and the group-fairness metrics of
     :func:`fedlowrank.fairness.group_fairness_report` on the local test data.
+    With grouped adapters (``adapter.groups > 1``) train replies also carry
+    ``group-count-g{g}``, the samples of each group in one epoch (FairLoRA's weights).
+    Evaluate replies of a binary task carry the ArrayRecord ``fairness-stats``
+    (:func:`fedlowrank.fairness.local_statistics`), which the server merges into
+    federation-wide metrics (:class:`fedlowrank.strategies.FederatedFairnessMetrics`).
+    A ``group-share`` list in the round's config sets the layers' shares for unknown
+    groups.
     """
     app = ClientApp()
     device = pick_device()
@@ -114,6 +150,8 @@ def build_client_app(
     def prepare(msg: Message, context: Context) -> tuple[nn.Module, ClientData]:
         model = build_model(model_fn, adapter, context).to(device)
         load_exchange_state(model, {k: v.to(device) for k, v in from_record(msg.content["arrays"]).items()})
+        if "config" in msg.content:
+            set_group_share(model, msg.content["config"])
         return model, data_fn(context)
 
     @app.train()
@@ -124,6 +162,7 @@ def build_client_app(
         result = train_local(model, data.train, epochs, float(config.get("lr", lr)), device)
         log(INFO, "client trained %d steps on %s, loss %.4f", result.steps, device.type, result.loss)
         metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples})
+        metrics.update(group_count_metrics(result.group_counts, adapter.groups))
         content = RecordDict({"arrays": to_record(exchange_state(model)), "metrics": metrics})
         return Message(content=content, reply_to=msg)
 
@@ -134,6 +173,10 @@ def build_client_app(
         report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=data.num_groups)
         metrics = {f"eval-{k}": float(v) for k, v in report.items() if k != "n"}
         metrics.update({"eval-loss": pred.loss, "num-examples": len(pred.labels)})
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        stats = fairness_statistics(pred, data.num_groups)
+        if stats is not None:
+            content["fairness-stats"] = stats
+        return Message(content=content, reply_to=msg)
 
     return app

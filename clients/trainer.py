@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ class TrainResult:
     loss: float
     num_examples: int
     steps: int
+    group_counts: dict[int, int] = field(default_factory=dict)
+    """Samples per known group id in one epoch (FairLoRA weights its S rows by them)."""
 
 
 def train_local(
@@ -64,6 +66,7 @@ def train_local(
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     model.train()
     total, count, steps = 0.0, 0, 0
+    seen: dict[int, int] = {}
     for _ in range(epochs):
         for x, y, groups in batches:
             x, y, groups = x.to(device), y.to(device), groups.to(device)
@@ -75,9 +78,12 @@ def train_local(
             total += loss.item() * len(y)
             count += len(y)
             steps += 1
+            for g, n in zip(*torch.unique(groups[groups >= 0], return_counts=True)):
+                seen[int(g)] = seen.get(int(g), 0) + int(n)
     if count == 0:
         raise ValueError("no training data on this client")
-    return TrainResult(total / count, count // max(epochs, 1), steps)
+    per_epoch = {g: n // max(epochs, 1) for g, n in sorted(seen.items())}
+    return TrainResult(total / count, count // max(epochs, 1), steps, per_epoch)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -83,11 +83,21 @@ class InProcessGrid(Grid):
         ids = []
         for msg in messages:
             message_id = f"m{next(self._ids)}"
-            msg.metadata.message_id = message_id  # what the SuperLink assigns
-            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            delivered = Message(content=msg.content, metadata=self._delivered(msg.metadata, message_id))
+            reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
             self._replies[message_id] = reply
             ids.append(message_id)
         return ids
+
+    @staticmethod
+    def _delivered(meta: Metadata, message_id: str) -> Metadata:
+        """The instruction's metadata with the id the SuperLink would assign."""
+        return Metadata(
+            run_id=meta.run_id, message_id=message_id, src_node_id=meta.src_node_id,
+            dst_node_id=meta.dst_node_id, reply_to_message_id=meta.reply_to_message_id,
+            group_id=meta.group_id, created_at=meta.created_at, ttl=meta.ttl,
+            message_type=meta.message_type, src_task_id=meta.src_task_id, dst_task_id=meta.dst_task_id,
+        )
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
