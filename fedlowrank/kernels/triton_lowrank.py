@@ -50,7 +50,8 @@ def _skinny_kernel(
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # int64 offsets: tokens x d can pass 2**31 elements on a large batch.
+    offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_p = offs_p < P
     mask_r = offs_r < R
@@ -59,7 +60,7 @@ def _skinny_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     for q0 in range(q_start, q_end, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        offs_q = (q0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
         mask_q = offs_q < q_end
         a = tl.load(
             a_ptr + offs_p[:, None] * stride_ap + offs_q[None, :] * stride_aq,
@@ -112,8 +113,8 @@ def _expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
