@@ -325,7 +325,8 @@ def test_svdlinear_unchanged(groups, routing):
             with group_context(layer, ids, own_weight=own):
                 out = layer(xx) if new else layer.base(xx) + _pre_kernel_delta(layer, xx)
         out.pow(2).sum().backward()
-        return [out.detach(), xx.grad] + [p.grad.clone() for p in (layer.lora_U, layer.lora_S, layer.lora_V)]
+        factors = (layer.lora_U, layer.lora_S, layer.lora_V)
+        return [out.detach(), xx.grad] + [p.grad.clone() for p in factors]
 
     for new, old in zip(outputs(True), outputs(False)):
         torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
