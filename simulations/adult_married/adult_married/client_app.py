@@ -1,6 +1,7 @@
 """ClientApp: each SuperNode is one site holding part of the married population."""
 
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app
 
@@ -22,8 +23,26 @@ def site_data(context: Context) -> ClientData:
     )
 
 
-app = build_client_app(
-    model_fn=lambda context: load_base_model(),
-    data_fn=site_data,
-    adapter=AdapterConfig(target_modules=ADAPTER_TARGETS, rank=4, trainable=TRAINABLE),
-)
+# One builder per adapter group count (run config ``groups``: 1, or 2 = one row of S per sex).
+APPS = {
+    groups: build_client_app(
+        model_fn=lambda context: load_base_model(),
+        data_fn=site_data,
+        adapter=AdapterConfig(target_modules=ADAPTER_TARGETS, rank=4, groups=groups, trainable=TRAINABLE),
+    )
+    for groups in (1, 2)
+}
+
+app = ClientApp()
+
+
+def dispatch(msg: Message, context: Context) -> Message:
+    """Hand the message to the ClientApp built for the run's group count."""
+    groups = int(context.run_config.get("groups", 1))
+    if groups not in APPS:
+        raise ValueError(f"groups = {groups}; this app supports {sorted(APPS)}")
+    return APPS[groups](msg, context)
+
+
+app.train()(dispatch)
+app.evaluate()(dispatch)

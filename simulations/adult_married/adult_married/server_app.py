@@ -16,30 +16,38 @@ from flwr.serverapp.strategy import FedAvg
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import from_record, pick_device, predict, to_record
 from fedlowrank.fairness import group_fairness_report
-from fedlowrank.strategies import FedLowRank
+from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank
 
 from .data import loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
 
+def fairness_metrics() -> FederatedFairnessMetrics:
+    """Every strategy merges the clients' fairness statistics into federation-wide metrics."""
+    return FederatedFairnessMetrics(num_groups=2)
+
+
 STRATEGIES = {
     # FedIT: Flower's FedAvg averaging U, S and V separately (needs equal client ranks).
-    "fedit": lambda rank: FedAvg(fraction_evaluate=1.0),
-    "fedlowrank": lambda rank: FedLowRank(rank=rank),
+    "fedit": lambda rank: FedAvg(fraction_evaluate=1.0, evaluate_metrics_aggr_fn=fairness_metrics()),
+    "fedlowrank": lambda rank: FedLowRank(rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
+    # FairLoRA: one row of singular values per sex (run with groups = 2).
+    "fairlora-paper": lambda rank: FairLoRA(mode="paper", rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
+    "fairlora-exact": lambda rank: FairLoRA(mode="exact", rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
 }
 
 app = ServerApp()
 
 
-def global_model(rank: int) -> torch.nn.Module:
+def global_model(rank: int, groups: int = 1) -> torch.nn.Module:
     """The frozen base with adapters at the global rank, as the clients build it."""
     model = load_base_model()
-    inject_adapters(model, ADAPTER_TARGETS, rank=rank, trainable=TRAINABLE)
+    inject_adapters(model, ADAPTER_TARGETS, rank=rank, groups=groups, trainable=TRAINABLE)
     return model
 
 
-def make_central_evaluation(rank: int, test_rows, device):
+def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
     """Server-side evaluation on the pooled test rows (a simulation-only view)."""
-    model = global_model(rank).to(device)
+    model = global_model(rank, groups).to(device)
     batches = loader(test_rows, 2048, shuffle=False)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -66,8 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     rank = int(cfg["rank"])
+    groups = int(cfg.get("groups", 1))
+    if name.startswith("fairlora") != (groups > 1):
+        raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
     torch.manual_seed(int(cfg["seed"]))
-    initial = to_record(exchange_state(global_model(rank)))
+    initial = to_record(exchange_state(global_model(rank, groups)))
     num_partitions = len(list(grid.get_node_ids()))
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
     strategy = STRATEGIES[name](rank)
@@ -77,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=initial,
         num_rounds=int(cfg["num-server-rounds"]),
         train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}),
-        evaluate_fn=make_central_evaluation(rank, test_rows, pick_device()),
+        evaluate_fn=make_central_evaluation(rank, test_rows, pick_device(), groups),
     )
     results = {
         "strategy": name,
