@@ -1,1 +1,43 @@
-"""fedlowrank.privacy (in progress)."""
+"""Adapter-only DP-SGD with Opacus: per-sample gradients of SVDLinear, setup, accounting.
+
+Importing this package registers the ``SVDLinear`` grad sampler with Opacus. Opacus
+is needed here only; the rest of fedlowrank does not import it.
+"""
+
+from .dp import (
+    ACCOUNTANTS,
+    STATE_KEYS,
+    BudgetCheck,
+    PrivateTraining,
+    calibrate_noise,
+    check_budget,
+    epsilon_spent,
+    export_accountant_state,
+    load_accountant_state,
+    make_private,
+    per_sample_norms,
+    round_plan,
+    validate_model,
+    wrap_model,
+)
+from .grad_sampler import compute_svd_linear_grad_sample, forward_group_weights, track_group_weights
+
+__all__ = [
+    "ACCOUNTANTS",
+    "STATE_KEYS",
+    "BudgetCheck",
+    "PrivateTraining",
+    "calibrate_noise",
+    "check_budget",
+    "compute_svd_linear_grad_sample",
+    "epsilon_spent",
+    "export_accountant_state",
+    "forward_group_weights",
+    "load_accountant_state",
+    "make_private",
+    "per_sample_norms",
+    "round_plan",
+    "track_group_weights",
+    "validate_model",
+    "wrap_model",
+]
