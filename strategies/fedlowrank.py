@@ -46,7 +46,7 @@ class FedLowRank(FedAvg):
     rank : int, optional
         Global adapter rank. Defaults to the rank of the factors in the arrays passed to
         :meth:`start` (the initial global model).
-    aggregation_method : {"qr", "gram"} (default: "qr")
+    aggregation_method : {"gram", "qr"} (default: "gram")
         How the stacked factors are orthonormalised; see
         :func:`fedlowrank.aggregation.aggregate_svd`.
     **kwargs
@@ -64,7 +64,7 @@ class FedLowRank(FedAvg):
         self,
         *,
         rank: int | None = None,
-        aggregation_method: str = "qr",
+        aggregation_method: str = "gram",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
