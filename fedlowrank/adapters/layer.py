@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import lowrank_delta
+from ..kernels import lowrank_delta, lowrank_linear
 
 UNKNOWN_GROUP = -1
 """Group id for samples whose group is not known (uses the group-share-weighted S)."""
@@ -103,20 +103,26 @@ class SVDLinear(nn.Module):
             )
         return self.group_weights.to(self.lora_S.dtype) @ self.lora_S
 
+    def _routing(self) -> torch.Tensor | None:
+        """Per-row group weights in effect, else the group-share mix (None when G = 1)."""
+        if self.group_weights is not None or self.groups == 1:
+            return self.group_weights
+        return self.group_share
+
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``scale * ((x V) * S[g]) U^T`` without forming ``U diag(S) V^T``.
 
         Runs :func:`fedlowrank.kernels.lowrank_delta` (fused Triton kernels on CUDA,
-        the torch reference elsewhere). Rows without group weights use the
-        group-share mix of ``S``.
+        the torch reference elsewhere).
         """
-        weights = self.group_weights
-        if weights is None and self.groups > 1:
-            weights = self.group_share
-        return lowrank_delta(x, self.lora_U, self.lora_S, self.lora_V, self.scale, weights)
+        return lowrank_delta(x, self.lora_U, self.lora_S, self.lora_V, self.scale, self._routing())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.adapter_delta(x)
+        # One fused op for base + adapter: the expand accumulates into the base output,
+        # which halves the layer's peak activation memory against base(x) + delta(x).
+        return lowrank_linear(
+            x, self.base.weight, self.base.bias, self.lora_U, self.lora_S, self.lora_V, self.scale, self._routing()
+        )
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, groups={self.groups}, scale={self.scale:g}"
