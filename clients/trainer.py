@@ -16,11 +16,33 @@ import torch
 from torch import nn
 
 from fedlowrank.adapters import adapter_layers, group_context
+from fedlowrank.kernels import kernel_backend
 
 
 def pick_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it (fp16 otherwise); none on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision(device: torch.device):
+    """The autocast context for ``device`` (fp32 accumulation stays in the kernels)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device_type="cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+
+def describe_compute(device: torch.device) -> str:
+    """Which path a client trains on, e.g. ``"cuda, bf16 autocast, triton kernels"``."""
+    dtype = autocast_dtype(device)
+    backend = kernel_backend(torch.empty(0, device=device))
+    mode = f"{str(dtype).removeprefix('torch.')} autocast" if dtype is not None else "fp32"
+    return f"{device.type}, {mode}, {backend} kernels"
 
 
 def routed(model: nn.Module, group_ids: torch.Tensor):
@@ -70,7 +92,7 @@ def train_local(
     for _ in range(epochs):
         for x, y, groups in batches:
             x, y, groups = x.to(device), y.to(device), groups.to(device)
-            with routed(model, groups):
+            with routed(model, groups), precision(device):
                 loss = task_loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -103,8 +125,8 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device) -> Predic
     scores, labels, groups, total = [], [], [], 0.0
     for x, y, g in batches:
         x, y, g = x.to(device), y.to(device), g.to(device)
-        with routed(model, g):
-            logits = model(x)
+        with routed(model, g), precision(device):
+            logits = model(x).float()
         total += float(task_loss(logits, y)) * len(y)
         probs = torch.sigmoid(logits.squeeze(-1)) if logits.shape[-1] == 1 else logits.softmax(-1)
         scores.append(probs.float().cpu().numpy())
