@@ -1,16 +1,21 @@
 """Flower client side: ClientApp builders and the local trainer."""
 
 from .app import AdapterConfig, ClientData, build_client_app, build_model, client_rank, from_record, to_record
+from .compression import EF_STATE_KEY, compress_arrays, compress_reply, compression_requested
 from .trainer import Predictions, TrainResult, pick_device, predict, train_local
 
 __all__ = [
     "AdapterConfig",
     "ClientData",
+    "EF_STATE_KEY",
     "Predictions",
     "TrainResult",
     "build_client_app",
     "build_model",
     "client_rank",
+    "compress_arrays",
+    "compress_reply",
+    "compression_requested",
     "from_record",
     "pick_device",
     "predict",

@@ -16,6 +16,7 @@ from torch import nn
 from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.fairness import group_fairness_report, local_statistics
 
+from .compression import compress_reply
 from .trainer import pick_device, predict, train_local
 
 
@@ -161,9 +162,11 @@ def build_client_app(
         epochs = int(config.get("local-epochs", local_epochs))
         result = train_local(model, data.train, epochs, float(config.get("lr", lr)), device)
         log(INFO, "client trained %d steps on %s, loss %.4f", result.steps, device.type, result.loss)
-        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples})
+        # Under L-GreCo the reply carries the compressed update instead (clients/compression.py).
+        arrays, extra = compress_reply(config, msg.content["arrays"], to_record(exchange_state(model)), context)
+        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples, **extra})
         metrics.update(group_count_metrics(result.group_counts, adapter.groups))
-        content = RecordDict({"arrays": to_record(exchange_state(model)), "metrics": metrics})
+        content = RecordDict({"arrays": arrays, "metrics": metrics})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

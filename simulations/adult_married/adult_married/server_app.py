@@ -11,12 +11,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import from_record, pick_device, predict, to_record
 from fedlowrank.fairness import group_fairness_report
-from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank
+from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo
 
 from .data import loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
@@ -36,6 +36,38 @@ STRATEGIES = {
 }
 
 app = ServerApp()
+
+
+def with_compression(strategy: Strategy, cfg) -> Strategy:
+    """Wrap ``strategy`` in :class:`LGreCo` as the run config's ``compression`` asks.
+
+    ``"none"``: unchanged. ``"lgreco"``: adaptive per-tensor settings, uniform
+    ``compression-default`` during warm-up, re-allocated every
+    ``compression-reallocate-every`` rounds within ``compression-alpha`` times its
+    error. ``"uniform:<codec>:<setting>"`` (e.g. ``"uniform:powersgd:4"``): that
+    setting for every tensor, no tables asked for.
+    """
+    mode = str(cfg.get("compression", "none")).strip()
+    if mode == "none":
+        return strategy
+    if str(cfg.get("client-ranks", "")).strip() and len(set(str(cfg["client-ranks"]).split(","))) > 1:
+        raise ValueError(
+            "compression sends local - global updates, so all clients need the global rank; "
+            f"got client-ranks={cfg['client-ranks']!r}. Clear client-ranks or set compression = 'none'."
+        )
+    if mode == "lgreco":
+        return LGreCo(
+            strategy,
+            default=str(cfg.get("compression-default", "powersgd:4")),
+            alpha=float(cfg.get("compression-alpha", 1.0)),
+            warmup_rounds=int(cfg.get("compression-warmup", 1)),
+            reallocate_every=int(cfg.get("compression-reallocate-every", 5)),
+        )
+    if mode.startswith("uniform:"):
+        setting = mode[len("uniform:") :]
+        # One candidate and tables never asked for: a fixed setting, same wire format.
+        return LGreCo(strategy, candidates=[setting], default=setting, warmup_rounds=10**9)
+    raise ValueError(f"unknown compression {mode!r}; use 'none', 'lgreco' or 'uniform:<codec>:<setting>'")
 
 
 def global_model(rank: int, groups: int = 1) -> torch.nn.Module:
@@ -81,7 +113,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = to_record(exchange_state(global_model(rank, groups)))
     num_partitions = len(list(grid.get_node_ids()))
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
-    strategy = STRATEGIES[name](rank)
+    strategy = with_compression(STRATEGIES[name](rank), cfg)
     started = time.time()
     result = strategy.start(
         grid=grid,
@@ -94,6 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         "strategy": name,
         "run_config": {k: v for k, v in cfg.items()},
         "num_sites": num_partitions,
+        "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
         "seconds": time.time() - started,
         "rounds": [
             {
