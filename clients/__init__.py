@@ -2,10 +2,13 @@
 
 from .app import AdapterConfig, ClientData, build_client_app, build_model, client_rank, from_record, to_record
 from .compression import EF_STATE_KEY, compress_arrays, compress_reply, compression_requested
+from .private import ACCOUNTANT_KEY, DPConfig, train_private
 from .trainer import Predictions, TrainResult, pick_device, predict, train_local
 
 __all__ = [
+    "ACCOUNTANT_KEY",
     "AdapterConfig",
+    "DPConfig",
     "ClientData",
     "EF_STATE_KEY",
     "Predictions",
@@ -21,4 +24,5 @@ __all__ = [
     "predict",
     "to_record",
     "train_local",
+    "train_private",
 ]

@@ -17,7 +17,8 @@ from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters,
 from fedlowrank.fairness import group_fairness_report, local_statistics
 
 from .compression import compress_reply
-from .trainer import pick_device, predict, train_local
+from .private import DPConfig, train_private
+from .trainer import TrainResult, describe_compute, pick_device, predict, train_local
 
 
 @dataclass
@@ -114,6 +115,7 @@ def build_client_app(
     adapter: AdapterConfig,
     local_epochs: int = 1,
     lr: float = 1e-3,
+    dp: DPConfig | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` that loads the global adapter, trains locally, evaluates and replies.
 
@@ -129,6 +131,12 @@ def build_client_app(
         Where adapters go and their rank.
     local_epochs, lr : int, float
         Defaults; the round's config keys ``local-epochs`` and ``lr`` override them.
+    dp : DPConfig, optional
+        Train with adapter-only DP-SGD (Opacus; needs ``fedlowrank[dp]``). The
+        accountant lives in ``Context.state``; train replies add ``dp_epsilon`` (spent
+        so far), ``dp_epsilon_if_trained``, ``dp_target_epsilon`` and ``dp_stopped``. A
+        client whose next round would exceed the budget does not train: it returns the
+        global arrays with ``num-examples = 0`` and ``dp_stopped = 1``.
 
     Notes
     -----
@@ -160,11 +168,18 @@ def build_client_app(
         model, data = prepare(msg, context)
         config = msg.content["config"]
         epochs = int(config.get("local-epochs", local_epochs))
-        result = train_local(model, data.train, epochs, float(config.get("lr", lr)), device)
-        log(INFO, "client trained %d steps on %s, loss %.4f", result.steps, device.type, result.loss)
+        round_lr = float(config.get("lr", lr))
+        privacy: dict[str, float] = {}
+        if dp is None:
+            result = train_local(model, data.train, epochs, round_lr, device)
+        else:
+            result, privacy = train_private(model, data.train, epochs, round_lr, device, dp, context)
+        if result is None:  # privacy budget spent: nothing trained, nothing to weigh
+            result = TrainResult(loss=0.0, num_examples=0, steps=0)
+        log(INFO, "client trained %d steps (%s), loss %.4f", result.steps, describe_compute(device), result.loss)
         # Under L-GreCo the reply carries the compressed update instead (clients/compression.py).
         arrays, extra = compress_reply(config, msg.content["arrays"], to_record(exchange_state(model)), context)
-        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples, **extra})
+        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples, **extra, **privacy})
         metrics.update(group_count_metrics(result.group_counts, adapter.groups))
         content = RecordDict({"arrays": arrays, "metrics": metrics})
         return Message(content=content, reply_to=msg)

@@ -7,7 +7,7 @@ its row of singular values when the adapters are grouped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -76,21 +76,29 @@ def train_local(
     lr: float,
     device: torch.device,
     weight_decay: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters with Adam for ``epochs`` passes over ``batches``.
 
     The optimiser starts fresh each round, as usual in federated learning: its state
-    belongs to the previous global model.
+    belongs to the previous global model. A caller that needs its own optimiser (DP-SGD
+    wraps it) passes it in, with ``on_empty_batch`` for the empty batches that Poisson
+    sampling draws (they still count as a noisy step).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; inject adapters first")
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     model.train()
     total, count, steps = 0.0, 0, 0
     seen: dict[int, int] = {}
     for _ in range(epochs):
         for x, y, groups in batches:
+            if len(y) == 0 and on_empty_batch is not None:
+                on_empty_batch()
+                continue
             x, y, groups = x.to(device), y.to(device), groups.to(device)
             with routed(model, groups), precision(device):
                 loss = task_loss(model(x), y)
