@@ -115,7 +115,7 @@ def build_client_app(
     adapter: AdapterConfig,
     local_epochs: int = 1,
     lr: float = 1e-3,
-    dp: DPConfig | None = None,
+    dp: DPConfig | Callable[[Context], DPConfig | None] | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` that loads the global adapter, trains locally, evaluates and replies.
 
@@ -131,8 +131,9 @@ def build_client_app(
         Where adapters go and their rank.
     local_epochs, lr : int, float
         Defaults; the round's config keys ``local-epochs`` and ``lr`` override them.
-    dp : DPConfig, optional
-        Train with adapter-only DP-SGD (Opacus; needs ``fedlowrank[dp]``). The
+    dp : DPConfig or callable, optional
+        Train with adapter-only DP-SGD (Opacus; needs ``fedlowrank[dp]``); a callable
+        ``context -> DPConfig | None`` decides per node and run (run config). The
         accountant lives in ``Context.state``; train replies add ``dp_epsilon`` (spent
         so far), ``dp_epsilon_if_trained``, ``dp_target_epsilon`` and ``dp_stopped``. A
         client whose next round would exceed the budget does not train: it returns the
@@ -170,10 +171,11 @@ def build_client_app(
         epochs = int(config.get("local-epochs", local_epochs))
         round_lr = float(config.get("lr", lr))
         privacy: dict[str, float] = {}
-        if dp is None:
+        dp_config = dp(context) if callable(dp) else dp
+        if dp_config is None:
             result = train_local(model, data.train, epochs, round_lr, device)
         else:
-            result, privacy = train_private(model, data.train, epochs, round_lr, device, dp, context)
+            result, privacy = train_private(model, data.train, epochs, round_lr, device, dp_config, context)
         if result is None:  # privacy budget spent: nothing trained, nothing to weigh
             result = TrainResult(loss=0.0, num_examples=0, steps=0)
         log(INFO, "client trained %d steps (%s), loss %.4f", result.steps, describe_compute(device), result.loss)

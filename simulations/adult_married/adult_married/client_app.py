@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlowrank.clients import AdapterConfig, ClientData, build_client_app
+from fedlowrank.clients import AdapterConfig, ClientData, DPConfig, build_client_app
 
 from .data import loader, site_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
@@ -23,12 +23,26 @@ def site_data(context: Context) -> ClientData:
     )
 
 
+def site_privacy(context: Context) -> DPConfig | None:
+    """Adapter-only DP-SGD when the run config sets ``dp-noise-multiplier`` > 0."""
+    noise = float(context.run_config.get("dp-noise-multiplier", 0.0))
+    if noise <= 0:
+        return None
+    return DPConfig(
+        noise_multiplier=noise,
+        max_grad_norm=float(context.run_config["dp-max-grad-norm"]),
+        delta=float(context.run_config["dp-delta"]),
+        target_epsilon=float(context.run_config["dp-target-epsilon"]),
+    )
+
+
 # One builder per adapter group count (run config ``groups``: 1, or 2 = one row of S per sex).
 APPS = {
     groups: build_client_app(
         model_fn=lambda context: load_base_model(),
         data_fn=site_data,
         adapter=AdapterConfig(target_modules=ADAPTER_TARGETS, rank=4, groups=groups, trainable=TRAINABLE),
+        dp=site_privacy,
     )
     for groups in (1, 2)
 }
