@@ -1,0 +1,431 @@
+"""Bytes per round and final accuracy: no compression, uniform codecs, L-GreCo (alpha = 1).
+
+Run from the repository root (about 6-8 minutes on 2 CPU cores)::
+
+    python benchmarks/communication.py --out results/communication.json
+
+Every run is ``strategy.start`` on an :class:`~fedlowrank.strategies.inprocess.InProcessGrid`:
+the same ``LGreCo``/``FedLowRank`` methods and the same ``build_client_app`` client code
+(``clients/compression.py``) as ``flwr run``. Bytes are read from the train replies that
+really came back: the summed ``nbytes`` of every array in each reply's ArrayRecord (encoded
+tensors, their specs and, in allocation rounds, the error/size tables), the same count as
+LGReCo's ``lgreco-bytes`` metric (checked for every round).
+
+Settings
+--------
+``adult``
+    The default simulation (``simulations/adult_married``, its ``pyproject.toml`` run
+    config): 5 sites, FedLowRank, rank-4 adapters on the two hidden layers of an MLP
+    and a trained head: 8 tensors, 8 rounds. Accuracy: pooled site test rows.
+``digits-transformer``
+    A 2-layer transformer encoder (d = 64, 4 heads, FFN 128) on sklearn's bundled 8x8
+    digits, image rows as 8 tokens. Rank-8 adapters on q/k/v/out and both FFN linears of
+    both layers (12 adapted linears, 36 factor tensors of shapes 64x8, 128x8, 1x8) and the
+    10-class head trained fully: 38 compressed tensors. The base is pretrained (all
+    weights) on digits 0-5 from a disjoint 40% of the training pool; the 5 sites hold the
+    other 60%, all ten digits, split by a Dirichlet(0.5) draw over labels, so fine-tuning
+    has to learn four new classes. 12 rounds, 2 local epochs, lr 5e-3. Accuracy: held-out 30%.
+
+Measured error
+--------------
+Each client reports ``lgreco-residual-norm`` (``||x - decode(C(x))||`` for
+``x = update + previous residual``, i.e. exactly this round's compression error) and
+``lgreco-target-norm`` (``||x||``). The measured relative error of a round is
+``sum residual^2 / sum target^2`` over the clients. The allocator's own estimate
+(from the averaged tables: chosen vs uniform-default error and size) is reported
+for each allocation round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, MessageType, MetricRecord
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, predict, to_record
+from fedlowrank.compression import ERRORS_KEY, SIZES_KEY
+from fedlowrank.strategies import FedLowRank, LGreCo
+from fedlowrank.strategies.inprocess import InProcessGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM = ROOT / "simulations" / "adult_married"
+sys.path.insert(0, str(SIM))
+from adult_married import client_app as adult_client  # noqa: E402
+from adult_married import server_app as adult_server  # noqa: E402
+from adult_married.data import pooled_test_rows  # noqa: E402
+
+# One default per codec family: the uniform baselines, and L-GreCo's budget reference.
+UNIFORM = ("powersgd:2", "topk:0.1", "qsgd:4")
+# A finer grid than LGreCo's DEFAULT_CANDIDATES: the allocator can only save what its
+# candidates let it trade (e.g. qsgd:3 on robust tensors, qsgd:6 on sensitive ones).
+GRIDS = {
+    "fine": (
+        "none",
+        *(f"powersgd:{k}" for k in (1, 2, 3, 4, 6)),
+        *(f"topk:{d}" for d in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)),
+        *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
+    ),
+    # Without Top-K below 5%: under error feedback such a setting defers nearly all of a
+    # tensor's update, its residual grows round after round, and the realised error climbs
+    # far above the allocation round's estimate (measured with the "fine" grid).
+    "moderate": (
+        "none",
+        *(f"powersgd:{k}" for k in (1, 2, 3, 4)),
+        *(f"topk:{d}" for d in (0.05, 0.1, 0.2, 0.3)),
+        *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
+    ),
+}
+CANDIDATES = GRIDS["moderate"]
+TABLE_KEYS = (ERRORS_KEY, SIZES_KEY)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class RecordingGrid(InProcessGrid):
+    """An in-process Grid that keeps every round's train replies (what travelled)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_replies: list[list] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_replies.append(replies)
+        return replies
+
+
+def reply_bytes(reply) -> tuple[int, int]:
+    """(all array bytes, table bytes) of one train reply."""
+    record = next(iter(reply.content.array_records.values()))
+    total = sum(int(a.numpy().nbytes) for a in record.values())
+    tables = sum(int(record[k].numpy().nbytes) for k in TABLE_KEYS if k in record)
+    return total, tables
+
+
+def measured_error(replies) -> float | None:
+    """Sum of squared compression errors over sum of squared targets, this round."""
+    metrics = [r.content["metrics"] for r in replies]
+    if not metrics or "lgreco-residual-norm" not in metrics[0]:
+        return None
+    err = sum(float(m["lgreco-residual-norm"]) ** 2 for m in metrics)
+    sig = sum(float(m["lgreco-target-norm"]) ** 2 for m in metrics)
+    return err / sig if sig > 0 else 0.0
+
+
+def allocator_estimate(strategy: LGreCo, rnd: int, replies) -> dict | None:
+    """The allocation's estimated error and size relative to the uniform default."""
+    if rnd not in strategy.allocation_history:
+        return None
+    tables = [next(iter(r.content.array_records.values())) for r in replies]
+    tables = [t for t in tables if ERRORS_KEY in t]
+    errors = np.mean([t[ERRORS_KEY].numpy() for t in tables], axis=0)
+    sizes = np.mean([t[SIZES_KEY].numpy() for t in tables], axis=0)
+    names = sorted(strategy.allocation_history[rnd])
+    chosen = np.array([strategy.candidates.index(strategy.allocation_history[rnd][n]) for n in names])
+    rows = np.arange(len(names))
+    default = strategy.candidates.index(strategy.default)
+    uniform_err = float(errors[:, default].sum())
+    return {
+        "round": rnd,
+        "error_ratio": float(errors[rows, chosen].sum()) / uniform_err if uniform_err > 0 else 0.0,
+        "size_ratio": float(sizes[rows, chosen].sum() / sizes[:, default].sum()),
+        "settings": {s: int(np.sum(chosen == strategy.candidates.index(s))) for s in set(strategy.allocation_history[rnd].values())},
+    }
+
+
+def run(app, num_sites: int, run_config: dict, strategy, initial, rounds: int, train_config: dict, accuracy_fn) -> dict:
+    """One federated run; per-round bytes, measured error, accuracy."""
+    grid = RecordingGrid(app, [{"partition-id": i, "num-partitions": num_sites} for i in range(num_sites)], run_config)
+    curve: list[float] = []
+    random.seed(0)  # FedAvg samples (and orders) nodes with Python's random: keep runs paired
+
+    def evaluate_fn(server_round, arrays):
+        curve.append(accuracy_fn(arrays))
+        return MetricRecord({"acc": curve[-1]})
+
+    started = time.time()
+    result = strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord(train_config), evaluate_fn=evaluate_fn
+    )
+    per_round = []
+    for rnd, replies in enumerate(grid.train_replies, start=1):
+        counted = [reply_bytes(r) for r in replies]
+        total = sum(c[0] for c in counted)
+        metrics = result.train_metrics_clientapp.get(rnd, {})
+        if "lgreco-bytes" in metrics and int(metrics["lgreco-bytes"]) != total:
+            raise RuntimeError(f"round {rnd}: counted {total} bytes, LGreCo reported {metrics['lgreco-bytes']}")
+        per_round.append(
+            {
+                "round": rnd,
+                "bytes": total,
+                "table_bytes": sum(c[1] for c in counted),
+                "measured_error": measured_error(replies),
+                "residual_norm": _mean_metric(replies, "lgreco-residual-norm"),
+                "update_norm": _mean_metric(replies, "lgreco-update-norm"),
+            }
+        )
+    estimates = []
+    if isinstance(strategy, LGreCo) and len(strategy.candidates) > 1:
+        estimates = [e for rnd, rep in enumerate(grid.train_replies, 1) if (e := allocator_estimate(strategy, rnd, rep))]
+    return {"rounds": per_round, "accuracy": curve, "allocations": estimates, "seconds": time.time() - started}
+
+
+def _mean_metric(replies, key) -> float | None:
+    vals = [float(r.content["metrics"][key]) for r in replies if key in r.content["metrics"]]
+    return float(np.mean(vals)) if vals else None
+
+
+def method_list() -> list[str]:
+    return ["none", *[f"uniform:{u}" for u in UNIFORM], *[f"lgreco:{u}" for u in UNIFORM]]
+
+
+def wrap(inner, method: str, reallocate_every: int):
+    """The inner strategy under the method's compression (``lgreco:<default>`` at alpha = 1)."""
+    if method == "none":
+        return inner
+    if method.startswith("uniform:"):
+        return adult_server.with_compression(inner, {"compression": method})
+    default = method.split(":", 1)[1]
+    return LGreCo(inner, candidates=CANDIDATES, default=default, alpha=1.0, reallocate_every=reallocate_every)
+
+
+# --------------------------------------------------------------------------- adult
+
+
+def adult_setting(rounds: int | None):
+    """The default simulation's run config, client app, initial arrays and evaluation."""
+    cfg = tomllib.loads((SIM / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    rounds = rounds or int(cfg["num-server-rounds"])
+    rank, seed, sites = int(cfg["rank"]), int(cfg["seed"]), 5
+    evaluate = adult_server.make_central_evaluation(rank, pooled_test_rows(sites, seed), torch.device("cpu"))
+
+    def accuracy(arrays) -> float:
+        return float(evaluate(0, arrays)["acc"])
+
+    def make(method: str):
+        torch.manual_seed(seed)  # the same adapter initialisation for every method
+        initial = to_record(exchange_state(adult_server.global_model(rank)))
+        # Central evaluation only (fraction_evaluate = 0), to keep the CPU budget.
+        inner = FedLowRank(rank=rank, fraction_evaluate=0.0)
+        # The simulation's own switch for "none"/"uniform:..." (run config key ``compression``).
+        strategy = wrap(inner, method, int(cfg["compression-reallocate-every"]))
+        return strategy, initial
+
+    train_config = {"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}
+    return adult_client.app, sites, dict(cfg), make, rounds, train_config, accuracy
+
+
+# --------------------------------------------------------------------------- digits transformer
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with separate q/k/v/out projections (adaptable Linears)."""
+
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.n1(x)
+        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(att)
+        return x + self.ff2(F.gelu(self.ff1(self.n2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """8x8 digit -> 8 row tokens -> 2 blocks -> mean pool -> 10 logits."""
+
+    def __init__(self, d: int = 64, heads: int = 4, ff: int = 128, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.zeros(1, 8, d))
+        self.blocks = nn.ModuleList(Block(d, heads, ff) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.view(-1, 8, 8)) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+DIGITS_TARGETS = r"blocks\.\d+\.(q|k|v|o|ff1|ff2)"
+DIGITS_TRAINABLE = r"head\..*"
+DIGITS_RANK = 8
+
+
+def digits_split(seed: int = 0, sites: int = 5):
+    """Pretraining rows (digits 0-5), per-site fine-tuning rows, held-out test rows."""
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    test, pool = order[: int(0.3 * len(y))], order[int(0.3 * len(y)) :]
+    cut = int(0.4 * len(pool))
+    pretrain = pool[:cut][y[pool[:cut]] <= 5]
+    finetune = pool[cut:]
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for label in range(10):
+        rows = rng.permutation(finetune[y[finetune] == label])
+        cuts = (np.cumsum(rng.dirichlet(np.full(sites, 0.5)))[:-1] * len(rows)).astype(int)
+        for site, chunk in enumerate(np.split(rows, cuts)):
+            parts[site].extend(chunk.tolist())
+    xt = torch.tensor(x / 16.0, dtype=torch.float32)
+    return xt, torch.tensor(y), pretrain, [np.array(p) for p in parts], test
+
+
+def batches(x, y, rows, batch_size: int, shuffle: bool, seed: int = 0) -> list:
+    rows = np.random.default_rng(seed).permutation(rows) if shuffle else np.asarray(rows)
+    zeros = torch.zeros(len(rows), dtype=torch.long)
+    return [(x[rows[i : i + batch_size]], y[rows[i : i + batch_size]], zeros[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def pretrain_base(x, y, rows, epochs: int = 40, seed: int = 0) -> dict:
+    """Train every weight of the base on digits 0-5; returns its state dict."""
+    torch.manual_seed(seed)
+    model = DigitsTransformer()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(epochs):
+        for xb, yb, _ in batches(x, y, rows, 64, True, seed + epoch):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def digits_setting(rounds: int | None):
+    x, y, pre_rows, site_rows, test_rows = digits_split()
+    started = time.time()
+    base_state = pretrain_base(x, y, pre_rows)
+    logging.getLogger(__name__).info("pretrained the digits base in %.1fs", time.time() - started)
+
+    def base(_context=None) -> DigitsTransformer:
+        model = DigitsTransformer()
+        model.load_state_dict(base_state)
+        return model
+
+    def data_fn(context) -> ClientData:
+        site = int(context.node_config["partition-id"])
+        # A fresh order every call would also do; a fixed seed keeps methods paired.
+        return ClientData(batches(x, y, site_rows[site], 32, True, seed=site), batches(x, y, site_rows[site], 256, False))
+
+    adapter = AdapterConfig(DIGITS_TARGETS, rank=DIGITS_RANK, trainable=DIGITS_TRAINABLE)
+    app = build_client_app(base, data_fn, adapter)
+    eval_model = adapted_digits(base)
+    test_batches = batches(x, y, test_rows, 512, False)
+
+    def accuracy(arrays) -> float:
+        load_exchange_state(eval_model, from_record(arrays))
+        pred = predict(eval_model, test_batches, torch.device("cpu"))
+        return float(np.mean(pred.scores.argmax(1) == pred.labels))
+
+    def make(method: str):
+        torch.manual_seed(0)
+        initial = to_record(exchange_state(adapted_digits(base)))
+        return wrap(FedLowRank(rank=DIGITS_RANK, fraction_evaluate=0.0), method, 5), initial
+
+    return app, len(site_rows), {}, make, rounds or 12, {"lr": 5e-3, "local-epochs": 2}, accuracy
+
+
+def adapted_digits(base) -> nn.Module:
+    model = base()
+    inject_adapters(model, DIGITS_TARGETS, rank=DIGITS_RANK, trainable=DIGITS_TRAINABLE)
+    return model
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(runs: dict) -> dict:
+    """Mean bytes per round, mean measured error, final accuracy; ratios vs the uniform default."""
+    out = {}
+    for method, res in runs.items():
+        rounds = res["rounds"]
+        errs = [r["measured_error"] for r in rounds if r["measured_error"] is not None]
+        out[method] = {
+            "bytes_per_round": float(np.mean([r["bytes"] for r in rounds])),
+            "bytes_per_round_without_tables": float(np.mean([r["bytes"] - r["table_bytes"] for r in rounds])),
+            "measured_error": float(np.mean(errs)) if errs else 0.0,
+            "final_accuracy": res["accuracy"][-1],
+            "initial_accuracy": res["accuracy"][0],
+        }
+    for method in runs:
+        if method.startswith("lgreco:"):
+            ref = out["uniform:" + method.split(":", 1)[1]]
+            out[method]["bytes_reduction_vs_uniform"] = ref["bytes_per_round"] / out[method]["bytes_per_round"]
+            out[method]["error_vs_uniform"] = out[method]["measured_error"] / max(ref["measured_error"], 1e-30)
+            out[method]["accuracy_gap_vs_none"] = out[method]["final_accuracy"] - out["none"]["final_accuracy"]
+    return out
+
+
+def print_table(name: str, summary: dict) -> None:
+    print(f"\n## {name}")
+    print("| method | bytes/round | w/o tables | measured rel. error | final acc | vs uniform: bytes / error |")
+    print("|---|---:|---:|---:|---:|---|")
+    for method, s in summary.items():
+        extra = ""
+        if "bytes_reduction_vs_uniform" in s:
+            extra = f"{s['bytes_reduction_vs_uniform']:.2f}x fewer / {s['error_vs_uniform']:.2f}x"
+        print(
+            f"| {method} | {s['bytes_per_round']:.0f} | {s['bytes_per_round_without_tables']:.0f} | "
+            f"{s['measured_error']:.4f} | {100 * s['final_accuracy']:.2f} | {extra} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", default="adult,digits-transformer")
+    parser.add_argument("--methods", default=",".join(method_list()))
+    parser.add_argument("--rounds", type=int, default=None, help="override the rounds of every setting")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="moderate", help="L-GreCo's candidate settings")
+    parser.add_argument("--out", default="results/communication.json")
+    args = parser.parse_args()
+    global CANDIDATES  # noqa: PLW0603 (a CLI choice read by wrap())
+    CANDIDATES = GRIDS[args.grid]
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    builders = {"adult": adult_setting, "digits-transformer": digits_setting}
+    report = {"command": " ".join(sys.argv), "candidates": list(CANDIDATES), "settings": {}}
+    started = time.time()
+    for name in args.settings.split(","):
+        app, sites, run_config, make, rounds, train_config, accuracy = builders[name](args.rounds)
+        runs = {}
+        for method in args.methods.split(","):
+            strategy, initial = make(method)
+            runs[method] = run(app, sites, run_config, strategy, initial, rounds, train_config, accuracy)
+            print(f"{name} {method}: {runs[method]['seconds']:.1f}s acc {runs[method]['accuracy'][-1]:.4f}", flush=True)
+        summary = summarise(runs)
+        report["settings"][name] = {"rounds": rounds, "summary": summary, "runs": runs}
+        print_table(name, summary)
+    report["seconds"] = time.time() - started
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwritten {out} in {report['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
