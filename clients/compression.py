@@ -5,8 +5,10 @@ settings (``"lgreco.<tensor>"``) and, in some rounds, the candidate list
 (``"lgreco-candidates"``) into the train config. When they are there, the
 client replies with ``C(update + residual)`` instead of its trained arrays,
 where ``update = local - global`` in the global shapes, keeps the new
-residual for the next round, and, if asked, the error/size tables (the
-message convention is in the module docstring of ``strategies/lgreco.py``).
+residual for the next round, and, if asked, the tables: float32 errors of
+every candidate and two energies per tensor, no sizes (the server computes
+those from the global shapes; the message convention is in the module
+docstring of ``strategies/lgreco.py``).
 
 The :class:`~fedlowrank.compression.ErrorFeedback` state (residuals, PowerSGD
 warm starts, the RNG position) lives in ``Context.state`` as an ArrayRecord

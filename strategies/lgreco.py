@@ -28,9 +28,13 @@ Client -> server (train reply): exactly one ArrayRecord (any key) holding
   ``"lgreco/<tensor>::spec"`` (uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``)
   and ``"lgreco/<tensor>::<field>"`` (the codec's arrays), for every tensor
   of the global arrays, with the global shape;
-* when candidates were sent: ``"lgreco-errors"`` (float64) and
-  ``"lgreco-sizes"`` (int64), ``(num_tensors, num_candidates)``, rows in
-  sorted tensor-name order, columns in the order of ``"lgreco-candidates"``;
+* when candidates were sent: ``"lgreco-errors"`` (float32,
+  ``(num_tensors, num_candidates)``, columns in the order of
+  ``"lgreco-candidates"``) and ``"lgreco-energy"`` (float32,
+  ``(num_tensors, 2)``: ``||update||^2``, ``||update + residual||^2``), rows in
+  sorted tensor-name order. No size table: the server computes every
+  candidate's encoded size from the global shapes
+  (:func:`fedlowrank.compression.size_table`);
 
 plus the MetricRecord the inner strategy expects (e.g. ``"num-examples"``).
 :func:`fedlowrank.compression.encode_update` produces exactly these arrays.
@@ -63,10 +67,12 @@ from fedlowrank.compression import (
     DEFAULT_NUM_BINS,
     candidate_key,
     decode_update,
+    feedback_errors,
     lgreco_allocate,
     lgreco_budget,
     read_tables,
     settings_to_config,
+    size_table,
     table_rows,
 )
 
@@ -107,6 +113,19 @@ class LGreCo(Strategy):
         Rounds between allocations after warm-up.
     num_bins : int, default 1000
         Error discretisation of the allocator.
+    error_model : {"feedback", "oneshot"}, default "feedback"
+        What the allocator budgets: the error each setting settles at under
+        the clients' error feedback (:func:`fedlowrank.compression.feedback_errors`),
+        or this round's error as measured (the original L-GreCo table).
+    codec_options : mapping, optional
+        Codec options the clients use (e.g. ``{"qsgd": {"bucket_size": 256}}``);
+        the server needs them to compute the encoded sizes.
+
+    Notes
+    -----
+    An allocation round whose replies carry no usable tables keeps the
+    current settings and asks for tables again the next round, so clients
+    that never send tables only delay allocation, never stall it.
 
     Examples
     --------
@@ -128,6 +147,8 @@ class LGreCo(Strategy):
         warmup_rounds: int = 1,
         reallocate_every: int = 5,
         num_bins: int = DEFAULT_NUM_BINS,
+        error_model: str = "feedback",
+        codec_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -145,6 +166,15 @@ class LGreCo(Strategy):
         self.warmup_rounds = int(warmup_rounds)
         self.reallocate_every = int(reallocate_every)
         self.num_bins = int(num_bins)
+        if error_model not in ("feedback", "oneshot"):
+            raise ValueError(f"error_model must be 'feedback' or 'oneshot', got {error_model!r}.")
+        self.error_model = error_model
+        self.codec_options = {k: dict(v) for k, v in (codec_options or {}).items()}
+        # Whether the last allocation round got no tables (then ask again).
+        # It changes only at the end of aggregate_train, so tables_wanted()
+        # answers the same in configure_train and aggregate_train of a round.
+        self._retry_allocation = False
+        self.allocation_details: dict[int, dict] = {}
         self.settings: dict[str, str] = {}
         self.current_arrays = ArrayRecord()
         self.bytes_history: dict[int, dict[int, int]] = {}
@@ -159,13 +189,20 @@ class LGreCo(Strategy):
         log(INFO, "\t├──> L-GreCo settings:")
         log(INFO, "\t│\t├── Candidates: %s", self.candidates)
         log(INFO, "\t│\t├── Default: %s, alpha: %s", self.default, self.alpha)
+        log(INFO, "\t│\t├── Error model: %s", self.error_model)
         log(INFO, "\t│\t└── Warm-up: %s, reallocate every: %s", self.warmup_rounds, self.reallocate_every)
         self.strategy.summary()
 
     # -- schedule -----------------------------------------------------------
     def tables_wanted(self, server_round: int) -> bool:
-        """Whether this round's tables feed an allocation (and are asked for)."""
+        """Whether this round's tables feed an allocation (and are asked for).
+
+        On the schedule, or in any round after an allocation round that
+        received no usable tables.
+        """
         first = max(1, self.warmup_rounds)
+        if server_round >= first and self._retry_allocation:
+            return True
         return server_round >= first and (server_round - first) % self.reallocate_every == 0
 
     # -- training -----------------------------------------------------------
@@ -268,7 +305,7 @@ class LGreCo(Strategy):
         return Message(content=content, metadata=reply.metadata)
 
     def _reply_tables(self, payload: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The reply's tables, or None (a bad table costs the table, not the update)."""
+        """The reply's (errors, energy), or None (a bad table costs the table, not the update)."""
         try:
             return read_tables(payload, len(self.settings), len(self.candidates))
         except ValueError as err:
@@ -301,33 +338,51 @@ class LGreCo(Strategy):
         """Average the clients' tables and re-choose every tensor's setting.
 
         Tables are averaged without weights: they describe how compressible
-        each tensor's update is, not how much a client counts.
+        each tensor's update is, not how much a client counts. Under the
+        "feedback" error model each client's table is turned into settled
+        errors before averaging, because each client runs its own error
+        feedback. Sizes come from the global shapes, not from the clients.
         """
         if not tables:
-            log(INFO, "LGreCo: no error tables in round %s; keeping the current settings.", server_round)
+            log(INFO, "LGreCo: no error tables in round %s; keeping the settings, asking again.", server_round)
+            self._retry_allocation = True
             return
-        errors = np.mean([t[0] for t in tables], axis=0)
-        sizes = np.mean([t[1] for t in tables], axis=0)
-        budget = lgreco_budget(errors, self.candidates.index(self.default), self.alpha)
+        self._retry_allocation = False
+        measured = np.mean([t[0] for t in tables], axis=0)
+        if self.error_model == "feedback":
+            errors = np.mean([feedback_errors(e, en) for e, en in tables], axis=0)
+        else:
+            errors = measured
+        rows = table_rows(self.settings)
+        shapes = {name: tuple(self.current_arrays[name].shape) for name in rows}
+        sizes = size_table(shapes, self.candidates, self.codec_options)
+        default = self.candidates.index(self.default)
+        budget = lgreco_budget(errors, default, self.alpha)
         try:
             choice = lgreco_allocate(errors, sizes, budget, num_bins=self.num_bins)
         except ValueError as err:
             log(WARNING, "LGreCo: allocation failed in round %s (%s); keeping the current settings.", server_round, err)
             return
-        rows = table_rows(self.settings)
         self.settings = {name: self.candidates[c] for name, c in zip(rows, choice)}
         self.allocation_history[server_round] = dict(self.settings)
-        chosen = sizes[np.arange(len(rows)), choice].sum()
-        uniform = sizes[:, self.candidates.index(self.default)].sum()
+        picked = np.arange(len(rows)), choice
+        self.allocation_details[server_round] = {
+            "tables": len(tables),
+            "size_ratio": float(sizes[picked].sum() / sizes[:, default].sum()),
+            # Estimated error vs the uniform default, in the budgeted model
+            # and as measured this round (one-shot).
+            "error_ratio": float(errors[picked].sum() / max(errors[:, default].sum(), 1e-300)),
+            "measured_error_ratio": float(measured[picked].sum() / max(measured[:, default].sum(), 1e-300)),
+        }
         log(
             INFO,
             "LGreCo: round %s allocation from %d tables: %.0f bytes (uniform %s: %.0f), error %.4g <= %.4g",
             server_round,
             len(tables),
-            chosen,
+            sizes[picked].sum(),
             self.default,
-            uniform,
-            errors[np.arange(len(rows)), choice].sum(),
+            sizes[:, default].sum(),
+            errors[picked].sum(),
             budget,
         )
 

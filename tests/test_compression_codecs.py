@@ -233,3 +233,25 @@ def test_core_does_not_import_flower():
 
     code = "import sys, fedlowrank.compression; assert not any(m.split('.')[0] == 'flwr' for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("bits", "value"), [(4, -8), (4, 8), (8, -128), (2, 2), (16, -32768)])
+def test_qsgd_rejects_levels_outside_the_declared_bits(bits, value):
+    """The declared bits bound the levels to +-(2^(bits-1) - 1); the dtype's extra value is no level."""
+    codec = get_codec(f"qsgd:{bits}")
+    payload = codec.encode(np.linspace(-1, 1, 40), rng=np.random.default_rng(0))
+    payload["q"][3] = value
+    with pytest.raises(ValueError, match="bits mismatch"):
+        codec.decode(payload, (40,))
+
+
+def test_qsgd_8bit_payload_declared_as_4_bits_is_rejected_on_the_wire():
+    """A spec that says qsgd:4 over 8-bit levels fails in decode_update, not silently."""
+    from fedlowrank.compression import ErrorFeedback, decode_update, encode_update, make_spec
+
+    x = {"w": np.random.default_rng(1).standard_normal((8, 8))}
+    payload, _ = encode_update(x, {"w": "qsgd:8"}, ErrorFeedback())
+    assert np.abs(payload["lgreco/w::q"]).max() > 7
+    payload["lgreco/w::spec"] = make_spec(get_codec("qsgd:4"), (8, 8))
+    with pytest.raises(ValueError, match="bits mismatch"):
+        decode_update(payload)

@@ -5,13 +5,14 @@ import pytest
 
 from fedlowrank.compression import (
     CANDIDATES_KEY,
+    ENERGY_KEY,
     ERRORS_KEY,
-    SIZES_KEY,
     ErrorFeedback,
     decode_update,
     encode_update,
     settings_from_config,
     settings_to_config,
+    size_table,
 )
 
 SHAPES = {"layer.lora_U": (24, 16), "layer.lora_V": (20, 16), "bias": (16,)}
@@ -97,9 +98,19 @@ def test_encode_update_tables_and_config_helpers():
     settings, got_cands = settings_from_config(config)
     assert settings == {k: "powersgd:2" for k in SHAPES} and got_cands == cands
     update = next(_stream(1))
-    payload, tables = encode_update(update, settings, ErrorFeedback(), candidates=got_cands)
-    assert tables[ERRORS_KEY].shape == tables[SIZES_KEY].shape == (3, 3)
-    assert tables[ERRORS_KEY].dtype == np.float64 and tables[SIZES_KEY].dtype == np.int64
+    ef = ErrorFeedback()
+    ef.compress("bias", np.ones(16), "topk:0.1")  # a residual on one tensor only
+    owed_bias = ef.residuals["bias"].copy()
+    payload, tables = encode_update(update, settings, ef, candidates=got_cands)
+    # Compact tables: float32 errors and two energies per tensor; no sizes.
+    assert set(tables) == {ERRORS_KEY, ENERGY_KEY}
+    assert tables[ERRORS_KEY].shape == (3, 3) and tables[ENERGY_KEY].shape == (3, 2)
+    assert tables[ERRORS_KEY].dtype == tables[ENERGY_KEY].dtype == np.float32
+    rows = sorted(SHAPES)
+    for i, name in enumerate(rows):
+        u = update[name].astype(np.float64)
+        owed = owed_bias if name == "bias" else 0.0
+        np.testing.assert_allclose(tables[ENERGY_KEY][i], [np.sum(u**2), np.sum((u + owed) ** 2)], rtol=1e-5)
     assert set(decode_update({**payload, **tables})) == set(SHAPES)  # table keys are ignored
     with pytest.raises(ValueError, match="No compression setting"):
         encode_update(update, {"bias": "none"}, ErrorFeedback())
@@ -111,3 +122,22 @@ def test_shape_change_resets_the_residual():
     payload, decoded = ef.compress("w", np.ones((4, 6)), "none")
     assert ef.residuals["w"].shape == (4, 6)
     np.testing.assert_allclose(decoded, np.ones((4, 6)))
+
+
+def test_size_table_equals_what_clients_encode():
+    """The server's size table is exactly the payload nbytes of every candidate."""
+    cands = ["none", "powersgd:1", "powersgd:4", "powersgd:64", "topk:0.01", "topk:0.3", "qsgd:2", "qsgd:8", "qsgd:12"]
+    shapes = {**SHAPES, "big": (1100, 3), "conv": (4, 3, 5, 5), "scalar": ()}
+    ef = ErrorFeedback(seed=3)
+    rng = np.random.default_rng(0)
+    table = size_table(shapes, cands)
+    assert table.shape == (len(shapes), len(cands))
+    for i, name in enumerate(sorted(shapes)):
+        x = rng.standard_normal(shapes[name])
+        sizes = ef.tables(name, x, cands)[1]
+        for j, cand in enumerate(cands):
+            payload, _ = ErrorFeedback().compress(name, x, cand)
+            assert table[i, j] == sizes[j] == sum(a.nbytes for a in payload.values()), (name, cand)
+    # Codec options the clients use change the size; the server takes them too.
+    small = size_table({"big": (1100, 3)}, ["qsgd:4"], {"qsgd": {"bucket_size": 64}})
+    assert small[0, 0] == 3300 + 4 * 52

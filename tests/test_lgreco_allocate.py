@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedlowrank.compression import lgreco_allocate, lgreco_budget
+from fedlowrank.compression import feedback_errors, lgreco_allocate, lgreco_budget
 
 
 def _brute_force(errors, sizes, budget):
@@ -110,3 +110,30 @@ def test_budget_helper():
         lgreco_budget(errors, 2)
     with pytest.raises(ValueError, match="num_bins"):
         lgreco_allocate(errors, errors, 10.0, num_bins=0)
+
+
+def test_feedback_errors_formula_cap_and_checks():
+    errors = np.array([[0.0, 0.5, 0.9, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    energy = np.array([[2.0, 1.0], [3.0, 0.0]])  # second tensor: nothing to send
+    got = feedback_errors(errors, energy)
+    # rho = err / ||x||^2, settled error rho / (1 - rho) * ||u||^2, rho capped at 0.99.
+    np.testing.assert_allclose(got[0], [0.0, 2.0, 18.0, 2 * 99.0])
+    assert np.all(got[1] == 0)
+    with pytest.raises(ValueError, match="energy"):
+        feedback_errors(errors, energy[:1])
+    with pytest.raises(ValueError, match="energy"):
+        feedback_errors(errors, -energy)
+
+
+def test_feedback_errors_predict_the_settled_residual():
+    """A codec keeping (1 - a) of x, independent updates: the residual settles where predicted."""
+    rng = np.random.default_rng(0)
+    a, residual, settled = 0.8, np.zeros(200), []
+    for step in range(3000):
+        update = rng.standard_normal(200)
+        x = update + residual
+        residual = a * x  # what the codec lost: rho = a^2 of ||x||^2
+        if step > 100:
+            settled.append(np.sum(residual**2))
+    predicted = feedback_errors(np.array([[a * a * 200.0]]), np.array([[200.0, 200.0]]))[0, 0]
+    assert np.mean(settled) == pytest.approx(predicted, rel=0.1)

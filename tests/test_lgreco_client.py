@@ -11,7 +11,7 @@ from fedlowrank.adapters import exchange_state, load_exchange_state
 from fedlowrank.clients import EF_STATE_KEY, AdapterConfig, ClientData, build_client_app, predict, to_record
 from fedlowrank.clients.app import build_model
 from fedlowrank.clients.compression import compress_arrays, model_update
-from fedlowrank.compression import CANDIDATES_KEY, ERRORS_KEY, SIZES_KEY, decode_update, settings_to_config
+from fedlowrank.compression import CANDIDATES_KEY, ENERGY_KEY, ERRORS_KEY, decode_update, settings_to_config
 from fedlowrank.strategies import FedLowRank, LGreCo
 
 ADAPTER = AdapterConfig(target_modules=r"net\.(0|2)", rank=2, trainable=r"net\.4\..*")
@@ -144,11 +144,12 @@ def test_tables_come_only_when_candidates_are_asked_for():
     ctx = context()
     with_tables = reply_arrays(APP(train_message(glob, settings_to_config(SETTINGS, CANDS)), ctx))
     assert with_tables[ERRORS_KEY].shape == (len(SETTINGS), len(CANDS))
-    assert with_tables[SIZES_KEY].dtype == np.int64
+    assert with_tables[ERRORS_KEY].dtype == np.float32
+    assert with_tables[ENERGY_KEY].shape == (len(SETTINGS), 2) and with_tables[ENERGY_KEY].dtype == np.float32
     # "none" is lossless: zero error in its column.
     assert np.all(with_tables[ERRORS_KEY][:, CANDS.index("none")] < 1e-12)
     without = reply_arrays(APP(train_message(glob, settings_to_config(SETTINGS)), ctx))
-    assert ERRORS_KEY not in without and SIZES_KEY not in without
+    assert ERRORS_KEY not in without and ENERGY_KEY not in without
     assert CANDIDATES_KEY not in without
 
 
@@ -218,7 +219,7 @@ def test_lgreco_around_fedlowrank_trains_over_rounds_with_a_silent_client():
             reply = APP(msg, nodes[msg.metadata.dst_node_id])
             if msg.metadata.dst_node_id == 3:
                 reply.content["arrays"].pop(ERRORS_KEY, None)
-                reply.content["arrays"].pop(SIZES_KEY, None)
+                reply.content["arrays"].pop(ENERGY_KEY, None)
             replies.append(reply)
         arrays, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics["lgreco-dropped"] == 0 and len(metrics["lgreco-bytes-per-client"]) == 3

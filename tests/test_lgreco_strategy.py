@@ -10,8 +10,10 @@ from fedlowrank.compression import (
     CANDIDATES_KEY,
     ErrorFeedback,
     encode_update,
+    feedback_errors,
     payload_nbytes,
     settings_from_config,
+    size_table,
 )
 from fedlowrank.strategies.lgreco import LGreCo
 
@@ -166,8 +168,11 @@ def test_reallocation_uses_the_tables_that_came_and_respects_the_budget():
     replies = [_reply(1, with_tables[0], 10), _reply(2, with_tables[1], 10), _reply(3, without, 10)]
     strat.aggregate_train(1, replies)
     assert 1 in strat.allocation_history
-    errors = np.mean([t["lgreco-errors"] for t in with_tables], axis=0)
-    sizes = np.mean([t["lgreco-sizes"] for t in with_tables], axis=0)
+    # The server budgets settled errors under error feedback, per client, and
+    # computes the sizes from the global shapes.
+    errors = np.mean([feedback_errors(t["lgreco-errors"], t["lgreco-energy"]) for t in with_tables], axis=0)
+    sizes = size_table(SHAPES, CANDS)
+    assert sizes.sum() > 0 and "lgreco-sizes" not in with_tables[0]
     rows = sorted(SHAPES)
     chosen = np.array([CANDS.index(strat.settings[r]) for r in rows])
     default = CANDS.index("powersgd:4")
@@ -181,6 +186,49 @@ def test_no_tables_keeps_current_settings():
     before = dict(strat.settings)
     strat.aggregate_train(1, [_reply(n, _encoded(glob, loc, before), 10) for n, loc in zip([1, 2], _locals(glob, 2))])
     assert strat.settings == before and strat.allocation_history == {}
+
+
+def test_a_missed_allocation_asks_again_next_round():
+    """No tables in an allocation round: the next round asks again instead of waiting a period."""
+    glob = _global()
+    strat = _strategy(warmup_rounds=1, reallocate_every=5)
+    assert strat.tables_wanted(1) and not strat.tables_wanted(2)
+    strat.aggregate_train(1, [_reply(1, _encoded(glob, _locals(glob, 1)[0], strat.settings), 10)])
+    assert strat.tables_wanted(2) and 1 not in strat.allocation_history
+    with_tables = _encoded(glob, _locals(glob, 1)[0], strat.settings, candidates=CANDS)
+    strat.aggregate_train(2, [_reply(1, with_tables, 10)])
+    assert 2 in strat.allocation_history and not strat.tables_wanted(3) and strat.tables_wanted(6)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda t: t.pop("lgreco-energy"),
+        lambda t: t.update({"lgreco-errors": t["lgreco-errors"][:, :-1]}),
+        lambda t: t.update({"lgreco-energy": np.full_like(t["lgreco-energy"], np.nan)}),
+        lambda t: t.update({"lgreco-errors": -t["lgreco-errors"] - 1}),
+    ],
+)
+def test_bad_tables_are_ignored_not_the_update(bad):
+    glob = _global()
+    strat = _strategy(warmup_rounds=1, reallocate_every=1)
+    payload = _encoded(glob, _locals(glob, 1)[0], strat.settings, candidates=CANDS)
+    bad(payload)
+    _, metrics = strat.aggregate_train(1, [_reply(1, payload, 10)])
+    assert metrics["lgreco-dropped"] == 0 and strat.allocation_history == {} and strat.tables_wanted(2)
+
+
+def test_oneshot_error_model_budgets_the_measured_errors():
+    glob = _global()
+    strat = _strategy(warmup_rounds=1, reallocate_every=1, error_model="oneshot")
+    tables = [_encoded(glob, loc, strat.settings, candidates=CANDS) for loc in _locals(glob, 2)]
+    strat.aggregate_train(1, [_reply(n, t, 10) for n, t in zip([1, 2], tables)])
+    errors = np.mean([t["lgreco-errors"] for t in tables], axis=0)
+    chosen = np.array([CANDS.index(strat.settings[r]) for r in sorted(SHAPES)])
+    default = CANDS.index("powersgd:4")
+    assert errors[np.arange(len(SHAPES)), chosen].sum() <= errors[:, default].sum() * (1 + 1e-6)
+    with pytest.raises(ValueError, match="error_model"):
+        _strategy(error_model="guess")
 
 
 def test_compressed_rounds_with_error_feedback_approach_fedavg():

@@ -4,7 +4,7 @@ Torch/numpy only (no Flower). Importing this package registers the built-in
 codecs: ``"none"``, ``"powersgd"``, ``"topk"``, ``"qsgd"``.
 """
 
-from .allocate import DEFAULT_NUM_BINS, lgreco_allocate, lgreco_budget
+from .allocate import DEFAULT_NUM_BINS, feedback_errors, lgreco_allocate, lgreco_budget
 from .codec import (
     Codec,
     RawCodec,
@@ -22,8 +22,8 @@ from .update import (
     CANDIDATES_KEY,
     ENCODED_PREFIX,
     ERRORS_KEY,
+    ENERGY_KEY,
     SETTING_PREFIX,
-    SIZES_KEY,
     decode_update,
     encode_update,
     is_encoded_key,
@@ -32,6 +32,7 @@ from .update import (
     read_tables,
     settings_from_config,
     settings_to_config,
+    size_table,
     table_rows,
 )
 
@@ -40,8 +41,8 @@ __all__ = [
     "DEFAULT_NUM_BINS",
     "ENCODED_PREFIX",
     "ERRORS_KEY",
+    "ENERGY_KEY",
     "SETTING_PREFIX",
-    "SIZES_KEY",
     "Codec",
     "ErrorFeedback",
     "PowerSGDCodec",
@@ -50,6 +51,7 @@ __all__ = [
     "TopKCodec",
     "candidate_key",
     "decode_update",
+    "feedback_errors",
     "encode_update",
     "get_codec",
     "is_encoded_key",
@@ -63,5 +65,6 @@ __all__ = [
     "registered_codecs",
     "settings_from_config",
     "settings_to_config",
+    "size_table",
     "table_rows",
 ]

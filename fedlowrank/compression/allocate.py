@@ -51,6 +51,51 @@ def lgreco_budget(errors: np.ndarray, default_index: int, alpha: float = 1.0) ->
     return float(alpha * errors[:, default_index].sum())
 
 
+def feedback_errors(errors: np.ndarray, energy: np.ndarray, max_ratio: float = 0.99) -> np.ndarray:
+    """The error each setting settles at under error feedback, per tensor.
+
+    A client compresses ``x = u + e`` (update plus residual) and keeps
+    ``e <- x - decode(C(x))``. If a setting loses the fraction ``rho`` of
+    the energy it is given (``||x - C(x)||^2 = rho ||x||^2``) and the residual
+    is roughly uncorrelated with the next update, the residual settles where
+    ``E = rho (||u||^2 + E)``, i.e. at ``E = rho / (1 - rho) * ||u||^2``. A
+    one-shot table reports ``rho ||x||^2`` instead, which is what a setting
+    loses *this* round; it underrates the lossy settings (Top-K 5% with
+    ``rho = 0.9`` settles at 9 ``||u||^2``, not 0.9 ``||u||^2``), and the
+    allocator, trusting it, puts small tensors on them and watches the error
+    climb round by round as their residuals grow. Budgeting with the
+    settled error removes that bias. For the setting a tensor already uses,
+    once its residual has settled (``||x||^2 = ||u||^2 / (1 - rho)``), both
+    forms agree.
+
+    Parameters
+    ----------
+    errors : np.ndarray
+        ``(layers, candidates)`` squared errors measured on ``x``.
+    energy : np.ndarray
+        ``(layers, 2)``: ``||u||^2`` and ``||x||^2`` per layer.
+    max_ratio : float, default 0.99
+        ``rho`` is capped here (a setting that loses everything would settle
+        at an infinite residual; the cap makes it 99x ``||u||^2``).
+
+    Returns
+    -------
+    np.ndarray
+        Float64 ``(layers, candidates)`` settled errors.
+    """
+    errors = _check_table("errors", errors)
+    energy = np.asarray(energy, dtype=np.float64)
+    if energy.shape != (errors.shape[0], 2) or not np.all(np.isfinite(energy)) or np.any(energy < 0):
+        raise ValueError(f"energy must be a finite, non-negative ({errors.shape[0]}, 2) table, got {energy.shape}.")
+    if not 0 < max_ratio < 1:
+        raise ValueError(f"max_ratio must be in (0, 1), got {max_ratio!r}.")
+    update, target = energy[:, :1], energy[:, 1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(target > 0, errors / np.where(target > 0, target, 1.0), 0.0)
+    rho = np.minimum(rho, max_ratio)
+    return rho / (1.0 - rho) * update
+
+
 def lgreco_allocate(
     errors: np.ndarray, sizes: np.ndarray, budget: float, num_bins: int = DEFAULT_NUM_BINS
 ) -> np.ndarray:

@@ -228,6 +228,23 @@ class Codec(ABC):
         err = float(np.sum((np.asarray(x, dtype=np.float64) - decoded) ** 2))
         return err, payload_nbytes(payload)
 
+    def encoded_size(self, shape: Sequence[int]) -> int:
+        """Exact bytes :meth:`encode` produces for a tensor of ``shape``.
+
+        Every built-in codec's payload size depends only on the shape and
+        the setting (never on the values), which is what lets the server
+        compute the allocator's size table itself instead of receiving it.
+        The default is a trial encode of zeros; codecs override it with the
+        closed form.
+
+        Returns
+        -------
+        int
+            The summed ``nbytes`` of the payload arrays.
+        """
+        zeros = np.zeros(tuple(int(s) for s in shape), dtype=np.float64)
+        return payload_nbytes(self.encode(zeros, rng=np.random.default_rng(0)))
+
     @classmethod
     def estimate_many(
         cls,
@@ -278,6 +295,9 @@ class RawCodec(Codec):
 
     def encode(self, x, *, state=None, rng=None) -> Payload:
         return {"raw": np.array(x, dtype=np.float32)}  # np.array keeps 0-d shapes
+
+    def encoded_size(self, shape) -> int:
+        return 4 * int(np.prod(shape, dtype=np.int64))
 
     def decode(self, payload, shape) -> np.ndarray:
         self._expect_fields(payload, {"raw"})

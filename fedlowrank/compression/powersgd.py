@@ -68,6 +68,15 @@ class PowerSGDCodec(Codec):
             return 0
         return k
 
+    def encoded_size(self, shape) -> int:
+        """``4 (n + m) k'`` bytes for the float32 factors, ``4 n m`` when raw."""
+        shape = tuple(int(s) for s in shape)
+        k = self.effective_rank(shape)
+        if k == 0:
+            return 4 * int(np.prod(shape, dtype=np.int64))
+        n, m = self.matrix_shape(shape)
+        return 4 * (n + m) * k
+
     # -- coding -----------------------------------------------------------
     def encode(self, x, *, state=None, rng=None) -> Payload:
         x = np.asarray(x, dtype=np.float64)

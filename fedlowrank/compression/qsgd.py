@@ -104,6 +104,11 @@ class QSGDCodec(Codec):
         padded[: flat.size] = flat
         return padded.reshape(nb, width)
 
+    def encoded_size(self, shape) -> int:
+        """One level per entry (int8 or int16) plus a float32 norm per bucket."""
+        size = int(np.prod(shape, dtype=np.int64))
+        return size * self.dtype.itemsize + 4 * self.num_buckets(size)
+
     def encode(self, x, *, state=None, rng=None) -> Payload:
         rng = rng if rng is not None else np.random.default_rng()
         flat = np.asarray(x, dtype=np.float64).ravel()

@@ -49,6 +49,10 @@ class TopKCodec(Codec):
             return 0
         return min(size, max(1, math.ceil(self.setting * size)))
 
+    def encoded_size(self, shape) -> int:
+        """``8 k`` bytes: an int32 index and a float32 value per kept entry."""
+        return 8 * self.num_kept(int(np.prod(shape, dtype=np.int64)))
+
     def encode(self, x, *, state=None, rng=None) -> Payload:
         flat = np.asarray(x, dtype=np.float64).ravel()
         k = self.num_kept(flat.size)

@@ -20,10 +20,23 @@ Client -> server (arrays)
     * ``"lgreco/<t>::<field>"``: the codec's arrays (``p``/``q``, ``idx``/``val``,
       ``q``/``norm``, ``raw``).
 
-    If candidates were asked for, also ``"lgreco-errors"`` (float64) and
-    ``"lgreco-sizes"`` (int64), both ``(num_tensors, num_candidates)``: rows
-    are the tensors in sorted name order, columns the candidates in the order
-    the server sent them.
+    If candidates were asked for, also the tables, rows in sorted tensor-name
+    order:
+
+    * ``"lgreco-errors"``: float32 ``(num_tensors, num_candidates)``, the
+      squared error ``||x - decode(C(x))||^2`` of every candidate on
+      ``x = update + residual``, columns in the order the server sent them;
+    * ``"lgreco-energy"``: float32 ``(num_tensors, 2)``, ``||update||^2`` and
+      ``||update + residual||^2`` per tensor (what the server needs to predict
+      the error a setting settles at under error feedback, see
+      :func:`fedlowrank.compression.feedback_errors`).
+
+    No size table travels: every codec's encoded size is an exact function of
+    the tensor's shape and the setting (:meth:`Codec.encoded_size`), so the
+    server computes it from the global shapes (:func:`size_table`). Float32 is
+    enough for errors that only rank settings against a budget (relative
+    precision 6e-8), and halves the bytes of float64; together this cuts the
+    tables from 16 to 4 bytes per (tensor, candidate).
 """
 
 from __future__ import annotations
@@ -33,14 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from .codec import Codec, _lookup
+from .codec import Codec, _lookup, get_codec
 from .error_feedback import ErrorFeedback
 
 ENCODED_PREFIX = "lgreco/"
 FIELD_SEP = "::"
 SPEC_FIELD = "spec"
 ERRORS_KEY = "lgreco-errors"
-SIZES_KEY = "lgreco-sizes"
+ENERGY_KEY = "lgreco-energy"
 SETTING_PREFIX = "lgreco."
 CANDIDATES_KEY = "lgreco-candidates"
 _MAX_SPEC_BYTES = 512
@@ -121,7 +134,8 @@ def encode_update(
     payload : dict[str, np.ndarray]
         Spec and codec arrays per tensor (see module docstring).
     tables : dict[str, np.ndarray]
-        ``{ERRORS_KEY: ..., SIZES_KEY: ...}``, or empty without candidates.
+        ``{ERRORS_KEY: ..., ENERGY_KEY: ...}`` (float32), or empty without
+        candidates.
 
     Raises
     ------
@@ -134,9 +148,14 @@ def encode_update(
         raise ValueError(f"No compression setting for tensors {missing[:5]} (of {len(missing)}).")
     tables: dict[str, np.ndarray] = {}
     if candidates is not None:
-        rows = [ef.tables(n, update[n], candidates) for n in names]
-        tables[ERRORS_KEY] = np.array([r[0] for r in rows], dtype=np.float64).reshape(len(names), len(candidates))
-        tables[SIZES_KEY] = np.array([r[1] for r in rows], dtype=np.int64).reshape(len(names), len(candidates))
+        # Sizes are not sent: the server derives them from the shapes.
+        errors = [ef.tables(n, update[n], candidates)[0] for n in names]
+        tables[ERRORS_KEY] = np.array(errors, dtype=np.float32).reshape(len(names), len(candidates))
+        energy = [
+            (float(np.sum(np.asarray(update[n], dtype=np.float64) ** 2)), float(np.sum(ef.compensated(n, update[n]) ** 2)))
+            for n in names
+        ]
+        tables[ENERGY_KEY] = np.array(energy, dtype=np.float32).reshape(len(names), 2)
     payload: dict[str, np.ndarray] = {}
     for name in names:
         codec = ef.codec(settings[name])
@@ -210,30 +229,68 @@ def decode_update(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_tables(
-    arrays: Mapping[str, np.ndarray], num_tensors: int, num_candidates: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The error/size tables in a reply, or ``None`` if it sent none.
+def read_tables(arrays: Mapping[str, np.ndarray], num_tensors: int, num_candidates: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The error table and energies in a reply, or ``None`` if it sent none.
+
+    Returns
+    -------
+    (errors, energy) or None
+        Float64 ``(num_tensors, num_candidates)`` errors and
+        ``(num_tensors, 2)`` energies (``||update||^2``, ``||update + residual||^2``).
 
     Raises
     ------
     ValueError
-        If only one table came, or shapes/values are not usable.
+        If only one of the two came, or shapes/values are not usable
+        (wrong shape, NaN/inf, negative).
     """
-    has = [ERRORS_KEY in arrays, SIZES_KEY in arrays]
+    has = [ERRORS_KEY in arrays, ENERGY_KEY in arrays]
     if not any(has):
         return None
     if not all(has):
-        raise ValueError(f"Tables need both {ERRORS_KEY!r} and {SIZES_KEY!r}.")
+        raise ValueError(f"Tables need both {ERRORS_KEY!r} and {ENERGY_KEY!r}.")
     errors = np.asarray(arrays[ERRORS_KEY], dtype=np.float64)
-    sizes = np.asarray(arrays[SIZES_KEY], dtype=np.float64)
-    expected = (num_tensors, num_candidates)
-    for label, table in ((ERRORS_KEY, errors), (SIZES_KEY, sizes)):
+    energy = np.asarray(arrays[ENERGY_KEY], dtype=np.float64)
+    for label, table, expected in (
+        (ERRORS_KEY, errors, (num_tensors, num_candidates)),
+        (ENERGY_KEY, energy, (num_tensors, 2)),
+    ):
         if table.shape != expected:
             raise ValueError(f"{label} has shape {table.shape}, expected {expected}.")
         if not np.all(np.isfinite(table)) or np.any(table < 0):
             raise ValueError(f"{label} holds negative or non-finite values.")
-    return errors, sizes
+    return errors, energy
+
+
+def size_table(
+    shapes: Mapping[str, Sequence[int]],
+    candidates: Sequence[str],
+    codec_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> np.ndarray:
+    """Encoded bytes of every candidate on every tensor, from the shapes alone.
+
+    Parameters
+    ----------
+    shapes : mapping of str to shape
+        Tensor name -> shape (the global arrays'; clients send those shapes).
+    candidates : sequence of str
+        The table columns.
+    codec_options : mapping, optional
+        Extra codec options per codec name, as the clients'
+        :class:`ErrorFeedback` uses them (e.g. QSGD's ``bucket_size``).
+
+    Returns
+    -------
+    np.ndarray
+        Float64 ``(num_tensors, num_candidates)``, rows in sorted name order;
+        equal to the payload ``nbytes`` a client's encode produces.
+    """
+    options = codec_options or {}
+    codecs = [get_codec(c, **options.get(c.partition(":")[0], {})) for c in candidates]
+    names = table_rows(shapes)
+    return np.array(
+        [[codec.encoded_size(shapes[name]) for codec in codecs] for name in names], dtype=np.float64
+    ).reshape(len(names), len(codecs))
 
 
 def table_rows(names: Iterable[str]) -> list[str]:
