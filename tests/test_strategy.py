@@ -42,10 +42,28 @@ def test_exact_weighted_mean_of_products_with_mixed_ranks():
     assert np.linalg.norm(product(got) - want) / np.linalg.norm(want) < 1e-5
     for key in ("head.weight", "head.bias"):
         assert np.allclose(got[key], sum(w * c[key] for w, c in zip(shares, clients)), atol=1e-6)
-    # Handed back balanced: S = 1 and U, V columns of equal norm.
+    # Handed back balanced: S = 1 and U, V with the same Gram matrix (u sqrt(s) R, v sqrt(s) R).
     assert np.allclose(got["fc.lora_S"], 1.0)
-    assert np.allclose(np.linalg.norm(got["fc.lora_U"], axis=0), np.linalg.norm(got["fc.lora_V"], axis=0), rtol=1e-4)
+    gram_u, gram_v = got["fc.lora_U"].T @ got["fc.lora_U"], got["fc.lora_V"].T @ got["fc.lora_V"]
+    assert np.allclose(gram_u, gram_v, atol=1e-4 * np.abs(gram_u).max())
     assert metrics["agg-truncation-rel"] < 1e-6 and metrics["agg-clients-dropped"] == 0
+
+
+def test_alignment_rotates_towards_last_round_without_changing_the_product():
+    clients = [client_arrays(k, 3) for k in range(3)]
+    replies = [train_reply(k + 1, a, 10) for k, a in enumerate(clients)]
+    # Last round's global factors: the aggregate itself in another rotation.
+    plain, _ = aggregate(FedLowRank(rank=6, align=False), replies, client_arrays(99, 6))
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 6)))
+    previous = {k: plain[k].numpy().astype(np.float64) for k in plain.keys()}
+    previous["fc.lora_U"], previous["fc.lora_V"] = previous["fc.lora_U"] @ q, previous["fc.lora_V"] @ q
+    aligned, _ = aggregate(FedLowRank(rank=6, align=True), replies, previous)
+    got = {k: aligned[k].numpy().astype(np.float64) for k in aligned.keys()}
+    assert np.allclose(product(got), product(previous), atol=1e-5)
+    # The rotation that maps the fresh SVD basis onto last round's factors is found exactly.
+    assert np.allclose(got["fc.lora_U"], previous["fc.lora_U"], atol=1e-4)
+    assert np.allclose(got["fc.lora_V"], previous["fc.lora_V"], atol=1e-4)
+    assert not np.allclose(plain["fc.lora_U"].numpy(), previous["fc.lora_U"], atol=1e-2)
 
 
 def test_truncation_reported_and_best_rank_kept():
