@@ -40,6 +40,7 @@ from fedlowrank.aggregation import (
     balance_grouped_factors,
     fairfedmed_average,
     group_weights_from_counts,
+    signed_permutation_align,
 )
 
 from .fedlowrank import FedLowRank, factor_modules
@@ -304,6 +305,9 @@ class FairLoRA(FedLowRank):
         rank = self.rank or self._global_arrays[f"{module}.lora_U"].shape[1]
         if self.mode == "exact":
             (u, s, v), floor = self._exact(us, ss, vs, weights, shares_g, rank)
+            prev_u, prev_v = self.previous_factors(module)
+            if self.align and prev_u.shape == u.shape:
+                u, s, v = signed_permutation_align(u, s, v, prev_u, prev_v)
         else:
             u, s, v = self._paper(module, us, ss, vs, shares)
             floor = None

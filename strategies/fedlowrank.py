@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlowrank.adapters import split_factor_key
-from fedlowrank.aggregation import aggregate_svd, balance_factors
+from fedlowrank.aggregation import aggregate_svd, balance_factors, procrustes_align
 
 from .replies import screen_replies
 
@@ -135,15 +135,18 @@ class FedLowRank(FedAvg):
                 )
         return ArrayRecord({key: Array(np.ascontiguousarray(out[key])) for key in keys}), truncation
 
+    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``U`` and ``V`` this round's clients received, in float64."""
+        return tuple(
+            torch.from_numpy(self._global_arrays[f"{module}.{leaf}"].numpy()).double() for leaf in ("lora_U", "lora_V")
+        )
+
     def aligned(self, module: str, big_u: torch.Tensor, big_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``U R, V R`` with the orthogonal ``R`` closest to last round's factors."""
-        prev_u = torch.from_numpy(self._global_arrays[f"{module}.lora_U"].numpy()).double()
-        prev_v = torch.from_numpy(self._global_arrays[f"{module}.lora_V"].numpy()).double()
+        prev_u, prev_v = self.previous_factors(module)
         if prev_u.shape != big_u.shape:
             return big_u, big_v
-        p, _, q_t = torch.linalg.svd(big_u.T @ prev_u + big_v.T @ prev_v)
-        rotation = p @ q_t
-        return big_u @ rotation, big_v @ rotation
+        return procrustes_align(big_u, big_v, prev_u, prev_v)
 
     def aggregate_layer(
         self, module: str, client_arrays: list[dict[str, np.ndarray]], shares: list[float]

@@ -1,17 +1,7 @@
 """Exact factored aggregation of low-rank adapters (DESIGN.md, "Exact factored aggregation")."""
 
+from .align import procrustes_align, signed_permutation_align
 from .balance import balance_factors
-from .svd import SVDAggregate, aggregate_svd, dense_weighted_sum
-from .validate import check_client_factors
-
-__all__ = [
-    "SVDAggregate",
-    "aggregate_svd",
-    "balance_factors",
-    "check_client_factors",
-    "dense_weighted_sum",
-]
-
 from .grouped import (
     GroupedSVDAggregate,
     aggregate_grouped_svd,
@@ -20,12 +10,21 @@ from .grouped import (
     fairfedmed_average,
     group_weights_from_counts,
 )
+from .svd import SVDAggregate, aggregate_svd, dense_weighted_sum
+from .validate import check_client_factors
 
-__all__ += [
+__all__ = [
     "GroupedSVDAggregate",
+    "SVDAggregate",
     "aggregate_grouped_svd",
+    "aggregate_svd",
     "average_factors",
+    "balance_factors",
     "balance_grouped_factors",
+    "check_client_factors",
+    "dense_weighted_sum",
     "fairfedmed_average",
     "group_weights_from_counts",
+    "procrustes_align",
+    "signed_permutation_align",
 ]
