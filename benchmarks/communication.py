@@ -1,14 +1,20 @@
 """Bytes per round and final accuracy: no compression, uniform codecs, L-GreCo (alpha = 1).
 
-Run from the repository root (about 6-8 minutes on 2 CPU cores)::
+Run from the repository root (about 7 minutes on 2 CPU cores, 3 paired seeds)::
 
     python benchmarks/communication.py --out results/communication.json
+
+Every method runs on the same seeds (split, base, adapter initialisation and the
+clients' codec randomness drawn from the seed), and the tables give mean [min, max]
+over seeds; ratios against the uniform reference are paired per seed. L-GreCo
+``lgreco:<default>`` is compared with ``uniform:<default>``, the setting its budget
+is taken from, bytes including its tables.
 
 Every run is ``strategy.start`` on an :class:`~fedlowrank.strategies.inprocess.InProcessGrid`:
 the same ``LGreCo``/``FedLowRank`` methods and the same ``build_client_app`` client code
 (``clients/compression.py``) as ``flwr run``. Bytes are read from the train replies that
 really came back: the summed ``nbytes`` of every array in each reply's ArrayRecord (encoded
-tensors, their specs and, in allocation rounds, the error/size tables), the same count as
+tensors, their specs and, in allocation rounds, the float32 error tables and energies), the same count as
 LGReCo's ``lgreco-bytes`` metric (checked for every round).
 
 Settings
