@@ -119,9 +119,13 @@ class FairLoRA(FedLowRank):
         ``exact`` only: shared columns ``R`` (default ``rank``). ``G * rank`` reaches the
         per-group floor; clients keep only their first ``r_k`` columns (the largest),
         so give clients rank ``R`` when ``R > rank``.
-    balance_cap : float or None (default: 1.0)
+    balance_cap : float or None (default: None)
         ``exact`` only: bound on ``|S|`` in the hand-back, see
-        :func:`fedlowrank.aggregation.balance_grouped_factors`.
+        :func:`fedlowrank.aggregation.balance_grouped_factors`. None moves the
+        share-weighted mean of ``|S|`` per column into ``U, V``. Measured on the
+        two-scanner digits setting (5 paired seeds, 20 rounds): final AUC 0.956 with None
+        vs 0.949 with a cap of 1, better on 5 of 5 seeds, with the same adapter-norm
+        growth over 32 rounds (``tests/test_fairlora_stability.py`` runs both).
     shared_fraction : float (default: 0.0)
         ``paper`` only: leading fraction of the columns of ``S`` averaged by sample share
         for all groups (FairFedMed's shared singular values).
@@ -154,7 +158,7 @@ class FairLoRA(FedLowRank):
         mode: str = "exact",
         rank: int | None = None,
         global_rank: int | None = None,
-        balance_cap: float | None = 1.0,
+        balance_cap: float | None = None,
         shared_fraction: float = 0.0,
         server_momentum: float = 0.0,
         group_shares: Sequence[float] | None = None,
