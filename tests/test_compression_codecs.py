@@ -18,8 +18,12 @@ from fedlowrank.compression import (
     registered_codecs,
 )
 
-CANDIDATES = ["none", "powersgd:1", "powersgd:4", "topk:0.05", "topk:1.0", "qsgd:2", "qsgd:4", "qsgd:12"]
-SHAPES = [(30, 20), (8, 3, 3, 3), (17,), (), (1, 5), (64, 2)]
+CANDIDATES = [
+    "none", "powersgd:1", "powersgd:4", "topk:0.05", "topk:1.0",
+    "qsgd:2", "qsgd:3", "qsgd:4", "qsgd:5", "qsgd:7", "qsgd:8", "qsgd:12", "qsgd:16",
+]
+# Odd value counts (17, 5, 1, 7, 3) leave a partly filled last byte at most bit widths.
+SHAPES = [(30, 20), (8, 3, 3, 3), (17,), (), (1, 5), (64, 2), (7, 3)]
 
 
 @pytest.mark.parametrize("cand", CANDIDATES)
@@ -33,6 +37,8 @@ def test_round_trip_shape_dtype_and_exact_bytes(cand, shape):
     assert payload_nbytes(payload) == sum(a.nbytes for a in payload.values())
     out = codec.decode(payload, shape)
     assert out.shape == x.shape and out.dtype == np.float32
+    # The server's closed form is the real payload size (the size table relies on it).
+    assert codec.encoded_size(shape) == payload_nbytes(payload)
     # The default estimate is a trial encode: its size is the real one.
     err, size = codec.estimate(x, state={}, rng=np.random.default_rng(0))
     assert size == payload_nbytes(payload)
@@ -44,10 +50,12 @@ def test_sizes_match_the_documented_formulas():
     assert payload_nbytes(get_codec("none").encode(x)) == 600 * 4
     assert payload_nbytes(get_codec("powersgd:4").encode(x, rng=np.random.default_rng(0))) == (30 + 20) * 4 * 4
     assert payload_nbytes(get_codec("topk:0.05").encode(x)) == 30 * 8
-    q4 = get_codec("qsgd:4").encode(x, rng=np.random.default_rng(0))
-    assert q4["q"].dtype == np.int8 and payload_nbytes(q4) == 600 + 2 * 4  # two 512-buckets
-    q12 = get_codec("qsgd:12").encode(x, rng=np.random.default_rng(0))
-    assert q12["q"].dtype == np.int16 and payload_nbytes(q12) == 1200 + 8
+    # Levels packed at exactly `bits` bits per value, plus two float32 norms (512-buckets).
+    for bits, packed in [(2, 150), (3, 225), (4, 300), (6, 450), (8, 600), (12, 900), (16, 1200)]:
+        q = get_codec(f"qsgd:{bits}").encode(x, rng=np.random.default_rng(0))
+        assert q["q"].dtype == np.uint8 and payload_nbytes(q) == packed + 2 * 4, bits
+    # 7 values at 3 bits = 21 bits -> 3 bytes.
+    assert get_codec("qsgd:3").encoded_size((7,)) == 3 + 4
     per_tensor = QSGDCodec(4, bucket_size=0).encode(x, rng=np.random.default_rng(0))
     assert per_tensor["norm"].shape == (1,)
 
@@ -113,9 +121,10 @@ def test_topk_keeps_the_largest_entries_and_estimates_exactly():
     assert size == payload_nbytes(payload)
 
 
-def test_qsgd_is_unbiased_and_seeded():
-    x = np.random.default_rng(6).standard_normal(300)
-    codec = get_codec("qsgd:2")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qsgd_is_unbiased_and_seeded(bits):
+    x = np.random.default_rng(6).standard_normal(301)  # odd count: a partial last byte
+    codec = get_codec(f"qsgd:{bits}")
     a = codec.encode(x, rng=np.random.default_rng(9))
     b = codec.encode(x, rng=np.random.default_rng(9))
     np.testing.assert_array_equal(a["q"], b["q"])
@@ -137,6 +146,10 @@ def test_qsgd_l2_norm_variant_round_trips():
 
 # -- validation ----------------------------------------------------------------
 def _payload(cand, shape=(12, 10)):
+    # 120 values: 60 bytes at 4 bits; 360 bits at 3 bits fill 45 bytes exactly, so
+    # the qsgd:3 padding case uses its own odd shape below.
+    if cand == "qsgd:3":
+        shape = (7, 3)
     x = np.random.default_rng(10).standard_normal(shape)
     codec = get_codec(cand)
     return codec, codec.encode(x, state={}, rng=np.random.default_rng(0)), shape
@@ -154,9 +167,13 @@ def _payload(cand, shape=(12, 10)):
         ("powersgd:2", lambda p: p.update(q=np.zeros((10, 3), np.float32)), "shape"),
         ("powersgd:2", lambda p: p.pop("q"), "fields"),
         ("powersgd:2", lambda p: p["p"].__setitem__((0, 0), np.nan), "non-finite"),
-        ("qsgd:4", lambda p: p.update(q=p["q"].astype(np.int16)), "bits mismatch"),
-        ("qsgd:4", lambda p: p["q"].__setitem__(0, 100), "bits mismatch"),
-        ("qsgd:4", lambda p: p.update(norm=np.zeros(3, np.float32)), "shape"),
+        ("qsgd:4", lambda p: p.update(q=p["q"].astype(np.int16)), "'q'.*dtype"),
+        ("qsgd:4", lambda p: p.update(q=p["q"][:-1]), "'q'.*59 packed bytes, expected 60.*bits mismatch"),
+        ("qsgd:4", lambda p: p.update(q=np.concatenate([p["q"], p["q"]])), "'q'.*bits mismatch"),
+        ("qsgd:4", lambda p: p["q"].__setitem__(0, 0xFF), "'q'.*level beyond \\+-7"),
+        ("qsgd:3", lambda p: p["q"].__setitem__(-1, p["q"][-1] | 1), "'q'.*padding"),
+        ("qsgd:4", lambda p: p.update(norm=np.zeros(3, np.float32)), "'norm'.*shape"),
+        ("qsgd:4", lambda p: p["norm"].__setitem__(0, -1.0), "'norm'.*negative"),
         ("none", lambda p: p.update(extra=np.zeros(1)), "fields"),
         ("none", lambda p: p.update(raw=p["raw"].astype(np.float64)), "dtype"),
     ],
@@ -235,14 +252,40 @@ def test_core_does_not_import_flower():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize(("bits", "value"), [(4, -8), (4, 8), (8, -128), (2, 2), (16, -32768)])
-def test_qsgd_rejects_levels_outside_the_declared_bits(bits, value):
-    """The declared bits bound the levels to +-(2^(bits-1) - 1); the dtype's extra value is no level."""
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 12, 16])
+@pytest.mark.parametrize("count", [40, 7, 1])
+def test_qsgd_rejects_the_one_unused_code(bits, count):
+    """Offset-binary at `bits` bits can say 2^bits - 1 = level s + 1, which is no level."""
+    from fedlowrank.compression.qsgd import pack_levels, unpack_levels
+
     codec = get_codec(f"qsgd:{bits}")
-    payload = codec.encode(np.linspace(-1, 1, 40), rng=np.random.default_rng(0))
-    payload["q"][3] = value
-    with pytest.raises(ValueError, match="bits mismatch"):
-        codec.decode(payload, (40,))
+    x = np.linspace(-1, 1, count)
+    payload = codec.encode(x, rng=np.random.default_rng(0))
+    offset = unpack_levels(payload["q"], count, bits)
+    assert offset.max() <= 2 * codec.levels and len(offset) == count
+    np.testing.assert_array_equal(pack_levels(offset, bits), payload["q"])
+    offset[count // 2] = (1 << bits) - 1
+    payload["q"] = pack_levels(offset, bits)
+    with pytest.raises(ValueError, match="level beyond.*bits mismatch"):
+        codec.decode(payload, (count,))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 11, 16])
+def test_pack_levels_round_trips_every_code(bits):
+    from fedlowrank.compression.qsgd import pack_levels, unpack_levels
+
+    rng = np.random.default_rng(bits)
+    for count in (0, 1, 3, 7, 9, 1000):
+        values = rng.integers(0, 1 << bits, size=count)
+        if count >= 2:
+            values[:2] = (0, (1 << bits) - 1)  # both extremes
+        packed = pack_levels(values, bits)
+        assert packed.dtype == np.uint8 and packed.size == -(-count * bits // 8)
+        np.testing.assert_array_equal(unpack_levels(packed, count, bits), values)
+    with pytest.raises(ValueError, match="\\[0, "):
+        pack_levels(np.array([1 << bits]), bits)
+    with pytest.raises(ValueError, match="expected uint8"):
+        unpack_levels(np.zeros(2, np.uint8), 100, bits)
 
 
 def test_qsgd_8bit_payload_declared_as_4_bits_is_rejected_on_the_wire():
@@ -251,7 +294,12 @@ def test_qsgd_8bit_payload_declared_as_4_bits_is_rejected_on_the_wire():
 
     x = {"w": np.random.default_rng(1).standard_normal((8, 8))}
     payload, _ = encode_update(x, {"w": "qsgd:8"}, ErrorFeedback())
-    assert np.abs(payload["lgreco/w::q"]).max() > 7
+    assert payload["lgreco/w::q"].size == 64  # one byte per value at 8 bits
     payload["lgreco/w::spec"] = make_spec(get_codec("qsgd:4"), (8, 8))
-    with pytest.raises(ValueError, match="bits mismatch"):
+    with pytest.raises(ValueError, match="'w'.*'q'.*64 packed bytes, expected 32.*bits mismatch"):
+        decode_update(payload)
+    # The other way round: 4-bit levels declared as 8 bits are half the bytes.
+    payload, _ = encode_update(x, {"w": "qsgd:4"}, ErrorFeedback())
+    payload["lgreco/w::spec"] = make_spec(get_codec("qsgd:8"), (8, 8))
+    with pytest.raises(ValueError, match="'w'.*expected 64.*bits mismatch"):
         decode_update(payload)

@@ -126,8 +126,9 @@ def test_shape_change_resets_the_residual():
 
 def test_size_table_equals_what_clients_encode():
     """The server's size table is exactly the payload nbytes of every candidate."""
-    cands = ["none", "powersgd:1", "powersgd:4", "powersgd:64", "topk:0.01", "topk:0.3", "qsgd:2", "qsgd:8", "qsgd:12"]
-    shapes = {**SHAPES, "big": (1100, 3), "conv": (4, 3, 5, 5), "scalar": ()}
+    cands = ["none", "powersgd:1", "powersgd:4", "powersgd:64", "topk:0.01", "topk:0.3", "qsgd:2", "qsgd:3", "qsgd:5", "qsgd:8", "qsgd:12"]
+    # Odd value counts (7 x 3, 1 x 1, 300) leave partly filled packed bytes.
+    shapes = {**SHAPES, "big": (1100, 3), "conv": (4, 3, 5, 5), "scalar": (), "odd": (7, 3), "one": (1, 1), "row": (300,)}
     ef = ErrorFeedback(seed=3)
     rng = np.random.default_rng(0)
     table = size_table(shapes, cands)
@@ -140,4 +141,4 @@ def test_size_table_equals_what_clients_encode():
             assert table[i, j] == sizes[j] == sum(a.nbytes for a in payload.values()), (name, cand)
     # Codec options the clients use change the size; the server takes them too.
     small = size_table({"big": (1100, 3)}, ["qsgd:4"], {"qsgd": {"bucket_size": 64}})
-    assert small[0, 0] == 3300 + 4 * 52
+    assert small[0, 0] == 3300 * 4 // 8 + 4 * 52

@@ -3,7 +3,11 @@
 Each bucket of ``bucket_size`` consecutive entries (or the whole tensor) is
 scaled by its norm; ``|x_i| / ||v|| * s`` (``s = 2^(bits-1) - 1`` levels)
 is rounded up or down at random with the probabilities that make the result
-unbiased; the sign travels with the level as one signed integer.
+unbiased. The signed level ``q`` in ``[-s, s]`` travels offset-binary
+(``q + s``, in ``[0, 2^bits - 2]``) at exactly ``bits`` bits per value,
+packed most significant bit first into a uint8 stream: a 4-bit setting costs
+half a byte per value, not a whole one, which is what makes the QSGD settings
+real trade-offs against each other and against PowerSGD/Top-K.
 
 The scale is the max-norm by default: with the paper's L2 norm a 512-entry
 bucket at 4 bits loses more energy than it keeps (measured: error 1.3x the
@@ -37,11 +41,12 @@ class QSGDCodec(Codec):
 
     Notes
     -----
-    Payload: ``{"q": int8 or int16 (size,), "norm": float32 (num_buckets,)}``.
-    Levels are stored in the smallest integer dtype that holds them (int8 up
-    to 8 bits, int16 above); no sub-byte bit packing, so 2..8 bits cost one
-    byte per value. Decoding is ``norm * q / s``; it is unbiased given the
-    float32 norm that travels.
+    Payload: ``{"q": uint8 (ceil(size * bits / 8),), "norm": float32
+    (num_buckets,)}``. ``q`` is the bit-packed offset-binary level stream
+    (see :func:`pack_levels`); the value count is the tensor's size, which
+    the decoder knows from the shape, so no count travels. The unused bits
+    of the last byte are zero. Decoding is ``norm * q / s``; it is unbiased
+    given the float32 norm that travels.
     """
 
     def __init__(self, setting: Any = None, *, bucket_size: int = DEFAULT_BUCKET_SIZE, norm: str = "max") -> None:
@@ -83,10 +88,9 @@ class QSGDCodec(Codec):
         """Number of positive levels ``s``."""
         return 2 ** (self.setting - 1) - 1
 
-    @property
-    def dtype(self) -> np.dtype:
-        """Smallest signed integer dtype that holds ``[-s, s]``."""
-        return np.dtype(np.int8) if self.setting <= 8 else np.dtype(np.int16)
+    def packed_size(self, size: int) -> int:
+        """Bytes of the packed level stream for ``size`` values."""
+        return -(-size * self.setting // 8)
 
     def num_buckets(self, size: int) -> int:
         """Number of norm scales for a tensor of ``size`` entries."""
@@ -105,9 +109,9 @@ class QSGDCodec(Codec):
         return padded.reshape(nb, width)
 
     def encoded_size(self, shape) -> int:
-        """One level per entry (int8 or int16) plus a float32 norm per bucket."""
+        """``bits`` bits per entry, rounded up to whole bytes, plus a float32 norm per bucket."""
         size = int(np.prod(shape, dtype=np.int64))
-        return size * self.dtype.itemsize + 4 * self.num_buckets(size)
+        return self.packed_size(size) + 4 * self.num_buckets(size)
 
     def encode(self, x, *, state=None, rng=None) -> Payload:
         rng = rng if rng is not None else np.random.default_rng()
@@ -122,25 +126,101 @@ class QSGDCodec(Codec):
         scaled = np.minimum(np.abs(rows) / safe * self.levels, self.levels)
         low = np.floor(scaled)
         level = low + (rng.random(scaled.shape) < (scaled - low))
-        q = (np.sign(rows) * level).ravel()[: flat.size]
-        return {"q": q.astype(self.dtype), "norm": norm}
+        q = (np.sign(rows) * level).ravel()[: flat.size].astype(np.int64)
+        return {"q": pack_levels(q + self.levels, self.setting), "norm": norm}
 
     def decode(self, payload, shape) -> np.ndarray:
         shape = tuple(int(s) for s in shape)
         size = int(np.prod(shape, dtype=np.int64))
         self._expect_fields(payload, {"q", "norm"})
-        q = payload["q"]
-        if isinstance(q, np.ndarray) and q.dtype != self.dtype:
+        packed = payload["q"]
+        expected = self.packed_size(size)
+        # Check the length first, with the bits in the message: a payload
+        # encoded at another width shows up here (bits mismatch).
+        if isinstance(packed, np.ndarray) and packed.ndim == 1 and packed.size != expected:
             raise ValueError(
-                f"{self.key}: levels have dtype {q.dtype}, but {self.setting} bits travel as {self.dtype} "
-                "(bits mismatch?)."
+                f"{self.key}: field 'q' holds {packed.size} packed bytes, expected {expected} "
+                f"({size} values x {self.setting} bits; bits mismatch?)."
             )
-        q = self._expect_array(payload, "q", self.dtype, (size,))
+        packed = self._expect_array(payload, "q", np.uint8, (expected,))
         norm = self._expect_array(payload, "norm", np.float32, (self.num_buckets(size),))
-        if size and int(np.max(np.abs(q.astype(np.int32)))) > self.levels:
-            raise ValueError(f"{self.key}: level beyond +-{self.levels} (bits mismatch?).")
+        try:
+            offset = unpack_levels(packed, size, self.setting)
+        except ValueError as err:
+            raise ValueError(f"{self.key}: field 'q': {err}") from None
+        # Offset-binary at `bits` bits can still say 2^bits - 1, i.e. level s + 1.
+        if size and int(offset.max()) > 2 * self.levels:
+            raise ValueError(f"{self.key}: field 'q' holds a level beyond +-{self.levels} (bits mismatch?).")
         if np.any(norm < 0):
-            raise ValueError(f"{self.key}: negative norm scale.")
-        rows = self._bucketed(q.astype(np.float64))
+            raise ValueError(f"{self.key}: field 'norm' holds a negative scale.")
+        q = offset.astype(np.float64) - self.levels
+        rows = self._bucketed(q)
         out = (rows * (norm.astype(np.float64)[:, None] / self.levels)).ravel()[:size]
         return out.astype(np.float32).reshape(shape)
+
+
+def pack_levels(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers at exactly ``bits`` bits each into uint8.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        1-D integers in ``[0, 2^bits)``.
+    bits : int
+        Bits per value, 1..16.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 of length ``ceil(len(values) * bits / 8)``: the values' bits,
+        most significant first, concatenated; the last byte's unused low
+        bits are zero.
+
+    Raises
+    ------
+    ValueError
+        If a value does not fit in ``bits`` bits.
+    """
+    values = np.asarray(values).ravel()
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
+        raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] to pack at {bits} bits.")
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
+    # One row of bits per value; packbits pads the tail with zeros.
+    bit_matrix = ((values.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bit_matrix.ravel())
+
+
+def unpack_levels(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_levels`.
+
+    Parameters
+    ----------
+    packed : np.ndarray
+        uint8 stream of exactly ``ceil(count * bits / 8)`` bytes.
+    count : int
+        Number of values (the decoder knows it from the tensor's shape).
+    bits : int
+        Bits per value, 1..16.
+
+    Returns
+    -------
+    np.ndarray
+        uint32 ``(count,)``.
+
+    Raises
+    ------
+    ValueError
+        If the length is wrong or the padding bits are not zero (a
+        non-canonical stream: the sender packed something else).
+    """
+    expected = -(-count * bits // 8)
+    if packed.dtype != np.uint8 or packed.shape != (expected,):
+        raise ValueError(
+            f"packed levels are {packed.dtype} {packed.shape}, expected uint8 ({expected},) "
+            f"for {count} values at {bits} bits."
+        )
+    flat = np.unpackbits(packed)
+    if np.any(flat[count * bits :]):
+        raise ValueError("packed levels have non-zero padding bits.")
+    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.uint32)).astype(np.uint32)
+    return flat[: count * bits].reshape(count, bits).astype(np.uint32) @ weights
