@@ -44,7 +44,6 @@ from fedlowrank.aggregation import (
 )
 
 from .fedlowrank import FedLowRank, factor_modules
-from .replies import screen_replies
 
 COUNT_PREFIX = "group-count-g"
 SHARE_KEY = "group-share"
@@ -187,6 +186,7 @@ class FairLoRA(FedLowRank):
         self.group_shares = None if group_shares is None else [float(x) for x in group_shares]
         # Per-round state handed from aggregate_train to aggregate_layer.
         self._round_counts: torch.Tensor | None = None
+        self._round_count_rows: list[np.ndarray] = []
         self._layer_errors: list[tuple[np.ndarray, np.ndarray | None]] = []
 
     def summary(self) -> None:
@@ -228,6 +228,11 @@ class FairLoRA(FedLowRank):
             raise ValueError(f"global adapter layers disagree on the number of groups: {sorted(rows)}")
         return rows.pop()
 
+    def screen(self, replies: list[Message]) -> list:
+        """FedLowRank's checks, then the per-group counts (kept for this round's weights)."""
+        kept, self._round_count_rows = self.screen_counts(super().screen(replies), self.num_groups())
+        return kept
+
     def screen_counts(self, kept: list, groups: int) -> tuple[list, list[np.ndarray]]:
         """Keep the replies whose per-group counts match their ``S`` rows; log the others.
 
@@ -260,13 +265,8 @@ class FairLoRA(FedLowRank):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate grouped factors with per-group weights; other arrays by sample share."""
-        replies = list(replies)
-        if self._global_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        groups = self.num_groups()
-        kept = screen_replies(replies, self._global_arrays, self.weighted_by_key)
-        kept, counts = self.screen_counts(kept, groups)
-        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), len(replies))
+        replies, kept = self.accepted_replies(replies)
+        counts = self._round_count_rows
         total = sum(weight for _, _, weight in kept)
         if not kept or total <= 0 or float(np.sum(counts)) <= 0:
             return None, None
@@ -277,12 +277,10 @@ class FairLoRA(FedLowRank):
             [arrays for _, arrays, _ in kept], [weight / total for _, _, weight in kept]
         )
         self.group_shares = shares_g.tolist()
-        metrics = self.train_metrics_aggr_fn([msg.content for msg, _, _ in kept], self.weighted_by_key)
-        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics = self.round_metrics(replies, kept)
         metrics.update(self.error_metrics())
         for g, share in enumerate(self.group_shares):
             metrics[f"group-share-g{g}"] = share
-        metrics["agg-clients-dropped"] = len(replies) - len(kept)
         return aggregated, metrics
 
     def error_metrics(self) -> dict[str, float]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -99,23 +99,37 @@ class FedLowRank(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate adapter factors exactly and the other arrays by weighted mean."""
-        replies = list(replies)
-        if self._global_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        kept = screen_replies(replies, self._global_arrays, self.weighted_by_key)
-        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), len(replies))
+        replies, kept = self.accepted_replies(replies)
         total = sum(weight for _, _, weight in kept)
         if not kept or total <= 0:
             return None, None
         shares = [weight / total for _, _, weight in kept]
         client_arrays = [arrays for _, arrays, _ in kept]
         aggregated, truncation = self.aggregate_arrays(client_arrays, shares)
-        metrics = self.train_metrics_aggr_fn([msg.content for msg, _, _ in kept], self.weighted_by_key)
-        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics = self.round_metrics(replies, kept)
         if truncation:
             metrics["agg-truncation-rel"] = float(np.mean(truncation))
-        metrics["agg-clients-dropped"] = len(replies) - len(kept)
         return aggregated, metrics
+
+    def accepted_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list]:
+        """All replies, and ``(message, arrays, weight)`` of those that pass :meth:`screen`."""
+        replies = list(replies)
+        if self._global_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        kept = self.screen(replies)
+        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), len(replies))
+        return replies, kept
+
+    def screen(self, replies: list[Message]) -> list:
+        """Per-reply checks against the global arrays; subclasses add their own."""
+        return screen_replies(replies, self._global_arrays, self.weighted_by_key)
+
+    def round_metrics(self, replies: list[Message], kept: list) -> MetricRecord:
+        """The accepted replies' train metrics, aggregated, plus how many were dropped."""
+        metrics = self.train_metrics_aggr_fn([msg.content for msg, _, _ in kept], self.weighted_by_key)
+        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics["agg-clients-dropped"] = len(replies) - len(kept)
+        return metrics
 
     def aggregate_arrays(
         self, client_arrays: list[dict[str, np.ndarray]], shares: list[float]

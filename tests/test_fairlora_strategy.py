@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlowrank.strategies import FairLoRA

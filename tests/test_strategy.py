@@ -4,7 +4,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from fedlowrank.strategies import FedLowRank
 from flower_messages import array_record, train_reply
