@@ -21,6 +21,7 @@ from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank
 from .data import loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
 
+
 def fairness_metrics() -> FederatedFairnessMetrics:
     """Every strategy merges the clients' fairness statistics into federation-wide metrics."""
     return FederatedFairnessMetrics(num_groups=2)
