@@ -96,8 +96,9 @@ GRIDS = {
 }
 CANDIDATES = GRIDS["moderate"]
 TABLE_KEYS = (ERRORS_KEY, ENERGY_KEY)
-# L-GreCo knobs (CLI): what the allocator budgets and how often it re-allocates.
-LGRECO_OPTIONS = {"error_model": "feedback", "reallocate_every": 5}
+# L-GreCo knobs (CLI): what the allocator budgets, how often it re-allocates, and how far
+# the interval may grow while allocations leave the settings unchanged (1 = fixed).
+LGRECO_OPTIONS = {"error_model": "feedback", "reallocate_every": 5, "max_interval_factor": 4}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -370,6 +371,8 @@ def summarise(runs: dict) -> dict:
         out[method] = {
             "bytes_per_round": float(np.mean([r["bytes"] for r in rounds])),
             "bytes_per_round_without_tables": float(np.mean([r["bytes"] - r["table_bytes"] for r in rounds])),
+            # Rounds whose replies carried tables (allocation rounds, incl. retries).
+            "table_rounds": int(sum(r["table_bytes"] > 0 for r in rounds)),
             "measured_error": float(np.mean(errs)) if errs else 0.0,
             "final_accuracy": res["accuracy"][-1],
             "initial_accuracy": res["accuracy"][0],
@@ -445,11 +448,16 @@ def main() -> None:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="moderate", help="L-GreCo's candidate settings")
     parser.add_argument("--error-model", choices=("feedback", "oneshot"), default="feedback")
     parser.add_argument("--reallocate-every", type=int, default=5)
+    parser.add_argument(
+        "--max-interval-factor", type=int, default=4, help="interval cap (x reallocate-every) while unchanged; 1 = fixed"
+    )
     parser.add_argument("--out", default="results/communication.json")
     args = parser.parse_args()
     global CANDIDATES  # noqa: PLW0603 (a CLI choice read by wrap())
     CANDIDATES = GRIDS[args.grid]
-    LGRECO_OPTIONS.update(error_model=args.error_model, reallocate_every=args.reallocate_every)
+    LGRECO_OPTIONS.update(
+        error_model=args.error_model, reallocate_every=args.reallocate_every, max_interval_factor=args.max_interval_factor
+    )
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

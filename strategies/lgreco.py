@@ -110,7 +110,12 @@ class LGreCo(Strategy):
         Rounds at the uniform default before the first allocation; the first
         allocation uses the tables of round ``max(1, warmup_rounds)``.
     reallocate_every : int, default 5
-        Rounds between allocations after warm-up.
+        Rounds between allocations after warm-up (the base interval).
+    max_interval_factor : int, default 4
+        Cap on the interval's growth: an allocation that leaves the settings
+        unchanged doubles the interval, up to ``max_interval_factor *
+        reallocate_every`` rounds; one that changes them resets it to
+        ``reallocate_every``. ``1`` keeps the fixed schedule.
     num_bins : int, default 1000
         Error discretisation of the allocator.
     error_model : {"feedback", "oneshot"}, default "feedback"
@@ -123,9 +128,19 @@ class LGreCo(Strategy):
 
     Notes
     -----
-    An allocation round whose replies carry no usable tables keeps the
-    current settings and asks for tables again the next round, so clients
-    that never send tables only delay allocation, never stall it.
+    Tables are asked for only in rounds whose tables feed an allocation;
+    every other round carries no ``"lgreco-candidates"`` and its replies no
+    tables. An allocation round whose replies carry no usable tables keeps
+    the current settings and asks for tables again the next round, so
+    clients that never send tables only delay allocation, never stall it.
+
+    Why the interval backs off: an allocation that returns the settings
+    already in force (for the first one, the uniform default) changed
+    nothing, and its tables were pure overhead; the updates' compressibility
+    drifts slowly, so the next one most likely changes nothing either.
+    Doubling the interval halves that overhead while the settings are stable;
+    any change resets it, so a drifting model is re-allocated as often as
+    configured.
 
     Examples
     --------
@@ -149,6 +164,7 @@ class LGreCo(Strategy):
         num_bins: int = DEFAULT_NUM_BINS,
         error_model: str = "feedback",
         codec_options: dict | None = None,
+        max_interval_factor: int = 4,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -160,8 +176,8 @@ class LGreCo(Strategy):
             raise ValueError(f"default {self.default!r} must be one of the candidates {self.candidates}.")
         if not np.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}.")
-        if warmup_rounds < 0 or reallocate_every < 1 or num_bins < 1:
-            raise ValueError("Need warmup_rounds >= 0, reallocate_every >= 1, num_bins >= 1.")
+        if warmup_rounds < 0 or reallocate_every < 1 or num_bins < 1 or max_interval_factor < 1:
+            raise ValueError("Need warmup_rounds >= 0, reallocate_every >= 1, num_bins >= 1, max_interval_factor >= 1.")
         self.alpha = float(alpha)
         self.warmup_rounds = int(warmup_rounds)
         self.reallocate_every = int(reallocate_every)
@@ -174,6 +190,11 @@ class LGreCo(Strategy):
         # It changes only at the end of aggregate_train, so tables_wanted()
         # answers the same in configure_train and aggregate_train of a round.
         self._retry_allocation = False
+        # The schedule: allocations at anchor + k * interval (k >= 0). Both
+        # move only at the end of aggregate_train, like _retry_allocation.
+        self.max_interval = int(max_interval_factor) * self.reallocate_every
+        self._interval = self.reallocate_every
+        self._anchor = max(1, self.warmup_rounds)
         self.allocation_details: dict[int, dict] = {}
         self.settings: dict[str, str] = {}
         self.current_arrays = ArrayRecord()
@@ -190,20 +211,46 @@ class LGreCo(Strategy):
         log(INFO, "\t│\t├── Candidates: %s", self.candidates)
         log(INFO, "\t│\t├── Default: %s, alpha: %s", self.default, self.alpha)
         log(INFO, "\t│\t├── Error model: %s", self.error_model)
-        log(INFO, "\t│\t└── Warm-up: %s, reallocate every: %s", self.warmup_rounds, self.reallocate_every)
+        log(
+            INFO,
+            "\t│\t└── Warm-up: %s, reallocate every: %s (up to %s while unchanged)",
+            self.warmup_rounds,
+            self.reallocate_every,
+            self.max_interval,
+        )
         self.strategy.summary()
 
     # -- schedule -----------------------------------------------------------
     def tables_wanted(self, server_round: int) -> bool:
         """Whether this round's tables feed an allocation (and are asked for).
 
-        On the schedule, or in any round after an allocation round that
-        received no usable tables.
+        On the schedule (``anchor + k * interval``; the interval grows while
+        allocations leave the settings unchanged), or in any round after an
+        allocation round that received no usable tables.
         """
         first = max(1, self.warmup_rounds)
         if server_round >= first and self._retry_allocation:
             return True
-        return server_round >= first and (server_round - first) % self.reallocate_every == 0
+        return server_round >= self._anchor and (server_round - self._anchor) % self._interval == 0
+
+    @property
+    def interval(self) -> int:
+        """Rounds from the last scheduled allocation to the next one."""
+        return self._interval
+
+    def _advance_schedule(self, server_round: int, changed: bool | None) -> None:
+        """Move the schedule past ``server_round`` after an allocation attempt.
+
+        ``changed`` is whether the allocation changed the settings (``None``:
+        it failed, keep the interval). The anchor becomes the schedule point
+        this allocation belonged to (a retried allocation keeps the original
+        grid), then the next allocation is one (new) interval after it.
+        """
+        self._anchor += (server_round - self._anchor) // self._interval * self._interval
+        if changed is True:
+            self._interval = self.reallocate_every
+        elif changed is False:
+            self._interval = min(2 * self._interval, self.max_interval)
 
     # -- training -----------------------------------------------------------
     def configure_train(
@@ -362,8 +409,11 @@ class LGreCo(Strategy):
             choice = lgreco_allocate(errors, sizes, budget, num_bins=self.num_bins)
         except ValueError as err:
             log(WARNING, "LGreCo: allocation failed in round %s (%s); keeping the current settings.", server_round, err)
+            self._advance_schedule(server_round, None)
             return
+        previous = dict(self.settings)
         self.settings = {name: self.candidates[c] for name, c in zip(rows, choice)}
+        self._advance_schedule(server_round, self.settings != previous)
         self.allocation_history[server_round] = dict(self.settings)
         picked = np.arange(len(rows)), choice
         self.allocation_details[server_round] = {
@@ -373,6 +423,8 @@ class LGreCo(Strategy):
             # and as measured this round (one-shot).
             "error_ratio": float(errors[picked].sum() / max(errors[:, default].sum(), 1e-300)),
             "measured_error_ratio": float(measured[picked].sum() / max(measured[:, default].sum(), 1e-300)),
+            "changed": self.settings != previous,
+            "next_allocation": self._anchor + self._interval,
         }
         log(
             INFO,

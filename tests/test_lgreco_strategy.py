@@ -267,6 +267,8 @@ def test_constructor_validates():
         LGreCo(FedAvg(), candidates=["none", ("none", None)], default="none")
     with pytest.raises(ValueError, match="Unknown codec"):
         LGreCo(FedAvg(), candidates=["zip:1"], default="zip:1")
+    with pytest.raises(ValueError, match="max_interval_factor"):
+        LGreCo(FedAvg(), candidates=CANDS, max_interval_factor=0)
 
 
 def test_wraps_fedlowrank_unchanged(task_identity):
@@ -290,3 +292,63 @@ def test_wraps_fedlowrank_unchanged(task_identity):
     got, _ = strat.aggregate_train(1, replies)
     for k in want.keys():
         np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), atol=1e-6)
+
+
+def _fixed_allocator(monkeypatch, picks):
+    """Make the allocator return ``picks[i]`` (one candidate for every tensor) on its i-th call."""
+    calls = iter(picks)
+
+    def allocate(errors, sizes, budget, num_bins):
+        return np.full(errors.shape[0], CANDS.index(next(calls)))
+
+    monkeypatch.setattr("fedlowrank.strategies.lgreco.lgreco_allocate", allocate)
+
+
+def _drive(strat, glob, rounds, silent=()):
+    """Run configure_train/aggregate_train; return the rounds that asked for tables.
+
+    Clients answer with tables exactly when the config asks for them, except
+    the ``silent`` rounds, where no client sends any.
+    """
+    asked = []
+    arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    for rnd in rounds:
+        cfg = list(strat.configure_train(rnd, arrays, ConfigRecord({}), FakeGrid()))[0].content["config"]
+        settings, cands = settings_from_config(cfg)
+        if cands:
+            asked.append(rnd)
+        send = cands if rnd not in silent else None
+        replies = [_reply(n, _encoded(glob, loc, settings, candidates=send), 10) for n, loc in zip([11, 12], _locals(glob, 2))]
+        strat.aggregate_train(rnd, replies)
+    return asked
+
+
+def test_unchanged_allocations_double_the_interval_up_to_the_cap(task_identity, monkeypatch):
+    """Tables only on the schedule; the interval doubles while settings repeat, resets on a change."""
+    # 1st allocation returns the default (unchanged: 2 -> 4), 2nd the same (4 -> 8, the
+    # cap 4 x 2), 3rd the same (stays 8), 4th changes (back to 2), 5th the same (4).
+    _fixed_allocator(monkeypatch, ["powersgd:4", "powersgd:4", "powersgd:4", "qsgd:8", "qsgd:8"])
+    strat = LGreCo(FedAvg(), candidates=CANDS, default="powersgd:4", reallocate_every=2, max_interval_factor=4)
+    asked = _drive(strat, _global(), range(1, 26))
+    assert asked == [1, 5, 13, 21, 23]
+    assert sorted(strat.allocation_history) == asked
+    assert [strat.allocation_details[r]["changed"] for r in asked] == [False, False, False, True, False]
+    assert strat.allocation_details[23]["next_allocation"] == 27 and strat.interval == 4
+
+
+def test_max_interval_factor_one_keeps_the_fixed_schedule(task_identity, monkeypatch):
+    _fixed_allocator(monkeypatch, ["powersgd:4"] * 5)
+    strat = LGreCo(FedAvg(), candidates=CANDS, default="powersgd:4", reallocate_every=2, max_interval_factor=1)
+    assert _drive(strat, _global(), range(1, 10)) == [1, 3, 5, 7, 9]
+
+
+def test_silent_clients_delay_but_do_not_stall_a_backed_off_allocation(task_identity, monkeypatch):
+    """No tables in a scheduled round: ask every round until some come, then keep the grid."""
+    _fixed_allocator(monkeypatch, ["powersgd:4", "powersgd:4", "powersgd:4"])
+    strat = LGreCo(FedAvg(), candidates=CANDS, default="powersgd:4", reallocate_every=2, max_interval_factor=4)
+    # Allocation at 1 (unchanged -> next at 5); 5 and 6 are silent, 7 allocates
+    # (unchanged -> interval 8 on the grid of 5, next at 13).
+    asked = _drive(strat, _global(), range(1, 15), silent=(5, 6))
+    assert asked == [1, 5, 6, 7, 13]
+    assert sorted(strat.allocation_history) == [1, 7, 13]
+    assert strat.allocation_details[7]["next_allocation"] == 13
