@@ -31,6 +31,7 @@ from .metrics import (
     assemble_report,
     check_groups,
     check_labels,
+    check_scores,
     confusion_counts,
     to_numpy,
 )
@@ -94,14 +95,7 @@ def local_statistics(
         ``tn, fp, fn, tp``. Plain arrays, ready for a Flower ``ArrayRecord``.
     """
     y = check_labels(y_true)
-    p = to_numpy(probs)
-    if p.ndim != 1 or p.shape[0] != y.shape[0]:
-        raise ValueError(f"probs must be 1-D with {y.shape[0]} entries, got shape {p.shape}")
-    if p.dtype.kind not in "biuf":
-        raise ValueError(f"probs must be numeric, got dtype {p.dtype}")
-    p = p.astype(np.float64)
-    if np.isnan(p).any():
-        raise ValueError(f"probs contain NaN ({int(np.isnan(p).sum())} of {p.size})")
+    p = check_scores(probs, y.shape[0], "probs")
     g, num_groups = check_groups(groups, num_groups, y.shape[0])
     edges = make_bin_edges(bins)
     outside = (p < edges[0]) | (p > edges[-1])

@@ -57,6 +57,19 @@ def check_labels(y_true: Any, name: str = "y_true") -> np.ndarray:
     return y.astype(np.int64)
 
 
+def check_scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
+    """Return ``scores`` as a 1-D float64 array of ``n`` non-NaN values, or raise ``ValueError``."""
+    s = to_numpy(scores)
+    if s.ndim != 1 or s.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {s.shape}")
+    if s.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {s.dtype}")
+    s = s.astype(np.float64)
+    if np.isnan(s).any():
+        raise ValueError(f"{name} contain NaN ({int(np.isnan(s).sum())} of {s.size})")
+    return s
+
+
 def check_groups(groups: Any, num_groups: int | None, n: int) -> tuple[np.ndarray, int]:
     """Validate group ids and infer the number of groups.
 
@@ -305,14 +318,7 @@ def group_fairness_report(
         ``0..num_groups-1``.
     """
     y = check_labels(y_true)
-    s = to_numpy(scores)
-    if s.ndim != 1 or s.shape[0] != y.shape[0]:
-        raise ValueError(f"scores must be 1-D with {y.shape[0]} entries, got shape {s.shape}")
-    if s.dtype.kind not in "biuf":
-        raise ValueError(f"scores must be numeric, got dtype {s.dtype}")
-    s = s.astype(np.float64)
-    if np.isnan(s).any():
-        raise ValueError(f"scores contain NaN ({int(np.isnan(s).sum())} of {s.size})")
+    s = check_scores(scores, y.shape[0])
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
     g, num_groups = check_groups(groups, num_groups, y.shape[0])
