@@ -26,6 +26,14 @@ def split_factor_key(key: str) -> tuple[str, str] | None:
     return (module, leaf) if leaf in FACTOR_SUFFIXES else None
 
 
+def exchange_keys(model: nn.Module) -> list[str]:
+    """Names of the tensors :func:`exchange_state` returns, without copying any."""
+    layers = adapter_layers(model)
+    factors = [f"{name}.{leaf}" for name in layers for leaf in FACTOR_SUFFIXES]
+    taken = set(factors)
+    return factors + [n for n, p in model.named_parameters() if p.requires_grad and n not in taken]
+
+
 def exchange_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything a client sends: factors with scale folded in, plus trainable tensors."""
     state: dict[str, torch.Tensor] = {}
@@ -66,8 +74,8 @@ def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         If a tensor's shape does not fit the model.
     """
     layers = adapter_layers(model)
-    expected = set(exchange_state(model))
-    missing = expected - set(state)
+    expected = exchange_keys(model)
+    missing = set(expected) - set(state)
     if missing:
         raise KeyError(f"state is missing tensors: {sorted(missing)}")
     params = dict(model.named_parameters())
@@ -88,7 +96,8 @@ def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         layer.lora_V.copy_(_fit_rank(v.to(dtype) / root, layer.rank, layer.lora_V))
         layer.lora_S.copy_(_fit_rank(s.to(dtype), layer.rank, torch.ones_like(layer.lora_S)))
     for name in expected:
-        if split_factor_key(name) is not None and split_factor_key(name)[0] in layers:
+        factor = split_factor_key(name)
+        if factor is not None and factor[0] in layers:
             continue
         value = torch.as_tensor(state[name])
         if value.shape != params[name].shape:
