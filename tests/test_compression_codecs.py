@@ -49,7 +49,8 @@ def test_sizes_match_the_documented_formulas():
     x = np.ones((30, 20))
     assert payload_nbytes(get_codec("none").encode(x)) == 600 * 4
     assert payload_nbytes(get_codec("powersgd:4").encode(x, rng=np.random.default_rng(0))) == (30 + 20) * 4 * 4
-    assert payload_nbytes(get_codec("topk:0.05").encode(x)) == 30 * 8
+    # 30 kept of 600 entries: uint16 index + float32 value each.
+    assert payload_nbytes(get_codec("topk:0.05").encode(x)) == 30 * 6
     # Levels packed at exactly `bits` bits per value, plus two float32 norms (512-buckets).
     for bits, packed in [(2, 150), (3, 225), (4, 300), (6, 450), (8, 600), (12, 900), (16, 1200)]:
         q = get_codec(f"qsgd:{bits}").encode(x, rng=np.random.default_rng(0))
@@ -112,13 +113,28 @@ def test_topk_keeps_the_largest_entries_and_estimates_exactly():
     codec = TopKCodec(0.1)
     payload = codec.encode(x)
     k = codec.num_kept(x.size)
-    assert payload["idx"].dtype == np.int32 and len(payload["idx"]) == k == 40
+    # 400 entries: uint16 indices (uint8 would wrap).
+    assert payload["idx"].dtype == np.uint16 and len(payload["idx"]) == k == 40
     kept = np.sort(np.abs(x).ravel())[-k:]
     np.testing.assert_allclose(np.sort(np.abs(payload["val"])), kept, rtol=1e-6)
     out = codec.decode(payload, x.shape)
     err, size = codec.estimate(x)
     np.testing.assert_allclose(err, np.sum((x - out) ** 2), rtol=1e-5)
     assert size == payload_nbytes(payload)
+
+
+@pytest.mark.parametrize("size, dtype", [(1, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)])
+def test_topk_indices_use_the_smallest_type_that_reaches_the_last_entry(size, dtype):
+    x = np.zeros(size)
+    x[-1] = 5.0  # the last index must survive the cast
+    codec = TopKCodec(1 / size)
+    payload = codec.encode(x)
+    assert payload["idx"].dtype == dtype and payload["idx"][0] == size - 1
+    assert codec.encoded_size((size,)) == payload_nbytes(payload) == np.dtype(dtype).itemsize + 4
+    assert codec.decode(payload, (size,))[-1] == 5.0
+    wide = dict(payload, idx=payload["idx"].astype(np.int32))
+    with pytest.raises(ValueError, match="'idx'"):
+        codec.decode(wide, (size,))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -160,7 +176,6 @@ def _payload(cand, shape=(12, 10)):
     [
         ("topk:0.1", lambda p: p.update(idx=p["idx"].astype(np.int64)), "dtype"),
         ("topk:0.1", lambda p: p["idx"].__setitem__(-1, 120), "out of range"),
-        ("topk:0.1", lambda p: p["idx"].__setitem__(0, -1), "out of range"),
         ("topk:0.1", lambda p: p["idx"].__setitem__(1, p["idx"][0]), "increasing"),
         ("topk:0.1", lambda p: p.update(val=p["val"][:-1]), "shape"),
         ("powersgd:2", lambda p: p.update(p=p["p"][:, :1]), "shape"),
@@ -198,6 +213,18 @@ def test_decoding_with_another_setting_fails():
 def test_bad_candidates_raise(bad):
     with pytest.raises(ValueError):
         get_codec(bad)
+
+
+def test_spec_leaves_out_default_options_and_round_trips():
+    # Defaults are implied: the spec is what travels with every tensor.
+    default = get_codec("qsgd:4")
+    assert make_spec(default, (64, 8)).tobytes() == b"qsgd:4|64,8|"
+    assert parse_spec(make_spec(default, (64, 8))) == (default, (64, 8))
+    custom = QSGDCodec(4, bucket_size=128)
+    assert make_spec(custom, (3,)).tobytes() == b"qsgd:4|3|bucket_size=128"
+    assert parse_spec(make_spec(custom, (3,)))[0] == custom
+    with pytest.raises(ValueError, match="options"):
+        parse_spec(np.frombuffer(b"qsgd:4|3|bucket=128", dtype=np.uint8))
 
 
 def test_bad_specs_raise():

@@ -10,6 +10,8 @@ from fedlowrank.compression import (
     ErrorFeedback,
     decode_update,
     encode_update,
+    read_tables,
+    relative_errors,
     settings_from_config,
     settings_to_config,
     size_table,
@@ -102,15 +104,22 @@ def test_encode_update_tables_and_config_helpers():
     ef.compress("bias", np.ones(16), "topk:0.1")  # a residual on one tensor only
     owed_bias = ef.residuals["bias"].copy()
     payload, tables = encode_update(update, settings, ef, candidates=got_cands)
-    # Compact tables: float32 errors and two energies per tensor; no sizes.
+    # Compact tables: float16 relative errors and two float32 energies per tensor; no sizes.
     assert set(tables) == {ERRORS_KEY, ENERGY_KEY}
     assert tables[ERRORS_KEY].shape == (3, 3) and tables[ENERGY_KEY].shape == (3, 2)
-    assert tables[ERRORS_KEY].dtype == tables[ENERGY_KEY].dtype == np.float32
+    assert tables[ERRORS_KEY].dtype == np.float16 and tables[ENERGY_KEY].dtype == np.float32
     rows = sorted(SHAPES)
+    absolute, _ = read_tables(tables, 3, 3)
     for i, name in enumerate(rows):
         u = update[name].astype(np.float64)
         owed = owed_bias if name == "bias" else 0.0
         np.testing.assert_allclose(tables[ENERGY_KEY][i], [np.sum(u**2), np.sum((u + owed) ** 2)], rtol=1e-5)
+        # PowerSGD's column is the best rank-2 tail of update + residual (dense SVD here).
+        x = u + owed
+        powersgd_tail = np.sum(np.linalg.svd(x.reshape(x.shape[0], -1), compute_uv=False)[2:] ** 2)
+        assert absolute[i, 0] <= 1e-7 * np.sum(x**2)  # "none" loses only float32 rounding
+        np.testing.assert_allclose(absolute[i, 1], powersgd_tail, rtol=2e-3, atol=1e-7 * np.sum(x**2))
+        assert absolute[i, 1] >= powersgd_tail * (1 - 1e-6)  # rounded up, never optimistic
     assert set(decode_update({**payload, **tables})) == set(SHAPES)  # table keys are ignored
     with pytest.raises(ValueError, match="No compression setting"):
         encode_update(update, {"bias": "none"}, ErrorFeedback())
@@ -142,3 +151,17 @@ def test_size_table_equals_what_clients_encode():
     # Codec options the clients use change the size; the server takes them too.
     small = size_table({"big": (1100, 3)}, ["qsgd:4"], {"qsgd": {"bucket_size": 64}})
     assert small[0, 0] == 3300 * 4 // 8 + 4 * 52
+
+
+def test_relative_errors_round_up_to_float16_and_handle_zero_and_huge():
+    rng = np.random.default_rng(3)
+    target = np.array([2.5, 0.0, 1e-6])
+    errors = np.abs(rng.standard_normal((3, 50))) * target[:, None]
+    errors[0, 0] = 1e9  # a ratio float16 cannot hold
+    half = relative_errors(errors, target)
+    assert half.dtype == np.float16 and half.shape == errors.shape
+    ratio = np.divide(errors, target[:, None], out=np.zeros_like(errors), where=target[:, None] > 0)
+    ok = ratio < 6e4
+    assert np.all(half.astype(np.float64)[ok] >= ratio[ok])
+    np.testing.assert_allclose(half.astype(np.float64)[ok], ratio[ok], rtol=1e-3)
+    assert np.all(half[1] == 0) and half[0, 0] == np.finfo(np.float16).max

@@ -77,11 +77,14 @@ class QSGDCodec(Codec):
 
     @classmethod
     def from_options(cls, setting: Any, options) -> "QSGDCodec":
-        if set(options) != {"bucket_size", "l2"}:
-            raise ValueError(f"QSGD options must be bucket_size and l2, got {sorted(options)}.")
-        if options["l2"] not in (0, 1):
-            raise ValueError(f"QSGD option l2 must be 0 or 1, got {options['l2']!r}.")
-        return cls(setting, bucket_size=options["bucket_size"], norm="l2" if options["l2"] else "max")
+        # Options at their defaults are left out of the spec (see make_spec).
+        unknown = set(options) - {"bucket_size", "l2"}
+        if unknown:
+            raise ValueError(f"QSGD options are bucket_size and l2, got {sorted(unknown)}.")
+        l2 = options.get("l2", 0)
+        if l2 not in (0, 1):
+            raise ValueError(f"QSGD option l2 must be 0 or 1, got {l2!r}.")
+        return cls(setting, bucket_size=options.get("bucket_size", DEFAULT_BUCKET_SIZE), norm="l2" if l2 else "max")
 
     @property
     def levels(self) -> int:

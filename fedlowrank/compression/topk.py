@@ -21,9 +21,13 @@ class TopKCodec(Codec):
 
     Notes
     -----
-    Payload: ``{"idx": int32 (k,), "val": float32 (k,)}``; flat indices in
+    Payload: ``{"idx": uint (k,), "val": float32 (k,)}``; flat indices in
     strictly increasing order (so the decoder can check uniqueness and range
-    in one pass). Encoded size is ``8 k`` bytes.
+    in one pass), in the smallest unsigned type that holds every index of the
+    tensor (:func:`index_dtype`: uint8 up to 256 entries, uint16 up to 65,536,
+    else uint32). Encoded size is ``k (itemsize + 4)`` bytes: for the adapter
+    factors of a small model (a few thousand entries) that is 6 bytes per kept
+    entry, not the 8 of int32 indices.
     """
 
     @classmethod
@@ -50,29 +54,29 @@ class TopKCodec(Codec):
         return min(size, max(1, math.ceil(self.setting * size)))
 
     def encoded_size(self, shape) -> int:
-        """``8 k`` bytes: an int32 index and a float32 value per kept entry."""
-        return 8 * self.num_kept(int(np.prod(shape, dtype=np.int64)))
+        """``k (itemsize + 4)`` bytes: an index and a float32 value per kept entry."""
+        size = int(np.prod(shape, dtype=np.int64))
+        return self.num_kept(size) * (index_dtype(size).itemsize + 4)
 
     def encode(self, x, *, state=None, rng=None) -> Payload:
         flat = np.asarray(x, dtype=np.float64).ravel()
         k = self.num_kept(flat.size)
-        if flat.size >= 2**31:
-            raise ValueError("Top-K: tensors with >= 2**31 entries do not fit int32 indices.")
+        dtype = index_dtype(flat.size)
         if k < flat.size:
             idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
             idx.sort()
         else:
             idx = np.arange(flat.size)
-        return {"idx": idx.astype(np.int32), "val": flat[idx].astype(np.float32)}
+        return {"idx": idx.astype(dtype), "val": flat[idx].astype(np.float32)}
 
     def decode(self, payload, shape) -> np.ndarray:
         shape = tuple(int(s) for s in shape)
         size = int(np.prod(shape, dtype=np.int64))
         k = self.num_kept(size)
         self._expect_fields(payload, {"idx", "val"})
-        idx = self._expect_array(payload, "idx", np.int32, (k,))
+        idx = self._expect_array(payload, "idx", index_dtype(size), (k,)).astype(np.int64)
         val = self._expect_array(payload, "val", np.float32, (k,))
-        if k and (idx[0] < 0 or idx[-1] >= size):
+        if k and idx[-1] >= size:
             raise ValueError(f"{self.key}: index out of range [0, {size}).")
         if k > 1 and np.any(np.diff(idx) <= 0):
             raise ValueError(f"{self.key}: indices must be strictly increasing (sorted, unique).")
@@ -93,8 +97,16 @@ class TopKCodec(Codec):
         out = []
         for codec in codecs:
             k = codec.num_kept(sq.size)
-            out.append((float(dropped[sq.size - k]), 8 * k))
+            out.append((float(dropped[sq.size - k]), codec.encoded_size(np.shape(x))))
         return out
 
     def estimate(self, x, *, state=None, rng=None) -> tuple[float, int]:
         return self.estimate_many(x, [self])[0]
+
+
+def index_dtype(size: int) -> np.dtype:
+    """Smallest unsigned integer type that holds every flat index of ``size`` entries."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if size <= int(np.iinfo(dtype).max) + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"Top-K: a tensor of {size} entries does not fit uint32 indices.")

@@ -15,7 +15,8 @@ Client -> server (arrays)
     arrays, plus the error-feedback residual):
 
     * ``"lgreco/<t>::spec"``: uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``
-      (shape as comma-separated ints, opts as ``k=v`` pairs joined by ``;``),
+      (shape as comma-separated ints, opts as ``k=v`` pairs joined by ``;``,
+      only those that differ from the codec's defaults), e.g. ``"qsgd:4|64,8|"``,
       so each tensor decodes on its own;
     * ``"lgreco/<t>::<field>"``: the codec's arrays (``p``/``q``, ``idx``/``val``,
       ``q``/``norm``, ``raw``).
@@ -23,9 +24,10 @@ Client -> server (arrays)
     If candidates were asked for, also the tables, rows in sorted tensor-name
     order:
 
-    * ``"lgreco-errors"``: float32 ``(num_tensors, num_candidates)``, the
-      squared error ``||x - decode(C(x))||^2`` of every candidate on
-      ``x = update + residual``, columns in the order the server sent them;
+    * ``"lgreco-errors"``: float16 ``(num_tensors, num_candidates)``, the
+      *relative* squared error ``||x - decode(C(x))||^2 / ||x||^2`` of every
+      candidate on ``x = update + residual`` (0 where ``x = 0``), rounded up
+      to the next float16, columns in the order the server sent them;
     * ``"lgreco-energy"``: float32 ``(num_tensors, 2)``, ``||update||^2`` and
       ``||update + residual||^2`` per tensor (what the server needs to predict
       the error a setting settles at under error feedback, see
@@ -33,10 +35,13 @@ Client -> server (arrays)
 
     No size table travels: every codec's encoded size is an exact function of
     the tensor's shape and the setting (:meth:`Codec.encoded_size`), so the
-    server computes it from the global shapes (:func:`size_table`). Float32 is
-    enough for errors that only rank settings against a budget (relative
-    precision 6e-8), and halves the bytes of float64; together this cuts the
-    tables from 16 to 4 bytes per (tensor, candidate).
+    server computes it from the global shapes (:func:`size_table`). Errors
+    travel relative to ``||x||^2`` (which travels in float32 with the
+    energies), so they lie in a range float16 holds well; its relative
+    precision (5e-4, rounded up so no setting looks better than it is) is
+    finer than the allocator's error bins (1/1000 of the budget). Together
+    this cuts the tables from 16 to 2 bytes per (tensor, candidate) plus 8
+    per tensor.
 """
 
 from __future__ import annotations
@@ -61,8 +66,14 @@ _MAX_SPEC_BYTES = 512
 
 # -- per-tensor spec -------------------------------------------------------
 def make_spec(codec: Codec, shape: Sequence[int]) -> np.ndarray:
-    """The uint8 spec array that tells the server how to decode one tensor."""
-    opts = ";".join(f"{k}={int(v)}" for k, v in sorted(codec.options().items()))
+    """The uint8 spec array that tells the server how to decode one tensor.
+
+    Options equal to the codec's defaults are left out (the decoder fills them
+    in): the spec travels with every tensor of every reply, and on a small
+    model the default options alone were a third of a QSGD update's bytes.
+    """
+    defaults = type(codec)(codec.setting).options()
+    opts = ";".join(f"{k}={int(v)}" for k, v in sorted(codec.options().items()) if defaults.get(k) != v)
     text = f"{codec.key}|{','.join(str(int(s)) for s in shape)}|{opts}"
     return np.frombuffer(text.encode("ascii"), dtype=np.uint8).copy()
 
@@ -149,13 +160,16 @@ def encode_update(
     tables: dict[str, np.ndarray] = {}
     if candidates is not None:
         # Sizes are not sent: the server derives them from the shapes.
-        errors = [ef.tables(n, update[n], candidates)[0] for n in names]
-        tables[ERRORS_KEY] = np.array(errors, dtype=np.float32).reshape(len(names), len(candidates))
-        energy = [
-            (float(np.sum(np.asarray(update[n], dtype=np.float64) ** 2)), float(np.sum(ef.compensated(n, update[n]) ** 2)))
-            for n in names
-        ]
-        tables[ENERGY_KEY] = np.array(energy, dtype=np.float32).reshape(len(names), 2)
+        errors = np.array([ef.tables(n, update[n], candidates)[0] for n in names], dtype=np.float64)
+        energy = np.array(
+            [
+                (float(np.sum(np.asarray(update[n], dtype=np.float64) ** 2)), float(np.sum(ef.compensated(n, update[n]) ** 2)))
+                for n in names
+            ],
+            dtype=np.float64,
+        ).reshape(len(names), 2)
+        tables[ERRORS_KEY] = relative_errors(errors.reshape(len(names), len(candidates)), energy[:, 1])
+        tables[ENERGY_KEY] = energy.astype(np.float32)
     payload: dict[str, np.ndarray] = {}
     for name in names:
         codec = ef.codec(settings[name])
@@ -166,6 +180,33 @@ def encode_update(
     if end_round:
         ef.end_round()
     return payload, tables
+
+
+def relative_errors(errors: np.ndarray, target_energy: np.ndarray) -> np.ndarray:
+    """``errors / ||x||^2`` per row as float16, rounded up (the wire form of the error table).
+
+    Parameters
+    ----------
+    errors : np.ndarray
+        ``(tensors, candidates)`` squared errors.
+    target_energy : np.ndarray
+        ``(tensors,)`` ``||x||^2`` (``x = update + residual``).
+
+    Returns
+    -------
+    np.ndarray
+        Float16, never below the true ratio (capped at float16's largest
+        finite value); 0 where ``||x|| = 0``.
+    """
+    target = np.asarray(target_energy, dtype=np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(target > 0, np.asarray(errors, dtype=np.float64) / np.where(target > 0, target, 1.0), 0.0)
+    top = float(np.finfo(np.float16).max)
+    rel = np.minimum(rel, top)
+    half = rel.astype(np.float16)
+    low = half.astype(np.float64) < rel
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    return half
 
 
 def settings_from_config(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str] | None]:
@@ -235,7 +276,8 @@ def read_tables(arrays: Mapping[str, np.ndarray], num_tensors: int, num_candidat
     Returns
     -------
     (errors, energy) or None
-        Float64 ``(num_tensors, num_candidates)`` errors and
+        Float64 ``(num_tensors, num_candidates)`` absolute squared errors (the
+        relative table times ``||update + residual||^2``) and
         ``(num_tensors, 2)`` energies (``||update||^2``, ``||update + residual||^2``).
 
     Raises
@@ -259,7 +301,7 @@ def read_tables(arrays: Mapping[str, np.ndarray], num_tensors: int, num_candidat
             raise ValueError(f"{label} has shape {table.shape}, expected {expected}.")
         if not np.all(np.isfinite(table)) or np.any(table < 0):
             raise ValueError(f"{label} holds negative or non-finite values.")
-    return errors, energy
+    return errors * energy[:, 1:], energy
 
 
 def size_table(
