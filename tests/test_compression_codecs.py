@@ -21,6 +21,7 @@ from fedlowrank.compression import (
 CANDIDATES = [
     "none", "powersgd:1", "powersgd:4", "topk:0.05", "topk:1.0",
     "qsgd:2", "qsgd:3", "qsgd:4", "qsgd:5", "qsgd:7", "qsgd:8", "qsgd:12", "qsgd:16",
+    "sq:1", "sq:2", "sq:3", "sq:5", "sq:8",
 ]
 # Odd value counts (17, 5, 1, 7, 3) leave a partly filled last byte at most bit widths.
 SHAPES = [(30, 20), (8, 3, 3, 3), (17,), (), (1, 5), (64, 2), (7, 3)]
@@ -164,7 +165,7 @@ def test_qsgd_l2_norm_variant_round_trips():
 def _payload(cand, shape=(12, 10)):
     # 120 values: 60 bytes at 4 bits; 360 bits at 3 bits fill 45 bytes exactly, so
     # the qsgd:3 padding case uses its own odd shape below.
-    if cand == "qsgd:3":
+    if cand in ("qsgd:3", "sq:3"):
         shape = (7, 3)
     x = np.random.default_rng(10).standard_normal(shape)
     codec = get_codec(cand)
@@ -189,6 +190,12 @@ def _payload(cand, shape=(12, 10)):
         ("qsgd:3", lambda p: p["q"].__setitem__(-1, p["q"][-1] | 1), "'q'.*padding"),
         ("qsgd:4", lambda p: p.update(norm=np.zeros(3, np.float32)), "'norm'.*shape"),
         ("qsgd:4", lambda p: p["norm"].__setitem__(0, -1.0), "'norm'.*negative"),
+        ("sq:4", lambda p: p.update(q=p["q"][:-1]), "'q'.*bits mismatch"),
+        ("sq:3", lambda p: p["q"].__setitem__(-1, p["q"][-1] | 1), "'q'.*padding"),
+        ("sq:4", lambda p: p.update(step=p["step"].astype(np.float64)), "'step'.*dtype"),
+        ("sq:4", lambda p: p["step"].__setitem__(0, -1.0), "'step'.*negative"),
+        ("sq:4", lambda p: p["step"].__setitem__(0, np.inf), "'step'.*non-finite"),
+        ("sq:4", lambda p: p.update(norm=p.pop("step")), "fields"),
         ("none", lambda p: p.update(extra=np.zeros(1)), "fields"),
         ("none", lambda p: p.update(raw=p["raw"].astype(np.float64)), "dtype"),
     ],
@@ -209,7 +216,7 @@ def test_decoding_with_another_setting_fails():
         get_codec("qsgd:12").decode(payload, shape)
 
 
-@pytest.mark.parametrize("bad", ["zip:3", "powersgd:x", "powersgd:0", "topk:0", "topk:1.5", "qsgd:1", "qsgd:17", "none:3"])
+@pytest.mark.parametrize("bad", ["zip:3", "powersgd:x", "powersgd:0", "topk:0", "topk:1.5", "qsgd:1", "qsgd:17", "sq:0", "sq:9", "none:3"])
 def test_bad_candidates_raise(bad):
     with pytest.raises(ValueError):
         get_codec(bad)

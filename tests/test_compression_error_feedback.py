@@ -28,7 +28,7 @@ def _stream(rounds, seed=0):
         yield {k: (0.5 * drift[k] + rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
 
 
-@pytest.mark.parametrize("cand", ["none", "powersgd:2", "topk:0.05", "qsgd:2", "qsgd:4"])
+@pytest.mark.parametrize("cand", ["none", "powersgd:2", "topk:0.05", "qsgd:2", "qsgd:4", "sq:2"])
 def test_sum_of_decoded_updates_tracks_sum_of_true_updates(cand):
     ef = ErrorFeedback(seed=3)
     settings = {k: cand for k in SHAPES}

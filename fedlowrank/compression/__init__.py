@@ -1,7 +1,7 @@
 """Compression of client updates: codecs, error feedback, the L-GreCo allocator.
 
 Torch/numpy only (no Flower). Importing this package registers the built-in
-codecs: ``"none"``, ``"powersgd"``, ``"topk"``, ``"qsgd"``.
+codecs: ``"none"``, ``"powersgd"``, ``"topk"``, ``"qsgd"``, ``"sq"``.
 """
 
 from .allocate import DEFAULT_NUM_BINS, feedback_errors, lgreco_allocate, lgreco_budget
@@ -17,6 +17,7 @@ from .codec import (
 from .error_feedback import ErrorFeedback
 from .powersgd import PowerSGDCodec
 from .qsgd import QSGDCodec
+from .scalar import ScalarQuantCodec
 from .topk import TopKCodec
 from .update import (
     CANDIDATES_KEY,
@@ -49,6 +50,7 @@ __all__ = [
     "PowerSGDCodec",
     "QSGDCodec",
     "RawCodec",
+    "ScalarQuantCodec",
     "TopKCodec",
     "candidate_key",
     "decode_update",

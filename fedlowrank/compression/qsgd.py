@@ -132,10 +132,8 @@ class QSGDCodec(Codec):
         q = (np.sign(rows) * level).ravel()[: flat.size].astype(np.int64)
         return {"q": pack_levels(q + self.levels, self.setting), "norm": norm}
 
-    def decode(self, payload, shape) -> np.ndarray:
-        shape = tuple(int(s) for s in shape)
-        size = int(np.prod(shape, dtype=np.int64))
-        self._expect_fields(payload, {"q", "norm"})
+    def _unpacked_codes(self, payload, size: int) -> np.ndarray:
+        """The ``"q"`` field unpacked to ``size`` codes, validated."""
         packed = payload["q"]
         expected = self.packed_size(size)
         # Check the length first, with the bits in the message: a payload
@@ -146,11 +144,17 @@ class QSGDCodec(Codec):
                 f"({size} values x {self.setting} bits; bits mismatch?)."
             )
         packed = self._expect_array(payload, "q", np.uint8, (expected,))
-        norm = self._expect_array(payload, "norm", np.float32, (self.num_buckets(size),))
         try:
-            offset = unpack_levels(packed, size, self.setting)
+            return unpack_levels(packed, size, self.setting)
         except ValueError as err:
             raise ValueError(f"{self.key}: field 'q': {err}") from None
+
+    def decode(self, payload, shape) -> np.ndarray:
+        shape = tuple(int(s) for s in shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        self._expect_fields(payload, {"q", "norm"})
+        offset = self._unpacked_codes(payload, size)
+        norm = self._expect_array(payload, "norm", np.float32, (self.num_buckets(size),))
         # Offset-binary at `bits` bits can still say 2^bits - 1, i.e. level s + 1.
         if size and int(offset.max()) > 2 * self.levels:
             raise ValueError(f"{self.key}: field 'q' holds a level beyond +-{self.levels} (bits mismatch?).")
