@@ -74,7 +74,7 @@ from adult_married import server_app as adult_server  # noqa: E402
 from adult_married.data import pooled_test_rows  # noqa: E402
 
 # One default per codec family: the uniform baselines, and L-GreCo's budget reference.
-UNIFORM = ("powersgd:2", "topk:0.1", "qsgd:4")
+UNIFORM = ("powersgd:2", "topk:0.1", "qsgd:4", "sq:3")
 # A finer grid than LGreCo's DEFAULT_CANDIDATES: the allocator can only save what its
 # candidates let it trade (e.g. qsgd:3 on robust tensors, qsgd:6 on sensitive ones).
 GRIDS = {
@@ -83,6 +83,7 @@ GRIDS = {
         *(f"powersgd:{k}" for k in (1, 2, 3, 4, 6)),
         *(f"topk:{d}" for d in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)),
         *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
+        *(f"sq:{b}" for b in (1, 2, 3, 4)),
     ),
     # Without Top-K below 5%: under error feedback such a setting defers nearly all of a
     # tensor's update, its residual grows round after round, and the realised error climbs
@@ -92,6 +93,7 @@ GRIDS = {
         *(f"powersgd:{k}" for k in (1, 2, 3, 4)),
         *(f"topk:{d}" for d in (0.05, 0.1, 0.2, 0.3)),
         *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
+        *(f"sq:{b}" for b in (1, 2, 3, 4)),
     ),
 }
 CANDIDATES = GRIDS["moderate"]
