@@ -1,0 +1,39 @@
+"""The communication benchmark runs end to end and counts what travelled (2 rounds, 1 seed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_communication_benchmark_smoke(tmp_path):
+    out = tmp_path / "comm.json"
+    cmd = [
+        sys.executable, "benchmarks/communication.py", "--settings", "adult", "--seeds", "0", "--rounds", "2",
+        "--methods", "none,uniform:sq:3,lgreco:sq:3", "--reallocate-every", "1", "--final-window", "1",
+        "--out", str(out),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    runs = report["settings"]["adult"]["runs"]["0"]
+    # Uncompressed: every site sends every exchanged float32 array, every round.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import communication  # noqa: PLC0415
+
+    _, sites, _, make, *_ = communication.adult_setting(2, 0)
+    initial = make("none")[1]
+    raw = sum(int(a.numpy().nbytes) for a in initial.values())
+    assert {r["bytes"] for r in runs["none"]["rounds"]} == {sites * raw}
+    # Uniform asks for no tables; L-GreCo asks in both allocation rounds and its tables travel.
+    assert all(r["table_bytes"] == 0 for r in runs["uniform:sq:3"]["rounds"])
+    assert all(r["table_bytes"] > 0 for r in runs["lgreco:sq:3"]["rounds"])
+    assert runs["uniform:sq:3"]["rounds"][0]["bytes"] < runs["none"]["rounds"][0]["bytes"] / 5
+    seed = report["settings"]["adult"]["per_seed"][0]
+    lg = seed["lgreco:sq:3"]
+    assert np.isclose(lg["bytes_reduction_vs_uniform"], seed["uniform:sq:3"]["bytes_per_round"] / lg["bytes_per_round"])
+    assert lg["final_accuracy"] == runs["lgreco:sq:3"]["accuracy"][-1]
