@@ -59,7 +59,7 @@ def with_compression(strategy: Strategy, cfg) -> Strategy:
     if mode == "lgreco":
         return LGreCo(
             strategy,
-            default=str(cfg.get("compression-default", "powersgd:4")),
+            default=str(cfg.get("compression-default", "powersgd:2")),
             alpha=float(cfg.get("compression-alpha", 1.0)),
             warmup_rounds=int(cfg.get("compression-warmup", 1)),
             reallocate_every=int(cfg.get("compression-reallocate-every", 5)),
