@@ -58,10 +58,17 @@ class QSGDCodec(Codec):
             raise ValueError(f"QSGD bucket_size must be an integer >= 0, got {bucket_size!r}.")
         self.bucket_size = int(bucket_size)
 
+    # The bit widths a setting may take (subclasses narrow them).
+    min_bits, max_bits = 2, 16
+
     @classmethod
     def validate_setting(cls, setting: Any) -> int:
-        if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or not 2 <= setting <= 16:
-            raise ValueError(f"QSGD bits must be an integer in [2, 16], got {setting!r}.")
+        if (
+            isinstance(setting, bool)
+            or not isinstance(setting, (int, np.integer))
+            or not cls.min_bits <= setting <= cls.max_bits
+        ):
+            raise ValueError(f"{cls.name} bits must be an integer in [{cls.min_bits}, {cls.max_bits}], got {setting!r}.")
         return int(setting)
 
     @classmethod
@@ -69,7 +76,9 @@ class QSGDCodec(Codec):
         try:
             return cls.validate_setting(int(text))
         except ValueError:
-            raise ValueError(f"QSGD bits must be an integer in [2, 16], got {text!r}.") from None
+            raise ValueError(
+                f"{cls.name} bits must be an integer in [{cls.min_bits}, {cls.max_bits}], got {text!r}."
+            ) from None
 
     def options(self) -> dict[str, int]:
         # Options travel as integers in the spec (see update.py).

@@ -58,21 +58,10 @@ class ScalarQuantCodec(QSGDCodec):
     ``ceil(size * bits / 8) + 4 * num_buckets``, the same as ``qsgd``.
     """
 
+    min_bits, max_bits = 1, 8
+
     def __init__(self, setting: Any = None, *, bucket_size: int = DEFAULT_BUCKET_SIZE) -> None:
         super().__init__(setting, bucket_size=bucket_size)
-
-    @classmethod
-    def validate_setting(cls, setting: Any) -> int:
-        if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or not 1 <= setting <= 8:
-            raise ValueError(f"sq bits must be an integer in [1, 8], got {setting!r}.")
-        return int(setting)
-
-    @classmethod
-    def parse_setting(cls, text: str) -> int:
-        try:
-            return cls.validate_setting(int(text))
-        except ValueError:
-            raise ValueError(f"sq bits must be an integer in [1, 8], got {text!r}.") from None
 
     def options(self) -> dict[str, int]:
         return {"bucket_size": self.bucket_size}
