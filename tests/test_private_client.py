@@ -90,3 +90,29 @@ def test_client_stops_when_the_next_round_would_exceed_the_budget():
     # Nothing trained: the reply is the global adapter it was sent, which weight 0 keeps out.
     for key in sent.keys():
         assert np.array_equal(reply.content["arrays"][key].numpy(), sent[key].numpy())
+
+
+def test_dp_training_and_lgreco_compression_compose():
+    """DP-SGD trains, then the update is compressed with error feedback: both states persist."""
+    from fedlowrank.clients import EF_STATE_KEY
+    from fedlowrank.compression import decode_update, settings_to_config
+
+    dp = DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-3, target_epsilon=50.0)
+    app = build_client_app(model_fn, data_fn, ADAPTER, dp=dp)
+    ctx = new_context()
+    arrays = initial_arrays()
+    settings = {k: "sq:2" for k in arrays.keys()}
+    epsilons = []
+    for _ in range(2):
+        msg = train_message(arrays)
+        msg.content["config"].update(settings_to_config(settings))
+        reply = app(msg, ctx)
+        metrics = reply.content["metrics"]
+        epsilons.append(metrics["dp_epsilon"])
+        assert epsilon_spent(dict(ctx.state[ACCOUNTANT_KEY]), delta=1e-3) == pytest.approx(epsilons[-1], rel=1e-6)
+        assert EF_STATE_KEY in ctx.state  # the residual survives next to the accountant
+        delta = decode_update({k: a.numpy() for k, a in reply.content["arrays"].items()})
+        assert set(delta) == set(arrays.keys()) and all(np.all(np.isfinite(d)) for d in delta.values())
+        assert any(np.any(d != 0) for d in delta.values())
+        arrays = to_record({k: torch.from_numpy(arrays[k].numpy() + delta[k]) for k in delta})
+    assert 0 < epsilons[0] < epsilons[1]
