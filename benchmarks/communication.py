@@ -99,7 +99,7 @@ CANDIDATES = GRIDS["moderate"]
 TABLE_KEYS = (ERRORS_KEY, ENERGY_KEY)
 # L-GreCo knobs (CLI): what the allocator budgets, how often it re-allocates, and how far
 # the interval may grow while allocations leave the settings unchanged (1 = fixed).
-LGRECO_OPTIONS = {"error_model": "feedback", "reallocate_every": 5, "max_interval_factor": 4}
+LGRECO_OPTIONS = {"error_model": "feedback", "reallocate_every": 5, "max_interval_factor": 4, "budget_anchor": "current"}
 # Final accuracy = mean over the last rounds (CLI --final-window).
 FINAL_WINDOW = 3
 
@@ -455,6 +455,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds of every setting")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="moderate", help="L-GreCo's candidate settings")
     parser.add_argument("--error-model", choices=("feedback", "oneshot"), default="feedback")
+    parser.add_argument("--budget-anchor", choices=("current", "warmup"), default="current")
     parser.add_argument("--final-window", type=int, default=FINAL_WINDOW, help="final accuracy: mean of the last N rounds")
     parser.add_argument("--reallocate-every", type=int, default=5)
     parser.add_argument(
@@ -467,7 +468,10 @@ def main() -> None:
         parser.error("--final-window must be >= 1")
     FINAL_WINDOW = args.final_window
     LGRECO_OPTIONS.update(
-        error_model=args.error_model, reallocate_every=args.reallocate_every, max_interval_factor=args.max_interval_factor
+        error_model=args.error_model,
+        reallocate_every=args.reallocate_every,
+        max_interval_factor=args.max_interval_factor,
+        budget_anchor=args.budget_anchor,
     )
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)

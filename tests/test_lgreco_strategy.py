@@ -13,6 +13,7 @@ from fedlowrank.compression import (
     feedback_errors,
     payload_nbytes,
     read_tables,
+    relative_errors,
     settings_from_config,
     size_table,
 )
@@ -353,3 +354,40 @@ def test_silent_clients_delay_but_do_not_stall_a_backed_off_allocation(task_iden
     assert asked == [1, 5, 6, 7, 13]
     assert sorted(strat.allocation_history) == [1, 7, 13]
     assert strat.allocation_details[7]["next_allocation"] == 13
+
+
+def _with_tables(payload, relative, update_energy):
+    """A reply payload carrying hand-made tables (relative errors, ||u||^2 = ||x||^2)."""
+    energy = np.stack([update_energy, update_energy], axis=1).astype(np.float32)
+    return {**payload, "lgreco-errors": relative_errors(relative * update_energy[:, None], update_energy), "lgreco-energy": energy}
+
+
+@pytest.mark.parametrize("anchor", ["warmup", "current"])
+def test_budget_stays_anchored_to_the_warmup_default(anchor):
+    """Later tables describe L-GreCo's own residual state; the default's error on it must not raise the budget."""
+    glob = _global()
+    strat = _strategy(warmup_rounds=1, reallocate_every=1, alpha=1.0, budget_anchor=anchor)
+    energy = np.array([4.0, 3.0, 2.0, 1.0])
+    # Columns: none, powersgd:1, powersgd:4 (default), topk:0.1, qsgd:8.
+    rel = np.tile([0.0, 0.5, 0.1, 0.15, 0.04], (4, 1))
+    first = _with_tables(_encoded(glob, _locals(glob, 1)[0], strat.settings), rel, energy)
+    strat.aggregate_train(1, [_reply(1, first, 10)])
+    budget_1 = feedback_errors(rel * energy[:, None], np.stack([energy, energy], 1))[:, 2].sum()
+    # Round 2: every setting loses 2x as much on the (worse) state, same update energy.
+    worse = rel * 2
+    second = _with_tables(_encoded(glob, _locals(glob, 1)[0], strat.settings), worse, energy)
+    strat.aggregate_train(2, [_reply(1, second, 10)])
+    settled = feedback_errors(np.minimum(worse, 0.99) * energy[:, None], np.stack([energy, energy], 1))
+    chosen = np.array([CANDS.index(strat.settings[r]) for r in sorted(SHAPES)])
+    total = settled[np.arange(4), chosen].sum()
+    if anchor == "warmup":
+        assert total <= budget_1 * (1 + 1e-3)
+        assert strat.allocation_details[2]["error_ratio"] <= 1 + 1e-3
+    else:
+        # Budgeted against the default on the worse state: more error than the warm-up default had.
+        assert total > budget_1
+
+
+def test_budget_anchor_is_validated():
+    with pytest.raises(ValueError, match="budget_anchor"):
+        _strategy(budget_anchor="later")
