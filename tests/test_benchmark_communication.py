@@ -37,3 +37,12 @@ def test_communication_benchmark_smoke(tmp_path):
     lg = seed["lgreco:sq:3"]
     assert np.isclose(lg["bytes_reduction_vs_uniform"], seed["uniform:sq:3"]["bytes_per_round"] / lg["bytes_per_round"])
     assert lg["final_accuracy"] == runs["lgreco:sq:3"]["accuracy"][-1]
+
+    # The plot script reads the same report (needs matplotlib, in the test extra).
+    png = tmp_path / "comm.png"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/plot_communication.py", str(out), "--out", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,85 @@
+"""Plot the communication benchmark: bytes per round against accuracy vs no compression.
+
+    python benchmarks/plot_communication.py results/communication_adult.json \
+        results/communication_digits.json --out docs/communication.png
+
+Each uniform default (hollow marker) has an arrow to L-GreCo budgeted against it (filled
+marker, bytes including its tables); the star is no compression. Accuracy is the paired
+difference to no compression on the same seed (points), mean over seeds, bars from the
+smallest to the largest; the dashed line is the 1-point target. Needs ``fedlowrank[plot]``
+(matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FAMILY_COLOURS = {"powersgd": "tab:blue", "topk": "tab:orange", "qsgd": "tab:green", "sq": "tab:purple"}
+
+
+def settings_of(paths: list[Path]) -> dict[str, dict]:
+    """``{setting: combined figures}`` from one or more benchmark reports."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        for name, setting in report["settings"].items():
+            out[name] = setting["combined"]
+    if not out:
+        raise ValueError(f"no settings in {[str(p) for p in paths]}")
+    return out
+
+
+def plot(settings: dict[str, dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
+    for ax, (name, combined) in zip(axes[0], settings.items()):
+        def point(method):
+            s = combined[method]
+            gap = s["accuracy_gap_vs_none"]
+            return s["bytes_per_round"]["mean"], 100 * gap["mean"], 100 * gap["min"], 100 * gap["max"]
+
+        if "none" in combined:
+            x, y, lo, hi = point("none")
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="*", color="black", ms=14, label="no compression")
+        for method in combined:
+            if not method.startswith("uniform:"):
+                continue
+            default = method.split(":", 1)[1]
+            colour = FAMILY_COLOURS.get(default.split(":")[0], "grey")
+            ux, uy, ulo, uhi = point(method)
+            ax.errorbar([ux], [uy], yerr=[[uy - ulo], [uhi - uy]], fmt="o", mfc="white", color=colour, ms=8)
+            ax.annotate(default, (ux, uy), textcoords="offset points", xytext=(5, 5), fontsize=8, color=colour)
+            if f"lgreco:{default}" in combined:
+                lx, ly, llo, lhi = point(f"lgreco:{default}")
+                ax.errorbar([lx], [ly], yerr=[[ly - llo], [lhi - ly]], fmt="o", color=colour, ms=8)
+                ax.annotate("", (lx, ly), (ux, uy), arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
+        ax.axhline(-1.0, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per round, all clients (log)")
+        ax.set_ylabel("final accuracy minus no compression (points)")
+        ax.set_title(f"{name}: uniform (hollow) -> L-GreCo (filled)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="benchmarks/communication.py --out files")
+    parser.add_argument("--out", type=Path, default=Path("results/communication.png"))
+    args = parser.parse_args()
+    plot(settings_of(args.reports), args.out)
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
