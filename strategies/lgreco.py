@@ -123,8 +123,8 @@ class LGreCo(Strategy):
         not what the uniform default would lose. Measured
         (``benchmarks/communication.py --budget-anchor warmup``, seed 0):
         it stops the error creep against ``qsgd:4`` on the digits
-        transformer (1.72x -> 0.68x the uniform error) but lets ``topk:0.3``
-        overshoot there (0.85x -> 1.29x), so it is not the default.
+        transformer (1.90x -> 0.68x the uniform error) but lets ``topk:0.3``
+        overshoot there (0.83x -> 1.29x), so it is not the default.
     num_bins : int, default 1000
         Error discretisation of the allocator.
     error_model : {"feedback", "oneshot"}, default "feedback"
