@@ -6,13 +6,17 @@
 design, so later runs start fast). This wrapper starts its own SuperLink in simulation
 mode instead, runs the app with log streaming, and stops the SuperLink and everything
 it spawned, by process group, when the run ends or fails. If a SuperLink is already
-serving the local ports it is used and left running.
+serving the local ports it is used and left running. The exit code is non-zero when the
+run failed: ``flwr run --stream`` exits 0 even when the ServerApp raised, so the runner
+asks the SuperLink for the run's final status (``flwr ls``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONTROL_PORT = 39093
+RUN_STARTED = re.compile(r"started run (\d+)")
 HEALTH_URL = "http://127.0.0.1:39091/health"
 QUIET_ENV = {
     # The local SuperLink would otherwise reinstall the app's dependencies (torch!) with uv.
@@ -76,6 +81,33 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
+def stream(command: list[str], env: dict) -> tuple[int, int | None]:
+    """Run ``flwr run --stream``, echoing its output; return its exit code and the run ID."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    run_id = None
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        found = RUN_STARTED.search(line)
+        if found and run_id is None:
+            run_id = int(found.group(1))
+    return process.wait(), run_id
+
+
+def run_status(run_id: int, env: dict) -> str | None:
+    """The run's final status as the SuperLink reports it (``flwr ls``), e.g. ``finished:completed``."""
+    done = subprocess.run(
+        [shutil.which("flwr") or "flwr", "ls", "local", "--run-id", str(run_id), "--format", "json"],
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )
+    try:
+        runs = json.loads(done.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a fedlowrank simulation app end to end.")
     parser.add_argument("app", help="app folder under simulations/ (e.g. adult_married) or a path")
@@ -98,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_config:
         command += ["--run-config", args.run_config]
     try:
-        return subprocess.run(command, env=env, check=False).returncode
+        code, run_id = stream(command, env)
+        if code == 0 and run_id is not None:
+            # `flwr run --stream` exits 0 even when the ServerApp raised; ask the SuperLink.
+            status = run_status(run_id, env)
+            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
+            if status is not None and "completed" not in status:
+                code = 1
+        return code
     finally:
         if owned is not None:
             stop(owned)

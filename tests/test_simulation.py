@@ -39,6 +39,18 @@ def test_flwr_run_with_heterogeneous_ranks_improves_on_the_base(tmp_path):
         assert r["clients_train"]["agg-clients-dropped"] == 0
         assert all(math.isfinite(r["clients_eval"][k]) for k in ("eval-auc", "eval-loss", "eval-es_auc"))
     assert "round 2: central AUC" in out
+    assert "finished:completed" in out
+
+
+def test_a_failing_serverapp_fails_the_runner(tmp_path):
+    """`flwr run --stream` exits 0 when the ServerApp raises; the runner must not."""
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "adult_married", "--supernodes", "2", "--run-config", "num-server-rounds=1 strategy='bogus'"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "unknown strategy 'bogus'" in proc.stdout and "finished:failed" in proc.stdout
+    assert not superlink_healthy()
 
 
 @pytest.mark.slow
