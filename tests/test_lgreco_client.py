@@ -232,3 +232,43 @@ def test_lgreco_around_fedlowrank_trains_over_rounds_with_a_silent_client():
     assert np.isfinite(loss) and loss < start_loss and acc >= start_acc
     # Each client's state persisted across all rounds.
     assert all(c.state.array_records[EF_STATE_KEY]["meta"].numpy()[1] == 5 for c in nodes.values())
+
+
+GROUPED = AdapterConfig(target_modules=r"net\.(0|2)", rank=2, groups=2, trainable=r"net\.4\..*")
+
+
+def grouped_data_fn(context):
+    """Two groups (sign of feature 1) with different decision rules."""
+    gen = torch.Generator().manual_seed(200 + int(context.node_config.get("partition-id", 0)))
+    x = torch.randn(96, 12, generator=gen)
+    g = (x[:, 1] > 0).long()
+    y = torch.where(g == 1, x[:, :3].sum(1) > 0, x[:, 3:6].sum(1) > 0).float()
+    batches = [(x[i : i + 32], y[i : i + 32], g[i : i + 32]) for i in range(0, 96, 32)]
+    return ClientData(train=batches, test=batches, num_groups=2)
+
+
+@pytest.mark.parametrize("mode", ["exact", "paper"])
+def test_lgreco_composes_with_fairlora(mode):
+    """Compressed grouped factors decode into FairLoRA: one row of S per group survives, loss falls."""
+    from fedlowrank.strategies import FairLoRA
+
+    app = build_client_app(model_fn, grouped_data_fn, GROUPED, lr=0.02)
+    nodes = {n: context(node=n, partition=n - 1) for n in (1, 2, 3)}
+    strategy = LGreCo(FairLoRA(mode=mode, rank=2), default="sq:3", reallocate_every=2, max_interval_factor=1)
+    init = {k: a.numpy() for k, a in to_record(exchange_state(build_model(model_fn, GROUPED, context()))).items()}
+    arrays = ArrayRecord({k: Array(v) for k, v in init.items()})
+
+    def loss_of(record):
+        model = build_model(model_fn, GROUPED, context())
+        load_exchange_state(model, {k: torch.from_numpy(np.asarray(a.numpy())) for k, a in record.items()})
+        batches = [b for p in range(3) for b in grouped_data_fn(context(partition=p)).test]
+        return predict(model, batches, torch.device("cpu")).loss
+
+    start = loss_of(arrays)
+    for rnd in range(1, 5):
+        replies = [app(msg, nodes[msg.metadata.dst_node_id]) for msg in strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.02}), Grid(nodes))]
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        assert metrics["lgreco-dropped"] == 0 and metrics["lgreco-bytes"] < metrics["lgreco-raw-bytes"]
+    assert sorted(strategy.allocation_history) == [1, 3]
+    assert arrays["net.0.lora_S"].numpy().shape[0] == 2  # one row of singular values per group
+    assert np.all(np.isfinite(arrays["net.0.lora_S"].numpy())) and loss_of(arrays) < start
