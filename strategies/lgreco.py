@@ -24,13 +24,14 @@ unchanged.
 Client -> server (train reply): exactly one ArrayRecord (any key) holding
 
 * the *update* ``local - global`` (global = the arrays received this round)
-  plus the client's error-feedback residual, compressed per tensor:
-  ``"lgreco/<tensor>::spec"`` (uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``)
-  and ``"lgreco/<tensor>::<field>"`` (the codec's arrays), for every tensor
-  of the global arrays, with the global shape;
-* when candidates were sent: ``"lgreco-errors"`` (float32,
-  ``(num_tensors, num_candidates)``, columns in the order of
-  ``"lgreco-candidates"``) and ``"lgreco-energy"`` (float32,
+  plus the client's error-feedback residual, compressed per tensor, for
+  every tensor of the global arrays with the global shape, as two uint8
+  arrays: ``"lgreco-spec"`` (one ASCII line
+  ``"<codec>:<setting>|<shape>|<opts>"`` per tensor, sorted names) and
+  ``"lgreco-payload"`` (every tensor's codec fields as one byte stream);
+* when candidates were sent: ``"lgreco-errors"`` (float16 ratios to
+  ``||update + residual||^2``, ``(num_tensors, num_candidates)``, columns in
+  the order of ``"lgreco-candidates"``) and ``"lgreco-energy"`` (float32,
   ``(num_tensors, 2)``: ``||update||^2``, ``||update + residual||^2``), rows in
   sorted tensor-name order. No size table: the server computes every
   candidate's encoded size from the global shapes
@@ -44,8 +45,8 @@ Server side (``aggregate_train``): each reply is decoded
 global arrays sent this round, and the reply is handed to the inner strategy
 as a plain ArrayRecord of the reconstructed arrays (same key, same metrics),
 so FedAvg or ``FedLowRank`` aggregate as if nothing had been compressed. A
-reply that fails to decode (unknown codec, shapes, dtypes, missing tensors)
-is dropped with a logged reason; the round goes on with the others.
+reply that fails to decode (unknown codec, shapes, dtypes, lengths, a spec
+for another number of tensors) is dropped with a logged reason; the round goes on with the others.
 
 Because the update is a delta from the global arrays, clients must keep the
 global shapes (no per-client factor ranks under compression).
@@ -321,7 +322,7 @@ class LGreCo(Strategy):
                 nbytes.append(sum(int(a.numpy().nbytes) for a in record.values()))
                 serialized.append(sum(len(a.data) for a in record.values()))
                 payload = {k: a.numpy() for k, a in record.items()}
-                decoded.append(self._reconstructed_reply(reply, record_key, payload, base))
+                decoded.append(self._reconstructed_reply(reply, record_key, payload, base, self.settings))
             except ValueError as err:
                 dropped += 1
                 log(WARNING, "LGreCo: dropping reply from node %s in round %s: %s", node, server_round, err)
@@ -345,18 +346,16 @@ class LGreCo(Strategy):
 
     @staticmethod
     def _reconstructed_reply(
-        reply: Message, record_key: str, payload: dict[str, np.ndarray], base: dict[str, np.ndarray]
+        reply: Message,
+        record_key: str,
+        payload: dict[str, np.ndarray],
+        base: dict[str, np.ndarray],
+        settings: dict[str, str],
     ) -> Message:
         """A copy of ``reply`` whose ArrayRecord holds ``global + decoded delta``."""
-        delta = decode_update(payload)
-        missing = sorted(set(base) - set(delta))
-        extra = sorted(set(delta) - set(base))
-        if missing or extra:
-            raise ValueError(f"encoded tensors do not match the global arrays (missing {missing[:5]}, extra {extra[:5]})")
+        delta = decode_update(payload, {k: v.shape for k, v in base.items()}, settings)
         arrays = {}
         for name, ref in base.items():
-            if delta[name].shape != ref.shape:
-                raise ValueError(f"tensor {name!r} has shape {delta[name].shape}, global is {ref.shape}")
             arrays[name] = Array(np.asarray(ref.astype(np.float64) + delta[name]).astype(ref.dtype))
         content = RecordDict({record_key: ArrayRecord(arrays)})
         for key, rec in reply.content.metric_records.items():

@@ -29,6 +29,14 @@ SHAPES = [(30, 20), (8, 3, 3, 3), (17,), (), (1, 5), (64, 2), (7, 3)]
 
 @pytest.mark.parametrize("cand", CANDIDATES)
 @pytest.mark.parametrize("shape", SHAPES)
+def test_encode_produces_exactly_the_declared_layout(cand, shape):
+    codec = get_codec(cand)
+    payload = codec.encode(np.random.default_rng(1).standard_normal(shape), state={}, rng=np.random.default_rng(0))
+    assert [(k, v.dtype, v.shape) for k, v in payload.items()] == [(n, np.dtype(d), tuple(s)) for n, d, s in codec.layout(shape)]
+
+
+@pytest.mark.parametrize("cand", CANDIDATES)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_shape_dtype_and_exact_bytes(cand, shape):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape)
@@ -245,13 +253,47 @@ def test_bad_specs_raise():
         parse_spec(np.zeros(3, dtype=np.int8))
 
 
+def _update(settings, shapes, seed=0):
+    from fedlowrank.compression import ErrorFeedback, encode_update
+
+    rng = np.random.default_rng(seed)
+    update = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    return encode_update(update, settings, ErrorFeedback())[0]
+
+
+def _with_spec_line(payload, index, line):
+    lines = payload["lgreco-spec"].tobytes().split(b"\n")
+    lines[index] = line
+    return {**payload, "lgreco-spec": np.frombuffer(b"\n".join(lines), dtype=np.uint8).copy()}
+
+
+def test_update_travels_as_two_arrays_whose_bytes_are_the_codec_sizes():
+    shapes = {"a": (16, 8), "b": (30,), "c": (7, 3)}
+    settings = {"a": "powersgd:2", "b": "topk:0.1", "c": "sq:3"}
+    payload = _update(settings, shapes)
+    assert set(payload) == {"lgreco-spec", "lgreco-payload"}
+    assert payload["lgreco-spec"].tobytes() == b"powersgd:2|16,8|\ntopk:0.1|30|\nsq:3|7,3|"
+    assert payload["lgreco-payload"].size == sum(get_codec(settings[k]).encoded_size(shapes[k]) for k in shapes)
+    decoded = decode_update(payload, shapes, settings)
+    assert {k: v.shape for k, v in decoded.items()} == shapes
+
+
 def test_decode_update_names_the_bad_tensor():
-    with pytest.raises(ValueError, match="'w'.*spec"):
-        decode_update({"lgreco/w::raw": np.zeros(3, np.float32)})
-    codec = get_codec("none")
-    good = {"lgreco/w::spec": make_spec(codec, (3,)), "lgreco/w::raw": np.zeros(4, np.float32)}
+    shapes = {"v": (4,), "w": (3,)}
+    settings = {"v": "none", "w": "none"}
+    payload = _update(settings, shapes)
+    with pytest.raises(ValueError, match="'lgreco-spec'"):
+        decode_update({"lgreco-payload": payload["lgreco-payload"]}, shapes)
     with pytest.raises(ValueError, match="'w'.*shape"):
-        decode_update(good)
+        decode_update(_with_spec_line(payload, 1, b"none|4|"), shapes)
+    with pytest.raises(ValueError, match="'w'.*declares 'qsgd:4'.*asked for 'none'"):
+        decode_update(_with_spec_line(payload, 1, b"qsgd:4|3|"), shapes, settings)
+    with pytest.raises(ValueError, match="'v'.*Unknown codec"):
+        decode_update(_with_spec_line(payload, 0, b"zip:3|4|"), shapes)
+    with pytest.raises(ValueError, match="declares 2 tensors, the global model has 3"):
+        decode_update(payload, {**shapes, "x": (1,)})
+    with pytest.raises(ValueError, match="holds 24 bytes, the specs declare 28"):
+        decode_update({**payload, "lgreco-payload": payload["lgreco-payload"][:-4]}, shapes)
 
 
 def test_registry_and_candidate_keys():
@@ -271,7 +313,11 @@ def test_registry_and_candidate_keys():
             s = self._expect_array(payload, "s", np.uint8, tuple(shape))
             return np.where(s, -1.0, 1.0).astype(np.float32)
 
+        def layout(self, shape):
+            return [("s", np.dtype(np.uint8), tuple(shape))]
+
     assert get_codec("test-sign").decode(get_codec("test-sign").encode(-np.ones(3)), (3,)).tolist() == [-1, -1, -1]
+    assert get_codec("test-sign").encoded_size((3,)) == 3
     with pytest.raises(ValueError, match="already registered"):
         register_codec("test-sign")(type("Other", (SignCodec,), {}))
     with pytest.raises(ValueError, match="Invalid codec name"):
@@ -324,16 +370,15 @@ def test_pack_levels_round_trips_every_code(bits):
 
 def test_qsgd_8bit_payload_declared_as_4_bits_is_rejected_on_the_wire():
     """A spec that says qsgd:4 over 8-bit levels fails in decode_update, not silently."""
-    from fedlowrank.compression import ErrorFeedback, decode_update, encode_update, make_spec
-
-    x = {"w": np.random.default_rng(1).standard_normal((8, 8))}
-    payload, _ = encode_update(x, {"w": "qsgd:8"}, ErrorFeedback())
-    assert payload["lgreco/w::q"].size == 64  # one byte per value at 8 bits
-    payload["lgreco/w::spec"] = make_spec(get_codec("qsgd:4"), (8, 8))
-    with pytest.raises(ValueError, match="'w'.*'q'.*64 packed bytes, expected 32.*bits mismatch"):
-        decode_update(payload)
+    shapes = {"w": (8, 8)}
+    payload = _update({"w": "qsgd:8"}, shapes)
+    assert payload["lgreco-payload"].size == 64 + 4  # one byte per value at 8 bits, one norm
+    with pytest.raises(ValueError, match="holds 68 bytes, the specs declare 36"):
+        decode_update(_with_spec_line(payload, 0, b"qsgd:4|8,8|"), shapes)
     # The other way round: 4-bit levels declared as 8 bits are half the bytes.
-    payload, _ = encode_update(x, {"w": "qsgd:4"}, ErrorFeedback())
-    payload["lgreco/w::spec"] = make_spec(get_codec("qsgd:8"), (8, 8))
-    with pytest.raises(ValueError, match="'w'.*expected 64.*bits mismatch"):
-        decode_update(payload)
+    payload = _update({"w": "qsgd:4"}, shapes)
+    with pytest.raises(ValueError, match="holds 36 bytes, the specs declare 68"):
+        decode_update(_with_spec_line(payload, 0, b"qsgd:8|8,8|"), shapes)
+    # Same length, other codec (sq:4 declared over qsgd:4 fields): the server's settings catch it.
+    with pytest.raises(ValueError, match="'w'.*declares 'sq:4'.*asked for 'qsgd:4'"):
+        decode_update(_with_spec_line(payload, 0, b"sq:4|8,8|"), shapes, {"w": "qsgd:4"})

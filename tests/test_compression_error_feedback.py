@@ -37,7 +37,7 @@ def test_sum_of_decoded_updates_tracks_sum_of_true_updates(cand):
     norms, update_norm = [], []
     for update in _stream(200):
         payload, _ = encode_update(update, settings, ef)
-        decoded = decode_update(payload)
+        decoded = decode_update(payload, SHAPES)
         for k in SHAPES:
             sent[k] += decoded[k]
             true[k] += update[k]
@@ -120,7 +120,7 @@ def test_encode_update_tables_and_config_helpers():
         assert absolute[i, 0] <= 1e-7 * np.sum(x**2)  # "none" loses only float32 rounding
         np.testing.assert_allclose(absolute[i, 1], powersgd_tail, rtol=2e-3, atol=1e-7 * np.sum(x**2))
         assert absolute[i, 1] >= powersgd_tail * (1 - 1e-6)  # rounded up, never optimistic
-    assert set(decode_update({**payload, **tables})) == set(SHAPES)  # table keys are ignored
+    assert set(decode_update({**payload, **tables}, SHAPES)) == set(SHAPES)  # table keys are ignored
     with pytest.raises(ValueError, match="No compression setting"):
         encode_update(update, {"bias": "none"}, ErrorFeedback())
 

@@ -11,7 +11,15 @@ from fedlowrank.adapters import exchange_state, load_exchange_state
 from fedlowrank.clients import EF_STATE_KEY, AdapterConfig, ClientData, build_client_app, predict, to_record
 from fedlowrank.clients.app import build_model
 from fedlowrank.clients.compression import compress_arrays, model_update
-from fedlowrank.compression import CANDIDATES_KEY, ENERGY_KEY, ERRORS_KEY, decode_update, settings_to_config
+from fedlowrank.compression import (
+    CANDIDATES_KEY,
+    ENERGY_KEY,
+    ERRORS_KEY,
+    PAYLOAD_KEY,
+    SPEC_KEY,
+    decode_update,
+    settings_to_config,
+)
 from fedlowrank.strategies import FedLowRank, LGreCo
 
 ADAPTER = AdapterConfig(target_modules=r"net\.(0|2)", rank=2, trainable=r"net\.4\..*")
@@ -120,8 +128,8 @@ def test_residual_persists_across_rounds_and_decoded_plus_residual_is_the_true_u
         plain = reply_arrays(APP(train_message(glob), context()))
         reply = APP(train_message(glob, settings_to_config(SETTINGS)), ctx)
         sent = reply_arrays(reply)
-        assert all(k.startswith("lgreco/") for k in sent)
-        decoded = decode_update(sent)
+        assert set(sent) == {SPEC_KEY, PAYLOAD_KEY}
+        decoded = decode_update(sent, {k: v.shape for k, v in glob.items()}, SETTINGS)
         res = residuals(ctx)
         for name in glob:
             want = plain[name].astype(np.float64) - glob[name] + owed[name]
@@ -171,29 +179,36 @@ def test_missing_setting_is_an_error_and_leaves_state_as_it_was():
     assert EF_STATE_KEY not in state.array_records
 
 
+def _replace_spec(arrays, name, line):
+    """Swap the spec line of ``name`` (lines follow the sorted tensor names)."""
+    lines = arrays[SPEC_KEY].tobytes().split(b"\n")
+    lines[sorted(SETTINGS).index(name)] = line.encode("ascii")
+    arrays[SPEC_KEY] = np.frombuffer(b"\n".join(lines), dtype=np.uint8).copy()
+
+
 @pytest.mark.parametrize(
     ("tamper", "match"),
     [
-        # The declared codec does not match the arrays (Top-K spec on QSGD fields).
-        (lambda a: a.__setitem__("lgreco/net.2.lora_U::spec", _spec("topk:0.25|16,2|")), "net.2.lora_U"),
-        # The declared shape does not match the arrays.
-        (lambda a: a.__setitem__("lgreco/net.0.lora_U::spec", _spec("powersgd:1|17,2|")), "net.0.lora_U"),
-        # The declared setting does not match: density 0.25 declared, 0.5 sent.
-        (lambda a: a.__setitem__("lgreco/net.4.weight::spec", _spec("topk:0.25|1,16|")), "net.4.weight.*idx"),
+        # The declared codec does not match what the server asked for (Top-K over QSGD fields).
+        (lambda a: _replace_spec(a, "net.2.lora_U", "topk:0.25|16,2|"), "net.2.lora_U.*asked for 'qsgd:4'"),
+        # The declared shape does not match the global tensor.
+        (lambda a: _replace_spec(a, "net.0.lora_U", "powersgd:1|17,2|"), "net.0.lora_U.*shape"),
+        # The declared setting does not match: density 0.25 declared, 0.5 asked for and sent.
+        (lambda a: _replace_spec(a, "net.4.weight", "topk:0.25|1,16|"), "net.4.weight.*asked for 'topk:0.5'"),
         # An unknown codec.
-        (lambda a: a.__setitem__("lgreco/net.4.bias::spec", _spec("zip:3|1|")), "net.4.bias"),
+        (lambda a: _replace_spec(a, "net.4.bias", "zip:3|1|"), "net.4.bias.*Unknown codec"),
+        # Fields that do not fit the declared layout.
+        (lambda a: a.update({PAYLOAD_KEY: a[PAYLOAD_KEY][:-1]}), "bytes, the specs declare"),
     ],
 )
 def test_payload_that_does_not_match_its_spec_is_rejected(tamper, match):
-    sent = reply_arrays(APP(train_message(initial_arrays(), settings_to_config(SETTINGS)), context()))
-    decode_update(sent)  # untouched: fine
+    glob = initial_arrays()
+    shapes = {k: v.shape for k, v in glob.items()}
+    sent = reply_arrays(APP(train_message(glob, settings_to_config(SETTINGS)), context()))
+    decode_update(sent, shapes, SETTINGS)  # untouched: fine
     tamper(sent)
     with pytest.raises(ValueError, match=match):
-        decode_update(sent)
-
-
-def _spec(text):
-    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).copy()
+        decode_update(sent, shapes, SETTINGS)
 
 
 def accuracy(arrays):

@@ -11,6 +11,7 @@ from fedlowrank.compression import (
     ErrorFeedback,
     encode_update,
     feedback_errors,
+    get_codec,
     payload_nbytes,
     read_tables,
     relative_errors,
@@ -117,8 +118,10 @@ def test_bytes_counted_are_the_arrays_nbytes():
     glob = _global()
     strat = _strategy(warmup_rounds=1)
     settings = {"fc.lora_U": "none", "fc.lora_V": "qsgd:8", "head.weight": "powersgd:4", "head.bias": "topk:0.1"}
+    strat.settings = dict(settings)  # what configure_train would have sent
     arrays = [_encoded(glob, loc, settings, candidates=CANDS) for loc in _locals(glob)]
     _, metrics = strat.aggregate_train(1, [_reply(n, a, 5) for n, a in zip([1, 2, 3], arrays)])
+    assert metrics["lgreco-dropped"] == 0
     expected = [payload_nbytes(a) for a in arrays]
     assert metrics["lgreco-bytes-per-client"] == expected
     assert metrics["lgreco-bytes"] == sum(expected)
@@ -128,25 +131,49 @@ def test_bytes_counted_are_the_arrays_nbytes():
     assert strat.bytes_history[1] == dict(zip([1, 2, 3], expected))
 
 
+CORRUPT_SETTINGS = {"fc.lora_U": "none", "fc.lora_V": "none", "head.weight": "powersgd:4", "head.bias": "topk:0.1"}
+
+
+def _offset(name):
+    """Where ``name``'s fields start in the payload stream (tensors in sorted order)."""
+    before = [n for n in sorted(SHAPES) if n < name]
+    return sum(get_codec(CORRUPT_SETTINGS[n]).encoded_size(SHAPES[n]) for n in before)
+
+
+def _set_bytes(a, offset, values):
+    payload = a["lgreco-payload"].copy()
+    payload[offset : offset + len(values)] = values
+    a["lgreco-payload"] = payload
+
+
+def _spec_lines(a, edit):
+    lines = a["lgreco-spec"].tobytes().split(b"\n")
+    a["lgreco-spec"] = np.frombuffer(b"\n".join(edit(lines)), dtype=np.uint8).copy()
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
-        lambda a: a.__setitem__("lgreco/head.bias::idx", np.full_like(a["lgreco/head.bias::idx"], 250)),
-        lambda a: a.__setitem__("lgreco/head.weight::p", a["lgreco/head.weight::p"][:, :2]),
-        lambda a: a.pop("lgreco/fc.lora_U::spec"),
-        lambda a: [a.pop(k) for k in list(a) if k.startswith("lgreco/fc.lora_V")],
+        # head.bias (20 entries, topk:0.1): two uint8 indices, then two float32 values.
+        lambda a: _set_bytes(a, _offset("head.bias"), [250, 251]),
+        lambda a: a.update({"lgreco-payload": a["lgreco-payload"][:-8]}),
+        lambda a: a.pop("lgreco-spec"),
+        # head.weight declared at another rank than it was encoded with.
+        lambda a: _spec_lines(a, lambda ls: [*ls[:3], b"powersgd:2|20,16|"]),
+        lambda a: _spec_lines(a, lambda ls: ls[:3]),
     ],
 )
 def test_corrupt_reply_is_dropped_and_the_round_goes_on(corrupt):
     glob = _global()
     locs = _locals(glob)
-    strat = _strategy()
-    settings = {"fc.lora_U": "none", "fc.lora_V": "none", "head.weight": "powersgd:4", "head.bias": "topk:0.1"}
-    arrays = [_encoded(glob, loc, settings) for loc in locs]
+    strat, reference = _strategy(), _strategy()
+    strat.settings = dict(CORRUPT_SETTINGS)
+    reference.settings = dict(CORRUPT_SETTINGS)
+    arrays = [_encoded(glob, loc, CORRUPT_SETTINGS) for loc in locs]
     corrupt(arrays[1])
-    good = [_encoded(glob, loc, settings) for loc in locs]
+    good = [_encoded(glob, loc, CORRUPT_SETTINGS) for loc in locs]
     got, metrics = strat.aggregate_train(1, [_reply(n, a, 10) for n, a in zip([1, 2, 3], arrays)])
-    want, _ = _strategy().aggregate_train(1, [_reply(n, good[i], 10) for i, n in [(0, 1), (2, 3)]])
+    want, _ = reference.aggregate_train(1, [_reply(n, good[i], 10) for i, n in [(0, 1), (2, 3)]])
     for k in want.keys():
         np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), atol=1e-6)
     assert metrics["lgreco-dropped"] == 1

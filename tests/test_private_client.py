@@ -111,7 +111,8 @@ def test_dp_training_and_lgreco_compression_compose():
         epsilons.append(metrics["dp_epsilon"])
         assert epsilon_spent(dict(ctx.state[ACCOUNTANT_KEY]), delta=1e-3) == pytest.approx(epsilons[-1], rel=1e-6)
         assert EF_STATE_KEY in ctx.state  # the residual survives next to the accountant
-        delta = decode_update({k: a.numpy() for k, a in reply.content["arrays"].items()})
+        shapes = {k: a.shape for k, a in arrays.items()}
+        delta = decode_update({k: a.numpy() for k, a in reply.content["arrays"].items()}, shapes, settings)
         assert set(delta) == set(arrays.keys()) and all(np.all(np.isfinite(d)) for d in delta.values())
         assert any(np.any(d != 0) for d in delta.values())
         arrays = to_record({k: torch.from_numpy(arrays[k].numpy() + delta[k]) for k in delta})

@@ -21,10 +21,11 @@ from .scalar import ScalarQuantCodec
 from .topk import TopKCodec
 from .update import (
     CANDIDATES_KEY,
-    ENCODED_PREFIX,
     ERRORS_KEY,
     ENERGY_KEY,
+    PAYLOAD_KEY,
     SETTING_PREFIX,
+    SPEC_KEY,
     decode_update,
     encode_update,
     is_encoded_key,
@@ -41,10 +42,11 @@ from .update import (
 __all__ = [
     "CANDIDATES_KEY",
     "DEFAULT_NUM_BINS",
-    "ENCODED_PREFIX",
     "ERRORS_KEY",
     "ENERGY_KEY",
+    "PAYLOAD_KEY",
     "SETTING_PREFIX",
+    "SPEC_KEY",
     "Codec",
     "ErrorFeedback",
     "PowerSGDCodec",

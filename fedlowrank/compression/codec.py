@@ -228,22 +228,24 @@ class Codec(ABC):
         err = float(np.sum((np.asarray(x, dtype=np.float64) - decoded) ** 2))
         return err, payload_nbytes(payload)
 
-    def encoded_size(self, shape: Sequence[int]) -> int:
-        """Exact bytes :meth:`encode` produces for a tensor of ``shape``.
+    @abstractmethod
+    def layout(self, shape: Sequence[int]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """The fields :meth:`encode` produces for a tensor of ``shape``, in order.
 
-        Every built-in codec's payload size depends only on the shape and
-        the setting (never on the values), which is what lets the server
-        compute the allocator's size table itself instead of receiving it.
-        The default is a trial encode of zeros; codecs override it with the
-        closed form.
+        Every built-in codec's payload layout (field names, dtypes, shapes)
+        depends only on the shape and the setting, never on the values. That
+        is what lets the server compute the allocator's size table itself,
+        and what lets a whole update travel as one byte stream that the
+        decoder cuts into fields (``fedlowrank.compression.update``).
 
         Returns
         -------
-        int
-            The summed ``nbytes`` of the payload arrays.
+        list of (name, dtype, shape)
         """
-        zeros = np.zeros(tuple(int(s) for s in shape), dtype=np.float64)
-        return payload_nbytes(self.encode(zeros, rng=np.random.default_rng(0)))
+
+    def encoded_size(self, shape: Sequence[int]) -> int:
+        """Exact bytes :meth:`encode` produces for a tensor of ``shape`` (from :meth:`layout`)."""
+        return int(sum(np.dtype(dt).itemsize * int(np.prod(s, dtype=np.int64)) for _, dt, s in self.layout(shape)))
 
     @classmethod
     def estimate_many(
@@ -296,8 +298,8 @@ class RawCodec(Codec):
     def encode(self, x, *, state=None, rng=None) -> Payload:
         return {"raw": np.array(x, dtype=np.float32)}  # np.array keeps 0-d shapes
 
-    def encoded_size(self, shape) -> int:
-        return 4 * int(np.prod(shape, dtype=np.int64))
+    def layout(self, shape):
+        return [("raw", np.dtype(np.float32), tuple(int(s) for s in shape))]
 
     def decode(self, payload, shape) -> np.ndarray:
         self._expect_fields(payload, {"raw"})

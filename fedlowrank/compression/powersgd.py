@@ -68,14 +68,14 @@ class PowerSGDCodec(Codec):
             return 0
         return k
 
-    def encoded_size(self, shape) -> int:
-        """``4 (n + m) k'`` bytes for the float32 factors, ``4 n m`` when raw."""
+    def layout(self, shape):
+        """Float32 factors ``p (n, k')``, ``q (m, k')``: ``4 (n + m) k'`` bytes; raw float32 when ``k' = 0``."""
         shape = tuple(int(s) for s in shape)
         k = self.effective_rank(shape)
         if k == 0:
-            return 4 * int(np.prod(shape, dtype=np.int64))
+            return [("raw", np.dtype(np.float32), shape)]
         n, m = self.matrix_shape(shape)
-        return 4 * (n + m) * k
+        return [("p", np.dtype(np.float32), (n, k)), ("q", np.dtype(np.float32), (m, k))]
 
     # -- coding -----------------------------------------------------------
     def encode(self, x, *, state=None, rng=None) -> Payload:

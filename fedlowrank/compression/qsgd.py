@@ -120,10 +120,13 @@ class QSGDCodec(Codec):
         padded[: flat.size] = flat
         return padded.reshape(nb, width)
 
-    def encoded_size(self, shape) -> int:
-        """``bits`` bits per entry, rounded up to whole bytes, plus a float32 norm per bucket."""
+    # The per-bucket float32 scale's field name (sq calls it "step").
+    scale_field = "norm"
+
+    def layout(self, shape):
+        """``bits`` bits per entry, rounded up to whole bytes, plus a float32 scale per bucket."""
         size = int(np.prod(shape, dtype=np.int64))
-        return self.packed_size(size) + 4 * self.num_buckets(size)
+        return [("q", np.dtype(np.uint8), (self.packed_size(size),)), (self.scale_field, np.dtype(np.float32), (self.num_buckets(size),))]
 
     def encode(self, x, *, state=None, rng=None) -> Payload:
         rng = rng if rng is not None else np.random.default_rng()

@@ -59,6 +59,7 @@ class ScalarQuantCodec(QSGDCodec):
     """
 
     min_bits, max_bits = 1, 8
+    scale_field = "step"
 
     def __init__(self, setting: Any = None, *, bucket_size: int = DEFAULT_BUCKET_SIZE) -> None:
         super().__init__(setting, bucket_size=bucket_size)

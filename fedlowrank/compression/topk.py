@@ -53,10 +53,11 @@ class TopKCodec(Codec):
             return 0
         return min(size, max(1, math.ceil(self.setting * size)))
 
-    def encoded_size(self, shape) -> int:
-        """``k (itemsize + 4)`` bytes: an index and a float32 value per kept entry."""
+    def layout(self, shape):
+        """``k`` indices and ``k`` float32 values: ``k (itemsize + 4)`` bytes."""
         size = int(np.prod(shape, dtype=np.int64))
-        return self.num_kept(size) * (index_dtype(size).itemsize + 4)
+        k = self.num_kept(size)
+        return [("idx", index_dtype(size), (k,)), ("val", np.dtype(np.float32), (k,))]
 
     def encode(self, x, *, state=None, rng=None) -> Payload:
         flat = np.asarray(x, dtype=np.float64).ravel()

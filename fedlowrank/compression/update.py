@@ -11,15 +11,24 @@ Server -> client (config entries)
     ``"lgreco-candidates" -> [candidate strings]`` (the table columns).
 
 Client -> server (arrays)
-    For every tensor ``t`` of the update (local minus the round's global
-    arrays, plus the error-feedback residual):
+    The update (local minus the round's global arrays, plus the
+    error-feedback residual) travels as two uint8 arrays, whatever the number
+    of tensors, covering every tensor in sorted-name order:
 
-    * ``"lgreco/<t>::spec"``: uint8 ASCII ``"<codec>:<setting>|<shape>|<opts>"``
-      (shape as comma-separated ints, opts as ``k=v`` pairs joined by ``;``,
-      only those that differ from the codec's defaults), e.g. ``"qsgd:4|64,8|"``,
-      so each tensor decodes on its own;
-    * ``"lgreco/<t>::<field>"``: the codec's arrays (``p``/``q``, ``idx``/``val``,
-      ``q``/``norm``, ``raw``).
+    * ``"lgreco-spec"``: ASCII, one line per tensor,
+      ``"<codec>:<setting>|<shape>|<opts>"`` (shape as comma-separated ints,
+      opts as ``k=v`` pairs joined by ``;``, only those that differ from the
+      codec's defaults), e.g. ``"qsgd:4|64,8|"``, lines joined by ``"\n"``;
+    * ``"lgreco-payload"``: the codec fields of every tensor, in spec order,
+      each tensor's fields in its codec's :meth:`Codec.layout` order, as raw
+      little-endian bytes.
+
+    Names do not travel: the server matches the lines to the names of the
+    global arrays it sent (sorted), as it does the table rows. Why one
+    stream: Flower serialises every ``Array`` with its own ``.npy`` header,
+    dtype, shape and key (about 150 bytes), so with one array per codec field
+    an 8-tensor update of a few hundred payload bytes cost several kilobytes on
+    the wire; packed, it costs its payload plus two headers.
 
     If candidates were asked for, also the tables, rows in sorted tensor-name
     order:
@@ -51,12 +60,11 @@ from typing import Any
 
 import numpy as np
 
-from .codec import Codec, _lookup, get_codec
+from .codec import Codec, _lookup, candidate_key, get_codec
 from .error_feedback import ErrorFeedback
 
-ENCODED_PREFIX = "lgreco/"
-FIELD_SEP = "::"
-SPEC_FIELD = "spec"
+SPEC_KEY = "lgreco-spec"
+PAYLOAD_KEY = "lgreco-payload"
 ERRORS_KEY = "lgreco-errors"
 ENERGY_KEY = "lgreco-energy"
 SETTING_PREFIX = "lgreco."
@@ -106,14 +114,6 @@ def _parse_option(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """``"lgreco/<tensor>::<field>"`` -> ``(tensor, field)``."""
-    body = key[len(ENCODED_PREFIX) :]
-    if FIELD_SEP not in body:
-        raise ValueError(f"Encoded key {key!r} lacks the '{FIELD_SEP}<field>' suffix.")
-    return tuple(body.rsplit(FIELD_SEP, 1))  # type: ignore[return-value]
-
-
 # -- client side -----------------------------------------------------------
 def encode_update(
     update: Mapping[str, np.ndarray],
@@ -143,7 +143,7 @@ def encode_update(
     Returns
     -------
     payload : dict[str, np.ndarray]
-        Spec and codec arrays per tensor (see module docstring).
+        ``"lgreco-spec"`` and ``"lgreco-payload"`` (see module docstring).
     tables : dict[str, np.ndarray]
         ``{ERRORS_KEY: ..., ENERGY_KEY: ...}`` (float32), or empty without
         candidates.
@@ -170,16 +170,24 @@ def encode_update(
         ).reshape(len(names), 2)
         tables[ERRORS_KEY] = relative_errors(errors.reshape(len(names), len(candidates)), energy[:, 1])
         tables[ENERGY_KEY] = energy.astype(np.float32)
-    payload: dict[str, np.ndarray] = {}
+    specs, chunks = [], []
     for name in names:
         codec = ef.codec(settings[name])
-        arrays, _ = ef.compress(name, update[name], codec)
-        payload[f"{ENCODED_PREFIX}{name}{FIELD_SEP}{SPEC_FIELD}"] = make_spec(codec, np.shape(update[name]))
-        for field, arr in arrays.items():
-            payload[f"{ENCODED_PREFIX}{name}{FIELD_SEP}{field}"] = arr
+        fields, _ = ef.compress(name, update[name], codec)
+        specs.append(make_spec(codec, np.shape(update[name])))
+        chunks.extend(_little_endian(fields[field]) for field, _, _ in codec.layout(np.shape(update[name])))
     if end_round:
         ef.end_round()
+    payload = {
+        SPEC_KEY: np.frombuffer(b"\n".join(spec.tobytes() for spec in specs), dtype=np.uint8).copy(),
+        PAYLOAD_KEY: np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(),
+    }
     return payload, tables
+
+
+def _little_endian(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr)
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def relative_errors(errors: np.ndarray, target_energy: np.ndarray) -> np.ndarray:
@@ -234,12 +242,28 @@ def settings_to_config(settings: Mapping[str, str], candidates: Sequence[str] | 
 
 
 def is_encoded_key(key: str) -> bool:
-    """Whether an array key belongs to an encoded tensor."""
-    return key.startswith(ENCODED_PREFIX)
+    """Whether an array key belongs to the encoded update (not to the tables)."""
+    return key in (SPEC_KEY, PAYLOAD_KEY)
 
 
-def decode_update(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decode every encoded tensor in ``payload`` (other keys are ignored).
+def decode_update(
+    arrays: Mapping[str, np.ndarray],
+    shapes: Mapping[str, Sequence[int]],
+    settings: Mapping[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode the update in ``arrays`` (other keys are ignored).
+
+    Parameters
+    ----------
+    arrays : mapping of str to np.ndarray
+        A reply's arrays, with ``"lgreco-spec"`` and ``"lgreco-payload"``.
+    shapes : mapping of str to shape
+        The tensors the update covers and their shapes (the global arrays');
+        the spec lines belong to them in sorted-name order, and each must
+        declare that shape.
+    settings : mapping of str to str, optional
+        The setting the server asked for per tensor; each spec line must
+        declare it (``"<codec>:<setting>"``).
 
     Returns
     -------
@@ -249,21 +273,49 @@ def decode_update(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     Raises
     ------
     ValueError
-        If a tensor lacks its spec, or its arrays do not match the declared
-        codec, shape or setting.
+        If the spec or payload is missing or malformed, the spec declares
+        another number of tensors, a tensor declares another shape or
+        setting than expected (the message names the tensor), the payload's
+        length is not what the specs declare, or a tensor's fields do not
+        decode under its declared codec (the message names the tensor).
     """
-    grouped: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in payload.items():
-        if is_encoded_key(key):
-            name, field = _split_key(key)
-            grouped.setdefault(name, {})[field] = np.asarray(value)
-    out: dict[str, np.ndarray] = {}
-    for name in sorted(grouped):
-        fields = grouped[name]
-        if SPEC_FIELD not in fields:
-            raise ValueError(f"Tensor {name!r}: no '{SPEC_FIELD}' entry in the payload.")
+    names = sorted(shapes)
+    for key in (SPEC_KEY, PAYLOAD_KEY):
+        value = arrays.get(key)
+        if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+            raise ValueError(f"The update needs {key!r} as a 1-D uint8 array, got {type(value).__name__}.")
+    lines = arrays[SPEC_KEY].tobytes().split(b"\n") if arrays[SPEC_KEY].size else []
+    if len(lines) != len(names):
+        raise ValueError(f"{SPEC_KEY!r} declares {len(lines)} tensors, the global model has {len(names)}.")
+    declared = []
+    for name, line in zip(names, lines):
         try:
-            codec, shape = parse_spec(fields.pop(SPEC_FIELD))
+            codec, shape = parse_spec(np.frombuffer(line, dtype=np.uint8))
+            if shape != tuple(int(d) for d in shapes[name]):
+                raise ValueError(f"declares shape {shape}, the global tensor has {tuple(shapes[name])}.")
+            if settings is not None and codec.key != candidate_key(settings[name]):
+                raise ValueError(f"declares {codec.key!r}, the server asked for {settings[name]!r}.")
+        except ValueError as err:
+            raise ValueError(f"Tensor {name!r}: {err}") from None
+        declared.append((name, codec, shape, codec.layout(shape)))
+    payload = arrays[PAYLOAD_KEY]
+    expected = sum(np.dtype(dt).itemsize * int(np.prod(s, dtype=np.int64)) for *_, lay in declared for _, dt, s in lay)
+    if payload.size != expected:
+        raise ValueError(
+            f"{PAYLOAD_KEY!r} holds {payload.size} bytes, the specs declare {expected} "
+            "(a codec, setting or shape other than declared?)."
+        )
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, codec, shape, lay in declared:
+        fields = {}
+        for field, dt, fshape in lay:
+            dt = np.dtype(dt)
+            count = int(np.prod(fshape, dtype=np.int64))
+            little = np.frombuffer(payload, dtype=dt.newbyteorder("<"), count=count, offset=offset)
+            fields[field] = little.astype(dt).reshape(fshape)
+            offset += count * dt.itemsize
+        try:
             out[name] = codec.decode(fields, shape)
         except ValueError as err:
             raise ValueError(f"Tensor {name!r}: {err}") from None
