@@ -1,6 +1,7 @@
 """Bytes per round and final accuracy: no compression, uniform codecs, L-GreCo (alpha = 1).
 
-Run from the repository root (about 7 minutes on 2 CPU cores, 3 paired seeds)::
+Run from the repository root (about 15 minutes on 2 CPU cores, 3 paired seeds; run
+``--settings adult`` and ``--settings digits-transformer`` as two processes for 10)::
 
     python benchmarks/communication.py --out results/communication.json
 
