@@ -145,8 +145,8 @@ def encode_update(
     payload : dict[str, np.ndarray]
         ``"lgreco-spec"`` and ``"lgreco-payload"`` (see module docstring).
     tables : dict[str, np.ndarray]
-        ``{ERRORS_KEY: ..., ENERGY_KEY: ...}`` (float32), or empty without
-        candidates.
+        ``{ERRORS_KEY: float16 ratios, ENERGY_KEY: float32}``, or empty
+        without candidates.
 
     Raises
     ------
@@ -239,11 +239,6 @@ def settings_to_config(settings: Mapping[str, str], candidates: Sequence[str] | 
     if candidates is not None:
         out[CANDIDATES_KEY] = [str(c) for c in candidates]
     return out
-
-
-def is_encoded_key(key: str) -> bool:
-    """Whether an array key belongs to the encoded update (not to the tables)."""
-    return key in (SPEC_KEY, PAYLOAD_KEY)
 
 
 def decode_update(
