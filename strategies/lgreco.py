@@ -45,8 +45,9 @@ Server side (``aggregate_train``): each reply is decoded
 global arrays sent this round, and the reply is handed to the inner strategy
 as a plain ArrayRecord of the reconstructed arrays (same key, same metrics),
 so FedAvg or ``FedLowRank`` aggregate as if nothing had been compressed. A
-reply that fails to decode (unknown codec, shapes, dtypes, lengths, a spec
-for another number of tensors) is dropped with a logged reason; the round goes on with the others.
+reply that fails to decode (a setting or shape other than the server asked
+for, an unknown codec, wrong lengths or values, a spec for another number of
+tensors) is dropped with a logged reason; the round goes on with the others.
 
 Because the update is a delta from the global arrays, clients must keep the
 global shapes (no per-client factor ranks under compression).
