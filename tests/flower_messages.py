@@ -6,14 +6,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 
-def array_record(arrays: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=np.float32))) for k, v in arrays.items()})
+def array_record(arrays: dict, dtype=np.float32) -> ArrayRecord:
+    """Arrays as an ArrayRecord, cast to ``dtype`` (``None`` keeps each array's own, e.g. encoded bytes)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=dtype))) for k, v in arrays.items()})
 
 
-def train_reply(node_id: int, arrays: dict, num_examples: float, **metrics) -> Message:
+def train_reply(node_id: int, arrays: dict, num_examples: float, dtype=np.float32, **metrics) -> Message:
     """A train reply from ``node_id`` carrying ``arrays`` and a MetricRecord."""
     content = RecordDict(
-        {"arrays": array_record(arrays), "metrics": MetricRecord({"num-examples": num_examples, **metrics})}
+        {"arrays": array_record(arrays, dtype), "metrics": MetricRecord({"num-examples": num_examples, **metrics})}
     )
     metadata = Metadata(
         run_id=1,

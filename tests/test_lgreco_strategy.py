@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -19,6 +19,7 @@ from fedlowrank.compression import (
     size_table,
 )
 from fedlowrank.strategies.lgreco import LGreCo
+from flower_messages import train_reply
 
 SHAPES = {"fc.lora_U": (32, 4), "fc.lora_V": (24, 4), "head.weight": (20, 16), "head.bias": (20,)}
 CANDS = ["none", "powersgd:1", "powersgd:4", "topk:0.1", "qsgd:8"]
@@ -50,24 +51,8 @@ def _locals(glob, n=3, seed=1):
 
 
 def _reply(node, arrays, num_examples):
-    meta = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"ins-{node}",
-        group_id="1",
-        created_at=0.0,
-        ttl=1000.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": num_examples, "loss": float(node)}),
-        }
-    )
-    return Message(content=content, metadata=meta)
+    # Encoded updates are uint8/float16: keep every array's dtype.
+    return train_reply(node, arrays, num_examples, dtype=None, loss=float(node))
 
 
 def _encoded(glob, local, settings, candidates=None, ef=None):
