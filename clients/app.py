@@ -13,8 +13,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from torch import nn
 
-from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.adapters import FACTOR_SUFFIXES, adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.fairness import group_fairness_report, local_statistics
+from fedlowrank.wire import FROZEN_KEY, GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from .compression import compress_reply
 from .private import DPConfig, train_private
@@ -26,8 +27,8 @@ class AdapterConfig:
     """Where adapters go and how big they are.
 
     ``rank`` is the default; a node overrides it with ``rank`` in its node config
-    (deployment) or the run config key ``client-ranks`` (a comma-separated rank per
-    partition, simulation), so clients may differ in rank.
+    (deployment), the run config key ``client-ranks`` (a comma-separated rank per
+    partition, simulation) or the run config key ``rank``, so clients may differ in rank.
     """
 
     target_modules: str | list[str]
@@ -46,14 +47,27 @@ class ClientData:
     num_groups: int = 1
 
 
+def parse_ranks(text: str) -> list[int]:
+    """``"2,4,8"`` -> ``[2, 4, 8]``; a clear error for anything but positive integers."""
+    try:
+        ranks = [int(r) for r in str(text).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"client-ranks {text!r} must be comma-separated integers, e.g. '2,4,8'") from None
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"client-ranks {text!r}: every rank must be >= 1")
+    return ranks
+
+
 def client_rank(context: Context, default: int) -> int:
-    """This node's adapter rank: node config, then per-partition run config, then default."""
+    """This node's adapter rank: node config ``rank``, then the run config's
+    ``client-ranks`` (by partition), then its ``rank``, then ``default``."""
     if "rank" in context.node_config:
         return int(context.node_config["rank"])
-    ranks = str(context.run_config.get("client-ranks", "")).strip()
+    ranks = parse_ranks(context.run_config.get("client-ranks", ""))
     if ranks and "partition-id" in context.node_config:
-        table = [int(r) for r in ranks.split(",")]
-        return table[int(context.node_config["partition-id"]) % len(table)]
+        return ranks[int(context.node_config["partition-id"]) % len(ranks)]
+    if "rank" in context.run_config:
+        return int(context.run_config["rank"])
     return default
 
 
@@ -87,13 +101,22 @@ def set_group_share(model: nn.Module, config) -> None:
     They weight the rows of ``S`` for samples of unknown group; a list of another length
     than the layer's group count is an error rather than a silent mismatch.
     """
-    if "group-share" not in config:
+    if GROUP_SHARE_KEY not in config:
         return
-    shares = [float(x) for x in config["group-share"]]
+    shares = [float(x) for x in config[GROUP_SHARE_KEY]]
     for name, layer in adapter_layers(model).items():
         if len(shares) != layer.groups:
             raise ValueError(f"{name}: got {len(shares)} group shares for {layer.groups} groups")
         layer.group_share.copy_(torch.tensor(shares, dtype=layer.group_share.dtype))
+
+
+def freeze_factors(model: nn.Module, names) -> None:
+    """Stop training the factors the server's rule keeps fixed (FFA-LoRA: ``lora_V``)."""
+    for name in names:
+        if name not in FACTOR_SUFFIXES:
+            raise ValueError(f"server asked to freeze {name!r}; factors are {FACTOR_SUFFIXES}")
+        for layer in adapter_layers(model).values():
+            getattr(layer, name).requires_grad_(False)
 
 
 def group_count_metrics(counts: dict[int, int], groups: int) -> dict[str, int]:
@@ -159,9 +182,12 @@ def build_client_app(
 
     def prepare(msg: Message, context: Context) -> tuple[nn.Module, ClientData]:
         model = build_model(model_fn, adapter, context).to(device)
-        load_exchange_state(model, {k: v.to(device) for k, v in from_record(msg.content["arrays"]).items()})
-        if "config" in msg.content:
-            set_group_share(model, msg.content["config"])
+        config = msg.content["config"] if "config" in msg.content else {}
+        # Shares first: a grouped adapter of lower rank keeps its columns in their order.
+        set_group_share(model, config)
+        truncation = str(config.get(TRUNCATION_KEY, "svd"))
+        load_exchange_state(model, {k: v.to(device) for k, v in from_record(msg.content["arrays"]).items()}, truncation)
+        freeze_factors(model, config.get(FROZEN_KEY, []))
         return model, data_fn(context)
 
     @app.train()

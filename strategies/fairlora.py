@@ -7,46 +7,44 @@ per-group weights ``w_kg = n_kg / sum_j n_jg`` and aggregates every adapted laye
 one of two rules:
 
 ``exact``
-    :func:`fedlowrank.aggregation.aggregate_grouped_svd`: shared orthonormal ``u, v``
+    rule ``fairlora-exact`` (:mod:`fedlowrank.aggregation.rules`): shared ``u, v``
     and per-group ``s`` fitted by CP-ALS to ``M_g = sum_k w_kg U_k diag(S_k[g]) V_k^T``
-    at global rank ``R`` (default the adapter rank), handed back with
+    at global rank ``R`` (default the adapter rank), from the better of the pooled and
+    the block start, handed back with
     :func:`fedlowrank.aggregation.balance_grouped_factors` (magnitude moved into
     ``U, V``; ``|S| <= cap``), the scale Adam clients train stably at (DESIGN.md step 6,
     measured in ``docs/fairlora.md``).
 ``paper``
-    FairFedMed's rule, :func:`fedlowrank.aggregation.fairfedmed_average`: ``U, V``
+    FairFedMed's rule (rule ``fairfedmed``): ``U, V``
     averaged by sample share, each ``S`` row by that group's sample share, optionally
     the first columns of ``S`` shared, optionally a server moving average.
 
 Both report the measured aggregation error per group, ``||M_g - dW_g|| / ||M_g||``,
-computed in factored form. The round's group shares ``pi_g`` go to the clients in the
+computed in factored form against the same exact sums. The round's group shares ``pi_g`` go to the clients in the
 train and evaluate configs (key ``group-share``, a list of G floats), where they set
 each layer's ``group_share`` buffer: the mix of ``S`` rows used for unknown groups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from logging import INFO, WARNING
+from collections.abc import Sequence
+from logging import INFO
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
 
-from fedlowrank.aggregation import (
-    aggregate_grouped_svd,
-    balance_grouped_factors,
-    fairfedmed_average,
-    group_weights_from_counts,
-    signed_permutation_align,
-)
+from fedlowrank.aggregation import balance_grouped_factors, signed_permutation_align
+from fedlowrank.aggregation.ranks import Factors
+from fedlowrank.aggregation.rules import Accumulator, RuleResult
+from fedlowrank.wire import GROUP_SHARE_KEY
 
 from .fedlowrank import FedLowRank, factor_modules
 
 COUNT_PREFIX = "group-count-g"
-SHARE_KEY = "group-share"
+SHARE_KEY = GROUP_SHARE_KEY
 MODES = ("exact", "paper")
 
 
@@ -111,13 +109,14 @@ class FairLoRA(FedLowRank):
     Parameters
     ----------
     mode : {"exact", "paper"} (default: "exact")
-        Aggregation rule (module docstring).
+        Aggregation rule (module docstring): ``fairlora-exact`` or ``fairfedmed``.
     rank : int, optional
-        Per-group adapter rank ``r`` (default: the rank of the initial arrays).
+        Per-group adapter rank ``r`` of the reported floor (default: the rank of the
+        initial arrays).
     global_rank : int, optional
         ``exact`` only: shared columns ``R`` (default ``rank``). ``G * rank`` reaches the
-        per-group floor; clients keep only their first ``r_k`` columns (the largest),
-        so give clients rank ``R`` when ``R > rank``.
+        per-group floor. Clients of lower rank load the ``r_k`` columns of largest
+        share-weighted magnitude, and the server completes their replies with the rest.
     balance_cap : float or None (default: None)
         ``exact`` only: bound on ``|S|`` in the hand-back, see
         :func:`fedlowrank.aggregation.balance_grouped_factors`. None moves the
@@ -143,12 +142,12 @@ class FairLoRA(FedLowRank):
     Notes
     -----
     A reply is dropped with a logged reason (and the round goes on) when its arrays fail
-    :func:`fedlowrank.strategies.replies.reply_arrays` (including an ``S`` with another
-    number of rows than the global one) or its counts do not cover exactly the rows of
-    ``S``. The train MetricRecord gains ``agg-error-rel`` (mean over layers and groups of
-    the relative aggregation error), ``agg-error-rel-g{g}``, ``agg-floor-rel`` (``exact``:
-    the same for the best separate rank-``r`` truncation per group), ``group-share-g{g}``
-    and ``agg-clients-dropped``.
+    the checks of :class:`FedLowRank` (including an ``S`` with another number of rows
+    than the global one, or, in ``paper`` mode, another rank) or its counts do not cover
+    exactly the rows of ``S``. The train MetricRecord gains ``agg-error-rel`` (mean over
+    layers and groups of the relative aggregation error), ``agg-error-rel-g{g}``,
+    ``agg-floor-rel`` (``exact``: the same for the best separate rank-``r`` truncation
+    per group), ``group-share-g{g}``, ``agg-clients-dropped`` and ``agg-clients-kept``.
     """
 
     def __init__(
@@ -165,184 +164,81 @@ class FairLoRA(FedLowRank):
         als_iterations: int = 200,
         **kwargs,
     ) -> None:
-        super().__init__(rank=rank, **kwargs)
         if mode not in MODES:
             raise ValueError(f"unknown FairLoRA mode {mode!r}; choose one of {MODES}")
         if global_rank is not None and global_rank < 1:
             raise ValueError(f"global_rank must be >= 1, got {global_rank}")
         if balance_cap is not None and not balance_cap >= 1.0:
             raise ValueError(f"balance_cap {balance_cap} must be >= 1 (or None)")
-        if not 0.0 <= shared_fraction <= 1.0:
-            raise ValueError(f"shared_fraction {shared_fraction} must be in [0, 1]")
-        if not 0.0 <= server_momentum < 1.0:
-            raise ValueError(f"server_momentum {server_momentum} must be in [0, 1)")
+        if mode == "exact":
+            rule, options = "fairlora-exact", {"rank": rank, "iterations": als_iterations}
+        else:
+            rule, options = "fairfedmed", {"shared_fraction": shared_fraction, "server_momentum": server_momentum}
+        kwargs.setdefault("rule", rule)
+        kwargs.setdefault("rule_options", options)
+        super().__init__(rank=global_rank or rank, **kwargs)
         self.mode = mode
+        self.per_group_rank = rank
         self.global_rank = global_rank
         self.balance_cap = balance_cap
-        self.shared_fraction = shared_fraction
-        self.server_momentum = server_momentum
         self.count_prefix = count_prefix
-        self.als_iterations = als_iterations
-        self.group_shares = None if group_shares is None else [float(x) for x in group_shares]
-        # Per-round state handed from aggregate_train to aggregate_layer.
-        self._round_counts: torch.Tensor | None = None
-        self._round_count_rows: list[np.ndarray] = []
-        self._layer_errors: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.state.group_shares = None if group_shares is None else [float(x) for x in group_shares]
+
+    @property
+    def group_shares_sent(self) -> list[float] | None:
+        """The group shares sent to clients this round."""
+        return self.state.group_shares
 
     def summary(self) -> None:
         """Log the configuration."""
         super().summary()
-        extra = (
-            f"global rank {self.global_rank or 'rank'}, |S| cap {self.balance_cap}"
-            if self.mode == "exact"
-            else f"shared S fraction {self.shared_fraction}, server momentum {self.server_momentum}"
-        )
-        log(INFO, "\t└──> FairLoRA mode '%s': %s", self.mode, extra)
+        log(INFO, "\t└──> FairLoRA mode '%s', global rank %s, |S| cap %s", self.mode, self.global_rank or "rank", self.balance_cap)
 
-    # ------------------------------------------------------------------ configure
-
-    def _with_shares(self, config: ConfigRecord) -> ConfigRecord:
-        """The round's config plus the group shares for unknown-group inference."""
-        if self.group_shares is not None:
-            config[SHARE_KEY] = list(self.group_shares)
+    def client_config(self, config: ConfigRecord) -> ConfigRecord:
+        """FedLowRank's, plus the group shares for unknown-group inference and column order."""
+        config = super().client_config(config)
+        if self.state.group_shares is not None:
+            config[SHARE_KEY] = list(self.state.group_shares)
         return config
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As :class:`FedLowRank`, with the group shares in the config."""
-        return super().configure_train(server_round, arrays, self._with_shares(config), grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As FedAvg, with the group shares in the config (evaluation routes unknowns too)."""
-        return super().configure_evaluate(server_round, arrays, self._with_shares(config), grid)
-
-    # ------------------------------------------------------------------ aggregate
 
     def num_groups(self) -> int:
         """G: the rows of ``S`` in the global arrays (equal for every layer)."""
-        rows = {self._global_arrays[f"{m}.lora_S"].shape[0] for m in factor_modules(self._global_arrays.keys())}
+        arrays = self.state.global_arrays
+        rows = {np.shape(arrays[f"{m}.lora_S"])[0] for m in factor_modules(arrays)}
         if len(rows) != 1:
             raise ValueError(f"global adapter layers disagree on the number of groups: {sorted(rows)}")
         return rows.pop()
 
-    def screen(self, replies: list[Message]) -> list:
-        """FedLowRank's checks, then the per-group counts (kept for this round's weights)."""
-        kept, self._round_count_rows = self.screen_counts(super().screen(replies), self.num_groups())
-        return kept
+    def reply_extra(self, msg: Message) -> np.ndarray:
+        """The reply's per-group sample counts (its weights in each group's sum)."""
+        return reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
 
-    def screen_counts(self, kept: list, groups: int) -> tuple[list, list[np.ndarray]]:
-        """Keep the replies whose per-group counts match their ``S`` rows; log the others.
+    def group_weights(self, extra: Any) -> torch.Tensor:
+        return torch.as_tensor(extra, dtype=torch.float64)
 
-        In ``paper`` mode the factors are averaged entry by entry, so a reply must also
-        keep the global rank.
-        """
-        accepted, counts = [], []
-        for msg, arrays, weight in kept:
-            try:
-                if self.mode == "paper":
-                    self._check_global_rank(arrays)
-                counts.append(reply_group_counts(msg.content, groups, self.count_prefix))
-            except ValueError as err:
-                log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
-                continue
-            accepted.append((msg, arrays, weight))
-        return accepted, counts
+    def after_round(self, kept: list) -> None:
+        """This round's group shares go to the clients next round."""
+        counts = np.sum([extra for _, extra in kept], axis=0)
+        if float(counts.sum()) > 0:
+            self.state.group_shares = (counts / counts.sum()).tolist()
 
-    def _check_global_rank(self, arrays: dict[str, np.ndarray]) -> None:
-        for module in factor_modules(self._global_arrays.keys()):
-            want = self._global_arrays[f"{module}.lora_U"].shape[1]
-            got = arrays[f"{module}.lora_U"].shape[1]
-            if got != want:
-                raise ValueError(
-                    f"'{module}' has rank {got}; FairLoRA 'paper' averages factors entry by "
-                    f"entry and needs the global rank {want} (use mode 'exact' for mixed ranks)"
-                )
+    def aggregate_train(self, server_round: int, replies):
+        """As :class:`FedLowRank`, plus the group shares in the metrics."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if metrics is not None and self.state.group_shares is not None:
+            for g, share in enumerate(self.state.group_shares):
+                metrics[f"group-share-g{g}"] = share
+        return arrays, metrics
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate grouped factors with per-group weights; other arrays by sample share."""
-        replies, kept = self.accepted_replies(replies)
-        counts = self._round_count_rows
-        total = sum(weight for _, _, weight in kept)
-        if not kept or total <= 0 or float(np.sum(counts)) <= 0:
-            return None, None
-        self._round_counts = torch.as_tensor(np.stack(counts), dtype=torch.float64)
-        _, shares_g = group_weights_from_counts(self._round_counts)
-        self._layer_errors = []
-        aggregated, _ = self.aggregate_arrays(
-            [arrays for _, arrays, _ in kept], [weight / total for _, _, weight in kept]
-        )
-        self.group_shares = shares_g.tolist()
-        metrics = self.round_metrics(replies, kept)
-        metrics.update(self.error_metrics())
-        for g, share in enumerate(self.group_shares):
-            metrics[f"group-share-g{g}"] = share
-        return aggregated, metrics
-
-    def error_metrics(self) -> dict[str, float]:
-        """Mean relative aggregation error over layers (per group and overall), and the floor."""
-        errors = np.stack([e for e, _ in self._layer_errors])  # layers x G
-        out = {"agg-error-rel": float(np.nanmean(errors))}
-        for g in range(errors.shape[1]):
-            out[f"agg-error-rel-g{g}"] = float(np.nanmean(errors[:, g]))
-        floors = [f for _, f in self._layer_errors if f is not None]
-        if floors:
-            out["agg-floor-rel"] = float(np.nanmean(np.stack(floors)))
-        return out
-
-    def aggregate_layer(
-        self, module: str, client_arrays: list[dict[str, np.ndarray]], shares: list[float]
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """One layer by the configured rule; records its per-group relative error."""
-        dtype = client_arrays[0][f"{module}.lora_U"].dtype
-        # float64: the small cores' singular values stay accurate at no real cost.
-        us = [torch.from_numpy(a[f"{module}.lora_U"]).double() for a in client_arrays]
-        ss = [torch.from_numpy(a[f"{module}.lora_S"]).double() for a in client_arrays]
-        vs = [torch.from_numpy(a[f"{module}.lora_V"]).double() for a in client_arrays]
-        weights, shares_g = group_weights_from_counts(self._round_counts)
-        rank = self.rank or self._global_arrays[f"{module}.lora_U"].shape[1]
-        if self.mode == "exact":
-            (u, s, v), floor = self._exact(us, ss, vs, weights, shares_g, rank)
-            prev_u, prev_v = self.previous_factors(module)
-            if self.align and prev_u.shape == u.shape:
-                u, s, v = signed_permutation_align(u, s, v, prev_u, prev_v)
-        else:
-            u, s, v = self._paper(module, us, ss, vs, shares)
-            floor = None
-        residual, target = grouped_residual_norms(us, ss, vs, weights, u, s, v)
-        rel = torch.where(target > 0, residual / target.clamp_min(1e-300), torch.zeros_like(residual))
-        self._layer_errors.append((rel.numpy(), floor))
-        factors = {
-            f"{module}.lora_U": u.numpy().astype(dtype),
-            f"{module}.lora_S": s.numpy().astype(dtype),
-            f"{module}.lora_V": v.numpy().astype(dtype),
-        }
-        return factors, float(rel.mean())
-
-    def _exact(self, us, ss, vs, weights, shares_g, rank):
-        """CP-ALS aggregate, balanced for Adam clients; also the per-group floor (relative)."""
-        agg = aggregate_grouped_svd(
-            us, ss, vs, weights, rank,
-            global_rank=self.global_rank,
-            group_shares=shares_g,
-            iterations=self.als_iterations,
-            method=self.aggregation_method,
-        )
-        factors = balance_grouped_factors(agg.u, agg.s, agg.v, shares_g, cap=self.balance_cap)
-        target = agg.target_norms.clamp_min(1e-300)
-        floor = torch.where(agg.target_norms > 0, agg.floor_norms / target, torch.zeros_like(target))
-        return factors, floor.numpy()
-
-    def _paper(self, module, us, ss, vs, shares):
-        """FairFedMed's averaging, optionally blended with the previous global factors."""
-        u, s, v = fairfedmed_average(us, ss, vs, shares, self._round_counts, self.shared_fraction)
-        if self.server_momentum > 0:
-            m = self.server_momentum
-            previous = [torch.from_numpy(self._global_arrays[f"{module}.{leaf}"].numpy()).double()
-                        for leaf in ("lora_U", "lora_S", "lora_V")]
-            u, s, v = (m * p + (1 - m) * x for p, x in zip(previous, (u, s, v)))
-        return u, s, v
+    def hand_back(self, module: str, result: RuleResult, acc: Accumulator) -> dict[str, np.ndarray]:
+        """``exact``: balanced per column (``|S|`` capped) and aligned by signed permutation."""
+        if not result.magnitude_in_s:
+            return self.layer_arrays(module, result.factors)
+        total = acc.sum.total
+        shares = total / total.sum() if float(total.sum()) > 0 else None
+        u, s, v = balance_grouped_factors(*result.factors, shares, cap=self.balance_cap)
+        previous = self.state.global_arrays
+        prev_u, prev_v = (torch.from_numpy(np.asarray(previous[f"{module}.{x}"], dtype=np.float64)) for x in ("lora_U", "lora_V"))
+        if self.align and prev_u.shape == u.shape:
+            u, s, v = signed_permutation_align(u, s, v, prev_u, prev_v)
+        return self.layer_arrays(module, Factors(u, s, v))

@@ -1,9 +1,10 @@
-"""FedLowRank: FedAvg whose adapter factors are aggregated exactly, in factored form."""
+"""FedLowRank: FedAvg whose adapter factors are aggregated by a registered rule."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,9 +14,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlowrank.adapters import split_factor_key
-from fedlowrank.aggregation import aggregate_svd, balance_factors, procrustes_align
+from fedlowrank.aggregation import balance_factors, procrustes_align
+from fedlowrank.aggregation.ranks import Factors
+from fedlowrank.aggregation.rules import Accumulator, AggregationRule, RuleResult, get_rule
+from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
 
-from .replies import screen_replies
+from .replies import reply_arrays, reply_weight
+from .state import LowRankState
+
+RESIDUAL_MODES = ("drop", "carry")
 
 
 def factor_modules(keys: Iterable[str]) -> list[str]:
@@ -28,167 +35,312 @@ def factor_modules(keys: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-class FedLowRank(FedAvg):
-    """Federated averaging of SVD-factored adapters, exact and without dense matrices.
+def layer_factors(arrays, module: str) -> Factors:
+    """``(U, S, V)`` of one module from a mapping of numpy arrays, as float64 tensors."""
+    u, s, v = (torch.from_numpy(np.asarray(arrays[f"{module}.{leaf}"], dtype=np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
+    return Factors(u, s.reshape(-1, u.shape[1]) if s.ndim != 2 else s, v)
 
-    For every adapted layer the strategy takes the clients' factors ``(U_k, S_k, V_k)``
-    (keys ``<module>.lora_U``, ``.lora_S``, ``.lora_V``, with ``dW_k = U_k diag(S_k) V_k^T``),
-    forms the best rank-``rank`` approximation of ``sum_k w_k dW_k`` with
-    :func:`fedlowrank.aggregation.aggregate_svd` (w_k the clients' shares of
-    ``weighted_by_key``) and hands it back as ``U = u sqrt(s)``, ``S = 1``,
-    ``V = v sqrt(s)``: the scale at which Adam keeps training stably across rounds
-    (DESIGN.md, step 6). Every other array (heads, norms) is a weighted mean, as in
-    FedAvg. Clients may use different ranks; a reply that fails the checks in
-    :mod:`fedlowrank.strategies.replies` is logged and dropped, the round goes on.
+
+def as_array(value: np.ndarray) -> Array:
+    """A C-contiguous ``Array`` keeping the shape (``np.ascontiguousarray`` turns 0-d into (1,))."""
+    return Array(np.array(value, order="C"))
+
+
+class FedLowRank(FedAvg):
+    """Federated averaging of SVD-factored adapters by a named aggregation rule.
+
+    For every adapted layer (keys ``<module>.lora_U``, ``.lora_S``, ``.lora_V``, with
+    ``dW = U diag(S) V^T``) the replies are folded into the rule's accumulator one at a
+    time (:mod:`fedlowrank.aggregation.rules`); the result at the global rank goes back to
+    clients balanced as ``U = u sqrt(s)``, ``S = 1``, ``V = v sqrt(s)`` (the scale Adam
+    trains stably at, DESIGN.md step 6), aligned to last round's factors. Every other
+    array (heads, norms) is a weighted mean, as in FedAvg (integer arrays become float64
+    means, as in FedAvg; shapes, 0-d included, are kept).
+
+    Clients may use different ranks (up to the global rank). A client of rank ``r`` loads
+    the best rank-``r`` approximation of the global adapter, and the server completes its
+    reply with the components it could not hold (:mod:`fedlowrank.aggregation.ranks`): a
+    round in which no client changes its adapter leaves the global unchanged.
 
     Parameters
     ----------
+    rule : str or AggregationRule (default: "exact")
+        A registered rule (:func:`fedlowrank.aggregation.rules.registered_rules`).
+    rule_options : dict, optional
+        Options of a rule given by name.
+    residual : {"drop", "carry"} (default: "drop")
+        What the global rank could not hold: dropped (its norm is reported), or carried
+        into the next round's sum on the server, so that over rounds nothing is lost
+        (exact rules only).
     rank : int, optional
-        Global adapter rank. Defaults to the rank of the factors in the arrays passed to
-        :meth:`start` (the initial global model).
+        Global adapter rank; defaults to the rank of the initial arrays. Clamped per layer
+        to ``min(d_out, d_in)``, with a log line.
     align : bool (default: True)
-        Rotate each aggregate (``U R``, ``V R`` with ``R`` orthogonal, which leaves
-        ``U V^T`` and ``S = 1`` unchanged) to match the factors sent last round as
-        closely as possible (orthogonal Procrustes), so clients' parameters move
-        smoothly across rounds instead of jumping to a new SVD basis. Measured on the
-        two-scanner digits setting (5 paired seeds, 20 rounds): final AUC 0.956 aligned
-        vs 0.942 unaligned, better on 5 of 5 seeds; no difference on Adult.
-    aggregation_method : {"gram", "qr"} (default: "gram")
-        How the stacked factors are orthonormalised; see
-        :func:`fedlowrank.aggregation.aggregate_svd`.
+        Rotate each balanced G = 1 aggregate (``U R``, ``V R``, same product) to match the
+        factors sent last round (orthogonal Procrustes), so clients' parameters move
+        smoothly instead of jumping to a new SVD basis. Measured on the two-scanner digits
+        setting (5 paired seeds, 20 rounds): final AUC 0.956 aligned vs 0.942 unaligned.
+    dense_above : int, optional
+        Stacked width beyond which a layer's sum is accumulated densely (default half the
+        layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
+    aggregation_method : {"gram", "qr"}, optional
+        Deprecated: use ``rule_options={"method": ...}`` with rule ``"exact"``.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions, minimum
-        nodes, ``weighted_by_key``, record keys, metric aggregation functions).
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
     Notes
     -----
-    The train MetricRecord gains ``agg-truncation-rel``: the mean over layers of the
-    relative Frobenius norm of what rank ``rank`` could not hold, and
-    ``agg-clients-dropped``.
+    A reply that fails the checks (shapes, ranks, values, weight, the rule's own) is
+    logged with its node id and dropped; the round goes on with the others, and with no
+    valid reply the global model is kept. The train MetricRecord gains
+    ``agg-error-rel`` (mean over layers of ``||M - result|| / ||M||`` against the exact
+    weighted sum ``M``; for ``exact`` this is what the rank could not hold, also reported
+    as ``agg-truncation-rel``), ``agg-clients-dropped`` and ``agg-clients-kept``.
     """
 
     def __init__(
         self,
         *,
+        rule: str | AggregationRule = "exact",
+        rule_options: dict[str, Any] | None = None,
+        residual: str = "drop",
         rank: int | None = None,
         align: bool = True,
-        aggregation_method: str = "gram",
+        dense_above: int | None = None,
+        aggregation_method: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        options = dict(rule_options or {})
+        if aggregation_method is not None:
+            import warnings
+
+            warnings.warn(
+                "FedLowRank(aggregation_method=...) is deprecated; use rule_options={'method': ...}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            options.setdefault("method", aggregation_method)
+        self.rule = get_rule(rule, **options)
+        if residual not in RESIDUAL_MODES:
+            raise ValueError(f"unknown residual mode {residual!r}; choose one of {RESIDUAL_MODES}")
+        if residual != "drop" and not self.rule.residual:
+            raise ValueError(f"residual mode {residual!r} needs an exact rule; rule '{self.rule.name}' has no residual")
+        self.residual = residual
         self.rank = rank
         self.align = align
-        self.aggregation_method = aggregation_method
-        self._global_arrays: ArrayRecord | None = None
+        self.dense_above = dense_above
+        self.state = LowRankState()
+        self._clamped: set[str] = set()
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def _global_arrays(self) -> ArrayRecord | None:
+        """The arrays sent this round, as an ArrayRecord (None before round 1)."""
+        arrays = self.state.global_arrays
+        return None if arrays is None else ArrayRecord({k: as_array(v) for k, v in arrays.items()})
+
+    @_global_arrays.setter
+    def _global_arrays(self, record: ArrayRecord) -> None:
+        self.state.global_arrays = {k: a.numpy() for k, a in record.items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything this strategy carries across rounds (see :class:`LowRankState`)."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.state.load_state_dict(state)
 
     def summary(self) -> None:
         """Log the configuration, FedAvg's and ours."""
         super().summary()
-        log(INFO, "\t└──> Low-rank aggregation: exact SVD, rank %s, %s", self.rank or "as sent", self.aggregation_method)
+        log(
+            INFO,
+            "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s'",
+            self.rule.name, self.rank or "as sent", self.residual,
+        )
+
+    # -- configure ------------------------------------------------------------
+    def client_config(self, config: ConfigRecord) -> ConfigRecord:
+        """The round's config plus what clients need to load the global adapter."""
+        config[TRUNCATION_KEY] = self.rule.truncation
+        if self.rule.frozen:
+            config[FROZEN_KEY] = list(self.rule.frozen)
+        return config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global arrays (replies are checked against them), then as FedAvg."""
-        self._global_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        self.state.global_arrays = {k: a.numpy() for k, a in arrays.items()}
+        self.state.server_round = server_round
+        self.check_rule_fits()
+        return super().configure_train(server_round, arrays, self.client_config(config), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As FedAvg, with what clients need to load the global adapter."""
+        return super().configure_evaluate(server_round, arrays, self.client_config(config), grid)
+
+    def check_rule_fits(self) -> None:
+        """Refuse, before any client trains, a global adapter the rule cannot aggregate."""
+        for module in factor_modules(self.state.global_arrays):
+            rows = np.shape(self.state.global_arrays[f"{module}.lora_S"])[0]
+            if rows > 1 and not self.rule.grouped:
+                raise ValueError(
+                    f"{module}: S has {rows} group rows; rule '{self.rule.name}' aggregates G = 1 "
+                    "adapters (use FairLoRA for grouped ones)"
+                )
+
+    # -- aggregate ------------------------------------------------------------
+    def layer_rank(self, module: str) -> int:
+        """The global rank of one layer: ``rank`` (or the sent width), clamped to its size."""
+        u = self.state.global_arrays[f"{module}.lora_U"]
+        v = self.state.global_arrays[f"{module}.lora_V"]
+        want = self.rank or u.shape[1]
+        limit = min(u.shape[0], v.shape[0])
+        if want > limit and module not in self._clamped:
+            self._clamped.add(module)
+            log(INFO, "%s: global rank %d clamped to min(d_out, d_in) = %d", module, want, limit)
+        return min(want, limit)
+
+    def group_shares(self) -> torch.Tensor | None:
+        """Group shares sent this round (grouped adapters order columns by them)."""
+        shares = self.state.group_shares
+        return None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
+
+    def new_accumulators(self) -> dict[str, Accumulator]:
+        """One accumulator per adapted layer, against the factors sent this round."""
+        global_arrays = self.state.global_arrays
+        accs = {}
+        for module in factor_modules(global_arrays):
+            reference = layer_factors(global_arrays, module)
+            accs[module] = self.rule.accumulator(reference, self.group_shares(), dense_above=self.dense_above)
+        return accs
+
+    def read_reply(
+        self, msg: Message, accs: dict[str, Accumulator], expected: ArrayRecord
+    ) -> tuple[dict[str, np.ndarray], float, Any]:
+        """Checked ``(arrays, weight, extra)`` of one reply; raises on anything wrong."""
+        arrays = reply_arrays(msg.content, expected)
+        weight = reply_weight(msg.content, self.weighted_by_key)
+        for module, acc in accs.items():
+            try:
+                self.rule.check(layer_factors(arrays, module), acc.reference)
+            except ValueError as err:
+                raise ValueError(f"'{module}': {err}") from None
+        return arrays, weight, self.reply_extra(msg)
+
+    def reply_extra(self, msg: Message) -> Any:
+        """Per-reply data a subclass needs (FairLoRA: per-group counts); None here."""
+        return None
+
+    def group_weights(self, extra: Any) -> torch.Tensor | None:
+        """Per-group product weights of a reply (None: its sample weight for every group)."""
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate adapter factors exactly and the other arrays by weighted mean."""
-        replies, kept = self.accepted_replies(replies)
-        total = sum(weight for _, _, weight in kept)
-        if not kept or total <= 0:
-            return None, None
-        shares = [weight / total for _, _, weight in kept]
-        client_arrays = [arrays for _, arrays, _ in kept]
-        aggregated, truncation = self.aggregate_arrays(client_arrays, shares)
-        metrics = self.round_metrics(replies, kept)
-        if truncation:
-            metrics["agg-truncation-rel"] = float(np.mean(truncation))
-        return aggregated, metrics
-
-    def accepted_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list]:
-        """All replies, and ``(message, arrays, weight)`` of those that pass :meth:`screen`."""
-        replies = list(replies)
-        if self._global_arrays is None:
+        """Fold the valid replies into the rule's accumulators, one reply at a time."""
+        if self.state.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        kept = self.screen(replies)
-        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), len(replies))
-        return replies, kept
+        accs = self.new_accumulators()
+        expected = self._global_arrays
+        plain_keys = [k for k in self.state.global_arrays if split_factor_key(k) is None]
+        sums: dict[str, np.ndarray] = {}
+        total, kept, seen = 0.0, [], 0
+        for msg in replies:
+            seen += 1
+            if msg.has_error():
+                log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                arrays, weight, extra = self.read_reply(msg, accs, expected)
+            except Exception as err:  # noqa: BLE001  (no reply may crash the round)
+                log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
+                continue
+            for module, acc in accs.items():
+                acc.add(layer_factors(arrays, module), weight, self.group_weights(extra))
+            for key in plain_keys:
+                term = weight * np.asarray(arrays[key], dtype=np.float64)
+                sums[key] = term if key not in sums else sums[key] + term
+            total += weight
+            kept.append((msg, extra))
+        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), seen)
+        if not kept or total <= 0:
+            log(WARNING, "aggregate_train: no valid reply with positive weight; the global model is kept")
+            return None, None
+        out: dict[str, np.ndarray] = {}
+        errors, floors = [], []
+        for module, acc in accs.items():
+            if self.residual == "carry" and module in self.state.residuals:
+                acc.add_carried(self.state.residuals[module])
+            result = acc.result(self.layer_rank(module))
+            if self.residual == "carry":
+                self.state.residuals[module] = result.residual
+            out.update(self.hand_back(module, result, acc))
+            target = result.target_norms.clamp_min(1e-300)
+            errors.append(torch.where(result.target_norms > 0, result.error_norms / target, 0.0).numpy())
+            if result.floor_norms is not None:
+                floors.append(torch.where(result.target_norms > 0, result.floor_norms / target, 0.0).numpy())
+        for key in plain_keys:
+            dtype = self.state.global_arrays[key].dtype
+            mean = sums[key] / total
+            out[key] = mean.astype(dtype) if np.issubdtype(dtype, np.floating) else mean
+        record = ArrayRecord({k: as_array(out[k]) for k in self.state.global_arrays})
+        metrics = self.round_metrics([msg for msg, _ in kept], seen)
+        metrics.update(self.error_metrics(errors, floors))
+        self.after_round(kept)
+        return record, metrics
 
-    def screen(self, replies: list[Message]) -> list:
-        """Per-reply checks against the global arrays; subclasses add their own."""
-        return screen_replies(replies, self._global_arrays, self.weighted_by_key)
+    def after_round(self, kept: list) -> None:
+        """Hook: update state from the round's accepted replies (FairLoRA: group shares)."""
 
-    def round_metrics(self, replies: list[Message], kept: list) -> MetricRecord:
-        """The accepted replies' train metrics, aggregated, plus how many were dropped."""
-        metrics = self.train_metrics_aggr_fn([msg.content for msg, _, _ in kept], self.weighted_by_key)
+    def hand_back(self, module: str, result: RuleResult, acc: Accumulator) -> dict[str, np.ndarray]:
+        """The layer's factors as sent to clients: balanced and aligned if orthonormal."""
+        u, s, v = result.factors
+        if result.magnitude_in_s:
+            u, s, v = balance_factors(u, s[0], v)
+            previous = self.state.global_arrays
+            prev_u, prev_v = (torch.from_numpy(np.asarray(previous[f"{module}.{x}"], dtype=np.float64)) for x in ("lora_U", "lora_V"))
+            if self.align and prev_u.shape == u.shape:
+                u, v = procrustes_align(u, v, prev_u, prev_v)
+        return self.layer_arrays(module, Factors(u, s, v))
+
+    def layer_arrays(self, module: str, factors: Factors) -> dict[str, np.ndarray]:
+        """Factors as numpy arrays in the dtype the global model uses."""
+        dtype = self.state.global_arrays[f"{module}.lora_U"].dtype
+        return {f"{module}.{leaf}": t.numpy().astype(dtype) for leaf, t in zip(("lora_U", "lora_S", "lora_V"), factors)}
+
+    def round_metrics(self, kept: list[Message], seen: int) -> MetricRecord:
+        """The accepted replies' train metrics, aggregated, plus how many were kept/dropped."""
+        metrics = None
+        try:
+            metrics = self.train_metrics_aggr_fn([msg.content for msg in kept], self.weighted_by_key)
+        except Exception as err:  # noqa: BLE001  (a bad metric must not lose the round)
+            log(WARNING, "train metrics not aggregated: %s", err)
         metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
-        metrics["agg-clients-dropped"] = len(replies) - len(kept)
+        metrics["agg-clients-dropped"] = seen - len(kept)
+        metrics["agg-clients-kept"] = len(kept)
         return metrics
 
-    def aggregate_arrays(
-        self, client_arrays: list[dict[str, np.ndarray]], shares: list[float]
-    ) -> tuple[ArrayRecord, list[float]]:
-        """Aggregate one round's accepted arrays; returns the record and per-layer truncation."""
-        keys = list(self._global_arrays.keys())
-        out: dict[str, np.ndarray] = {}
-        truncation = []
-        for module in factor_modules(keys):
-            factors, rel = self.aggregate_layer(module, client_arrays, shares)
-            out.update(factors)
-            truncation.append(rel)
-        for key in keys:
-            if key not in out:
-                out[key] = sum(share * arrays[key].astype(np.float64) for share, arrays in zip(shares, client_arrays)).astype(
-                    client_arrays[0][key].dtype
-                )
-        return ArrayRecord({key: Array(np.ascontiguousarray(out[key])) for key in keys}), truncation
-
-    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``U`` and ``V`` this round's clients received, in float64."""
-        return tuple(
-            torch.from_numpy(self._global_arrays[f"{module}.{leaf}"].numpy()).double() for leaf in ("lora_U", "lora_V")
-        )
-
-    def aligned(self, module: str, big_u: torch.Tensor, big_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U R, V R`` with the orthogonal ``R`` closest to last round's factors."""
-        prev_u, prev_v = self.previous_factors(module)
-        if prev_u.shape != big_u.shape:
-            return big_u, big_v
-        return procrustes_align(big_u, big_v, prev_u, prev_v)
-
-    def aggregate_layer(
-        self, module: str, client_arrays: list[dict[str, np.ndarray]], shares: list[float]
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """Exact rank-``rank`` aggregate of one layer, balanced for the clients."""
-        dtype = client_arrays[0][f"{module}.lora_U"].dtype
-        us, ss, vs = [], [], []
-        for k, arrays in enumerate(client_arrays):
-            s = arrays[f"{module}.lora_S"]
-            if s.shape[0] != 1:
-                raise ValueError(
-                    f"{module}: S has {s.shape[0]} group rows; FedLowRank aggregates G = 1 "
-                    "adapters, use FairLoRA for grouped ones"
-                )
-            # float64 keeps the core's small singular values accurate at no real cost.
-            us.append(torch.from_numpy(arrays[f"{module}.lora_U"]).double())
-            ss.append(torch.from_numpy(s[0]).double())
-            vs.append(torch.from_numpy(arrays[f"{module}.lora_V"]).double())
-        rank = self.rank or self._global_arrays[f"{module}.lora_U"].shape[1]
-        agg = aggregate_svd(us, ss, vs, shares, rank, method=self.aggregation_method)
-        big_u, big_s, big_v = balance_factors(agg.u, agg.s, agg.v)
-        if self.align:
-            big_u, big_v = self.aligned(module, big_u, big_v)
-        norm = float(torch.sqrt(agg.s.square().sum() + agg.truncated_norm**2))
-        rel = float(agg.truncated_norm) / norm if norm > 0 else 0.0
-        factors = {
-            f"{module}.lora_U": big_u.numpy().astype(dtype),
-            f"{module}.lora_S": big_s.numpy().astype(dtype),
-            f"{module}.lora_V": big_v.numpy().astype(dtype),
-        }
-        return factors, rel
+    @staticmethod
+    def error_metrics(errors: list[np.ndarray], floors: list[np.ndarray]) -> dict[str, float]:
+        """Mean relative aggregation error over layers (per group when grouped), and the floor."""
+        if not errors:
+            return {}
+        table = np.stack(errors)  # layers x G
+        out = {"agg-error-rel": float(np.mean(table))}
+        if table.shape[1] == 1:
+            out["agg-truncation-rel"] = out["agg-error-rel"]
+        else:
+            for g in range(table.shape[1]):
+                out[f"agg-error-rel-g{g}"] = float(np.mean(table[:, g]))
+        if floors:
+            out["agg-floor-rel"] = float(np.mean(np.stack(floors)))
+        return out

@@ -89,9 +89,12 @@ def test_state_round_trip_across_rank_and_scale(receiver_rank):
         full = dense_delta(sender[idx], sender[idx].lora_S[0])
         if receiver_rank >= 4:
             assert torch.allclose(got, full, atol=1e-5)
-        else:  # truncated to the first columns, which the strategy sorts by magnitude
+        else:  # the best approximation at the receiver's rank, not the first columns
+            u_, s_, vt_ = torch.linalg.svd(full.detach().double())
+            best = (u_[:, :receiver_rank] * s_[:receiver_rank]) @ vt_[:receiver_rank]
+            assert torch.allclose(got.double(), best, atol=1e-4)
             first = sender[idx].scale * (sender[idx].lora_U[:, :receiver_rank] * sender[idx].lora_S[0, :receiver_rank]) @ sender[idx].lora_V[:, :receiver_rank].T
-            assert torch.allclose(got, first, atol=1e-5)
+            assert not torch.allclose(got, first, atol=1e-2)
     assert torch.equal(receiver[4].weight, sender[4].weight)
 
 

@@ -29,7 +29,7 @@ def run_app(tmp_path, supernodes, overrides, timeout):
 
 def test_flwr_run_with_heterogeneous_ranks_improves_on_the_base(tmp_path):
     assert not superlink_healthy(), "another SuperLink is serving the local ports"
-    results, out = run_app(tmp_path, 3, "num-server-rounds=2 strategy='fedlowrank' client-ranks='2,4,8'", 600)
+    results, out = run_app(tmp_path, 3, "num-server-rounds=2 strategy='fedlowrank' rank=8 client-ranks='2,4,8'", 600)
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert results["num_sites"] == 3

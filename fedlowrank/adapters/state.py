@@ -50,21 +50,50 @@ def exchange_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fit_rank(tensor: torch.Tensor, rank: int, fill: torch.Tensor) -> torch.Tensor:
-    """Keep the first ``rank`` columns of ``tensor``, padding from ``fill`` if short."""
+def fit_rank(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    rank: int,
+    truncation: str = "svd",
+    shares: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factors in the wire convention fitted to ``rank`` columns.
+
+    Below the received rank: the head of :func:`fedlowrank.aggregation.ranks.split_at_rank`
+    (G = 1 ``"svd"``: the best rank-``rank`` approximation, handed over balanced as
+    ``u sqrt(s)``, ``S = 1``, ``v sqrt(s)``), the complement of the tail the server adds
+    for this client. Above it: padded with fresh adapter columns (``U = 0``, ``S = 1``,
+    ``V`` kept from the model) by the caller.
+    """
+    from fedlowrank.aggregation.balance import balance_factors
+    from fedlowrank.aggregation.ranks import Factors, split_at_rank
+
+    if u.shape[1] <= rank:
+        return u, s, v
+    head, _ = split_at_rank(Factors(u, s, v), rank, truncation, shares)
+    if truncation == "svd" and head.s.shape[0] == 1:
+        head = Factors(*balance_factors(head.u, head.s[0], head.v))
+    return head.u.to(u.dtype), head.s.to(s.dtype), head.v.to(v.dtype)
+
+
+def _pad(tensor: torch.Tensor, rank: int, fill: torch.Tensor) -> torch.Tensor:
+    """Pad ``tensor``'s columns up to ``rank`` from ``fill``."""
     if tensor.shape[1] >= rank:
-        return tensor[:, :rank]
+        return tensor
     return torch.cat([tensor, fill[:, tensor.shape[1] : rank]], dim=1)
 
 
 @torch.no_grad()
-def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor], truncation: str = "svd") -> None:
     """Load a state in the wire convention into ``model``.
 
-    Factors of a different rank are fitted to the layer's rank: extra components
-    (which come sorted by magnitude from the strategy) are dropped; missing ones are
-    filled as freshly initialised adapter columns (``U = 0``, ``V`` kept, ``S = 1``), so
-    a client of higher rank than the global adapter still trains all its columns.
+    Factors of a different rank are fitted to the layer's rank: a global adapter of
+    higher rank is loaded as its best approximation at the layer's rank (:func:`fit_rank`;
+    ``truncation="columns"`` keeps the first columns instead, for rules that freeze a
+    factor); one of lower rank is padded with freshly initialised adapter columns
+    (``U = 0``, ``V`` kept, ``S = 1``). Grouped adapters order their columns by the
+    layer's ``group_share`` (set it first, as the server's shares).
 
     Raises
     ------
@@ -90,11 +119,15 @@ def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
             s = s.unsqueeze(0)
         if s.shape[0] != layer.groups:
             raise ValueError(f"{name}: S has {s.shape[0]} rows, layer has {layer.groups} groups")
+        if not (u.shape[1] == s.shape[1] == v.shape[1]):
+            raise ValueError(f"{name}: factors disagree on rank: U {u.shape[1]}, S {s.shape[1]}, V {v.shape[1]}")
+        shares = layer.group_share.detach().cpu().double() if layer.groups > 1 else None
+        u, s, v = fit_rank(u, s, v, layer.rank, truncation, shares)
         root = math.sqrt(layer.scale)
         dtype = layer.lora_U.dtype
-        layer.lora_U.copy_(_fit_rank(u.to(dtype) / root, layer.rank, torch.zeros_like(layer.lora_U)))
-        layer.lora_V.copy_(_fit_rank(v.to(dtype) / root, layer.rank, layer.lora_V))
-        layer.lora_S.copy_(_fit_rank(s.to(dtype), layer.rank, torch.ones_like(layer.lora_S)))
+        layer.lora_U.copy_(_pad(u.to(dtype) / root, layer.rank, torch.zeros_like(layer.lora_U)))
+        layer.lora_V.copy_(_pad(v.to(dtype) / root, layer.rank, layer.lora_V))
+        layer.lora_S.copy_(_pad(s.to(dtype), layer.rank, torch.ones_like(layer.lora_S)))
     for name in expected:
         factor = split_factor_key(name)
         if factor is not None and factor[0] in layers:

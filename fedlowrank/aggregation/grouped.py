@@ -77,12 +77,13 @@ class GroupedSVDAggregate(NamedTuple):
     """Shared orthonormal factors, per-group singular values and what they could not hold."""
 
     u: torch.Tensor
-    """(d_out x R), orthonormal columns."""
+    """(d_out x R), unit-norm columns: orthonormal from the pooled start, not always from
+    the block start (``start="best"`` keeps whichever fits better)."""
     s: torch.Tensor
     """(G x R); ``dW_g = u diag(s[g]) v^T``. Entries may be negative (a group may pull
     against the shared direction). Columns sorted by pooled magnitude, descending."""
     v: torch.Tensor
-    """(d_in x R), orthonormal columns."""
+    """(d_in x R), unit-norm columns, as ``u``."""
     residual_norms: torch.Tensor
     """(G,) Frobenius norm of ``M_g - u diag(s[g]) v^T``: what the global rank could not hold."""
     floor_norms: torch.Tensor
@@ -230,6 +231,7 @@ def aggregate_grouped_svd(
     tol: float = 1e-9,
     update: str = "procrustes",
     method: str = "qr",
+    start: str = "best",
 ) -> GroupedSVDAggregate:
     """Shared ``u, v`` and per-group ``s`` approximating each ``M_g = sum_k w_kg U_k diag(S_k[g]) V_k^T``.
 
@@ -262,6 +264,9 @@ def aggregate_grouped_svd(
         comparison only.
     method : {"qr", "gram"}
         How to orthonormalise the stacked factors; see :func:`orthonormal_range`.
+    start : {"best", "pooled"}
+        ``"pooled"``: ALS from the pooled SVD only. ``"best"`` (default): also from the
+        block start, keeping the better fit (see :func:`fit_grouped`).
 
     Returns
     -------
@@ -292,6 +297,33 @@ def aggregate_grouped_svd(
     shares = _check_shares(group_shares, groups, dtype, device)
 
     q_u, q_v, cores = _small_cores(us, ss, vs, weights, method)
+    return fit_grouped(q_u, q_v, cores, rank, global_rank, shares, iterations, tol, update, start)
+
+
+def fit_grouped(
+    q_u: torch.Tensor | None,
+    q_v: torch.Tensor | None,
+    cores: torch.Tensor,
+    rank: int,
+    global_rank: int,
+    shares: torch.Tensor,
+    iterations: int = 200,
+    tol: float = 1e-9,
+    update: str = "procrustes",
+    start: str = "best",
+) -> GroupedSVDAggregate:
+    """Shared factors and per-group ``s`` for ``M_g = Q_u C_g Q_v^T`` (``Q = None``: identity).
+
+    ``start="pooled"``: orthonormal ALS from the pooled SVD (never worse than the pooled
+    basis). ``start="best"`` also fits the *block start*, each group's own top
+    ``rank`` triplets side by side (when ``global_rank >= G rank``) with ``s`` zero off its
+    block, which reaches every group's floor exactly at ``global_rank = G rank``, refines
+    it by unconstrained CP-ALS (each step an exact least-squares solve, so the error never
+    grows), and keeps whichever of the two has the smaller total error.
+    """
+    if start not in ("best", "pooled"):
+        raise ValueError(f"unknown start {start!r}; use 'best' or 'pooled'")
+    groups = cores.shape[0]
     target_norms = cores.flatten(1).norm(dim=1)
     floor_norms = torch.stack([torch.linalg.svdvals(c)[rank:].square().sum().sqrt() for c in cores])
 
@@ -305,15 +337,93 @@ def aggregate_grouped_svd(
     sweeps = 0
     if groups > 1:  # for G = 1 the SVD is optimal (Eckart-Young): nothing to iterate
         x, s, y, sweeps = _als(cores, x, y, iterations, tol, update)
+        if start == "best":
+            block = _block_start(cores, rank, keep)
+            if block is not None:
+                bx, bs, by = _cp_als(cores, *block, iterations, tol)
+                if _residual_norms(bx, bs, by, cores).square().sum() < _residual_norms(x, s, y, cores).square().sum():
+                    x, s, y = bx, bs, by
         x, s, y = _canonical_order(x, s, y, shares)
     residual_norms = _residual_norms(x, s, y, cores)
 
-    u, v = q_u @ x, q_v @ y
-    if keep < global_rank:
+    u = x if q_u is None else q_u @ x
+    v = y if q_v is None else q_v @ y
+    if u.shape[1] < global_rank:
+        width = u.shape[1]
         u = complete_basis(u, global_rank)
         v = complete_basis(v, global_rank)
-        s = torch.cat([s, s.new_zeros(groups, global_rank - keep)], dim=1)
+        s = torch.cat([s, s.new_zeros(groups, global_rank - width)], dim=1)
     return GroupedSVDAggregate(u, s, v, residual_norms, floor_norms, pooled_norms, target_norms, sweeps)
+
+
+def _block_start(cores: torch.Tensor, rank: int, width: int):
+    """Each group's top ``rank`` triplets side by side; ``s`` zero off its block.
+
+    Only where ``width >= G rank``: with fewer columns each group would get a few and the
+    fit is poor, while the pooled start is made for that case.
+    """
+    groups = cores.shape[0]
+    per = rank
+    if groups * per > width:
+        return None
+    xs, ys = [], []
+    s = cores.new_zeros(groups, groups * per)
+    for g in range(groups):
+        x, sigma, y_t = torch.linalg.svd(cores[g], full_matrices=False)
+        xs.append(x[:, :per])
+        ys.append(y_t[:per].T)
+        s[g, g * per : (g + 1) * per] = sigma[:per]
+    return torch.cat(xs, dim=1), s, torch.cat(ys, dim=1)
+
+
+def _cp_als(cores, x, s, y, iterations: int, tol: float):
+    """Unconstrained CP-ALS (``x``, ``s``, ``y`` each by exact least squares); the best iterate.
+
+    Columns come back with unit-norm ``x`` and ``y``, their magnitude in ``s``. Iterates
+    whose columns grow beyond twice the start's largest magnitude are not kept: unconstrained
+    CP fits can degenerate into nearly cancelling columns of growing size, which as handed
+    to clients made adapter norms grow round over round in a measured run.
+    """
+    total = cores.square().sum()
+    best_err = _residual_norms(x, s, y, cores).square().sum()
+    best = (x, s, y)
+    limit = 2.0 * _column_sizes(x, s, y).max()
+    for _ in range(iterations):
+        x = _lstsq_factor(cores, y, s)
+        y = _lstsq_factor(cores.transpose(1, 2), x, s)
+        s = _lstsq_diagonals(cores, x, y)
+        err = _residual_norms(x, s, y, cores).square().sum()
+        if _column_sizes(x, s, y).max() > limit:
+            break
+        improved = best_err - err
+        if err < best_err:
+            best_err, best = err, (x, s, y)
+        if improved <= tol * total:
+            break
+    x, s, y = best
+    norm_x, norm_y = x.norm(dim=0), y.norm(dim=0)
+    alive = (norm_x > 0) & (norm_y > 0)
+    safe_x, safe_y = torch.where(alive, norm_x, 1.0), torch.where(alive, norm_y, 1.0)
+    return x / safe_x, s * (safe_x * safe_y), y / safe_y
+
+
+def _column_sizes(x, s, y):
+    """Per column ``||x_j|| ||y_j|| max_g |s_gj|``."""
+    return x.norm(dim=0) * y.norm(dim=0) * s.abs().amax(dim=0)
+
+
+def _lstsq_factor(cores, other, s):
+    """``argmin_x sum_g ||C_g - x diag(s_g) other^T||^2``."""
+    rhs = ((cores @ other) * s[:, None, :]).sum(dim=0)  # a x R
+    gram = (other.T @ other) * (s.T @ s)  # R x R: sum_g diag(s_g) O^T O diag(s_g)
+    return rhs @ torch.linalg.pinv(gram, hermitian=True)
+
+
+def _lstsq_diagonals(cores, x, y):
+    """``argmin_s ||C_g - x diag(s_g) y^T||`` per group: ``((x^T x) * (y^T y)) s_g = diag(x^T C_g y)``."""
+    gram = (x.T @ x) * (y.T @ y)
+    rhs = ((cores @ y) * x).sum(dim=1)  # G x R
+    return rhs @ torch.linalg.pinv(gram, hermitian=True)  # gram is symmetric
 
 
 # --------------------------------------------------------------------------- baselines

@@ -11,10 +11,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import from_record, pick_device, predict, to_record
+from fedlowrank.clients.app import parse_ranks
 from fedlowrank.fairness import group_fairness_report
 from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo
 
@@ -27,14 +28,43 @@ def fairness_metrics() -> FederatedFairnessMetrics:
     return FederatedFairnessMetrics(num_groups=2)
 
 
+def sampling(cfg) -> dict:
+    """Flower's client sampling from the run config (``fraction-train``, ``min-train-nodes``)."""
+    fraction = float(cfg.get("fraction-train", 1.0))
+    return {
+        "fraction_train": fraction,
+        "min_train_nodes": int(cfg.get("min-train-nodes", 2)),
+        "min_available_nodes": int(cfg.get("min-train-nodes", 2)),
+        "fraction_evaluate": float(cfg.get("fraction-evaluate", 1.0)),
+        "min_evaluate_nodes": int(cfg.get("min-train-nodes", 2)),
+        "evaluate_metrics_aggr_fn": fairness_metrics(),
+    }
+
+
 STRATEGIES = {
-    # FedIT: Flower's FedAvg averaging U, S and V separately (needs equal client ranks).
-    "fedit": lambda rank: FedAvg(fraction_evaluate=1.0, evaluate_metrics_aggr_fn=fairness_metrics()),
-    "fedlowrank": lambda rank: FedLowRank(rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
+    # FedIT: U, S and V averaged separately (rule 'fedit'; needs equal client ranks).
+    "fedit": lambda rank, cfg: FedLowRank(rule="fedit", rank=rank, **sampling(cfg)),
+    # Any registered rule by run config ``rule`` (default 'exact'), residual 'drop' or 'carry'.
+    "fedlowrank": lambda rank, cfg: FedLowRank(
+        rule=str(cfg.get("rule", "exact")), residual=str(cfg.get("residual", "drop")), rank=rank, **sampling(cfg)
+    ),
     # FairLoRA: one row of singular values per sex (run with groups = 2).
-    "fairlora-paper": lambda rank: FairLoRA(mode="paper", rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
-    "fairlora-exact": lambda rank: FairLoRA(mode="exact", rank=rank, evaluate_metrics_aggr_fn=fairness_metrics()),
+    "fairlora-paper": lambda rank, cfg: FairLoRA(mode="paper", rank=rank, **sampling(cfg)),
+    "fairlora-exact": lambda rank, cfg: FairLoRA(mode="exact", rank=rank, **sampling(cfg)),
 }
+
+
+def check_client_ranks(cfg, rank: int, name: str) -> None:
+    """Refuse, before any client trains, client ranks the strategy cannot take."""
+    ranks = parse_ranks(cfg.get("client-ranks", ""))
+    above = sorted({r for r in ranks if r > rank})
+    if above:
+        raise ValueError(f"client-ranks {cfg['client-ranks']!r}: ranks {above} are above the global rank {rank}")
+    if len(set(ranks) | {rank}) > 1 and name in ("fedit", "fairlora-paper"):
+        raise ValueError(
+            f"strategy {name!r} averages factors entry by entry and cannot mix client ranks "
+            f"(client-ranks {cfg['client-ranks']!r}, rank {rank}); use 'fedlowrank' or 'fairlora-exact'"
+        )
 
 app = ServerApp()
 
@@ -51,7 +81,7 @@ def with_compression(strategy: Strategy, cfg) -> Strategy:
     mode = str(cfg.get("compression", "none")).strip()
     if mode == "none":
         return strategy
-    if str(cfg.get("client-ranks", "")).strip() and len(set(str(cfg["client-ranks"]).split(","))) > 1:
+    if len(set(parse_ranks(cfg.get("client-ranks", ""))) | {int(cfg["rank"])}) > 1:
         raise ValueError(
             "compression sends local - global updates, so all clients need the global rank; "
             f"got client-ranks={cfg['client-ranks']!r}. Clear client-ranks or set compression = 'none'."
@@ -107,6 +137,7 @@ def main(grid: Grid, context: Context) -> None:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     rank = int(cfg["rank"])
+    check_client_ranks(cfg, rank, name)
     groups = int(cfg.get("groups", 1))
     if name.startswith("fairlora") != (groups > 1):
         raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
@@ -114,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = to_record(exchange_state(global_model(rank, groups)))
     num_partitions = len(list(grid.get_node_ids()))
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
-    strategy = with_compression(STRATEGIES[name](rank), cfg)
+    strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
     started = time.time()
     result = strategy.start(
         grid=grid,

@@ -1,0 +1,292 @@
+"""The weighted sum of client adapters, folded in one client at a time.
+
+:class:`WeightedSum` holds, per group ``g``, ``M_g = sum_k w_kg U_k diag(S_k[g]) V_k^T /
+sum_k w_kg`` (plus terms added already normalised, such as a carried residual) without
+keeping the clients: it stores their factors side by side while the stacked width
+``m = sum_k r_k`` stays below ``dense_above`` (default ``min(d_out, d_in) // 2``), and
+beyond that switches to a dense ``G x d_out x d_in`` accumulation, fed in chunks of
+columns by one matrix product each. Width decides the path (DESIGN.md): while ``m`` is
+well below the layer's size, the factored re-factorisation costs
+``O((d_out + d_in) m^2)`` and wins by orders of magnitude; past it the stacked factors are
+larger than the layer, the ``m x m`` Gram matrices turn singular, and a dense sum is both
+exact and cheaper. Memory is bounded by the layer's size, whatever the number of clients.
+
+:func:`top_rank` reads the best rank-``r`` approximation of ``M`` off either form, with
+what the rank could not hold (its exact norm, and the residual itself for ``carry``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .ranks import Factors
+from .svd import orthonormal_range, small_lapack
+
+
+class WeightedSum:
+    """``M_g`` for every group, streamed; see the module docstring.
+
+    Parameters
+    ----------
+    d_out, d_in : int
+        Layer shape.
+    groups : int (default: 1)
+        Rows of ``S`` (G).
+    dtype : torch.dtype (default: torch.float64)
+        Accumulation dtype.
+    dense_above : int, optional
+        Stacked width beyond which the sum turns dense (default ``min(d_out, d_in) // 2``;
+        0 makes it dense from the start, a huge value keeps it factored).
+    chunk : int (default: 256)
+        Columns buffered before one dense update (dense mode).
+    """
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        groups: int = 1,
+        dtype: torch.dtype = torch.float64,
+        dense_above: int | None = None,
+        chunk: int = 256,
+    ) -> None:
+        self.d_out, self.d_in, self.groups, self.dtype = d_out, d_in, groups, dtype
+        self.dense_above = min(d_out, d_in) // 2 if dense_above is None else dense_above
+        self.chunk = chunk
+        self.total = torch.zeros(groups, dtype=torch.float64)
+        self.clients = 0
+        self._raw: list[Factors] = []  # weighted by raw weights, normalised by ``total`` at the end
+        self._unit: list[Factors] = []  # already normalised
+        self._width = 0
+        self._dense_raw: torch.Tensor | None = None
+        self._dense_unit: torch.Tensor | None = None
+
+    @property
+    def dense(self) -> bool:
+        """Whether the sum is held as dense matrices."""
+        return self._dense_raw is not None
+
+    @property
+    def width(self) -> int:
+        """Columns stacked so far (factored mode), or buffered (dense mode)."""
+        return self._width
+
+    def add(self, factors: Factors, weight: torch.Tensor | float, count: bool = True) -> None:
+        """Fold in one client's factors with its raw weight (scalar, or one per group).
+
+        ``count=False`` adds a term at a client's weight without counting that weight
+        again (the global tail completing a lower-rank client's reply).
+        """
+        w = torch.as_tensor(weight, dtype=torch.float64).reshape(-1).expand(self.groups)
+        if count:
+            self.total += w
+            self.clients += 1
+        self._push(self._raw, Factors(factors.u, w.to(self.dtype)[:, None] * factors.s.to(self.dtype), factors.v))
+
+    def add_normalised(self, term: Factors | torch.Tensor) -> None:
+        """Add a term as it is (not divided by the total weight): e.g. a carried residual.
+
+        ``term`` is factors, or a dense ``(G x d_out x d_in)`` tensor (turns the sum dense).
+        """
+        if isinstance(term, torch.Tensor):
+            self._to_dense()
+            self._dense_unit += term.to(self.dtype)
+            return
+        self._push(self._unit, term)
+
+    def _push(self, bucket: list[Factors], f: Factors) -> None:
+        bucket.append(Factors(f.u.to(self.dtype), f.s.to(self.dtype), f.v.to(self.dtype)))
+        self._width += f.u.shape[1]
+        if self.dense:
+            if self._width >= self.chunk:
+                self._flush()
+        elif self._width > self.dense_above:
+            self._to_dense()
+
+    def _to_dense(self) -> None:
+        if self.dense:
+            return
+        shape = (self.groups, self.d_out, self.d_in)
+        self._dense_raw = torch.zeros(shape, dtype=self.dtype)
+        self._dense_unit = torch.zeros(shape, dtype=self.dtype)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move the buffered columns into the dense sums (one product per group)."""
+        for bucket, dense in ((self._raw, self._dense_raw), (self._unit, self._dense_unit)):
+            if bucket:
+                f = _stack(bucket)
+                for g in range(self.groups):
+                    dense[g].addmm_(f.u * f.s[g], f.v.T)
+                bucket.clear()
+        self._width = 0
+
+    def _scale(self) -> torch.Tensor:
+        """Per group ``1 / total`` (0 for a group no client weighted)."""
+        return torch.where(self.total > 0, 1.0 / self.total.clamp_min(1e-300), torch.zeros_like(self.total))
+
+    def stacked(self) -> Factors:
+        """Factored mode: ``M_g = A diag(D[g]) B^T`` as ``Factors(A, D, B)``, normalised."""
+        if self.dense:
+            raise RuntimeError("the sum is dense; use matrices()")
+        scale = self._scale().to(self.dtype)[:, None]
+        parts = [Factors(f.u, f.s * scale, f.v) for f in self._raw] + list(self._unit)
+        if not parts:
+            empty = torch.zeros(0, dtype=self.dtype)
+            return Factors(empty.reshape(self.d_out, 0), empty.reshape(self.groups, 0), empty.reshape(self.d_in, 0))
+        return _stack(parts)
+
+    def matrices(self) -> torch.Tensor:
+        """``M`` as a dense ``(G x d_out x d_in)`` tensor, normalised (forms it if factored)."""
+        if not self.dense:
+            f = self.stacked()
+            return torch.einsum("ar,gr,br->gab", f.u, f.s, f.v)
+        self._flush()
+        return self._dense_raw * self._scale().to(self.dtype)[:, None, None] + self._dense_unit
+
+    def distance(self, approx: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||M_g - approx_g||, ||M_g||)`` per group, without forming ``M`` if factored.
+
+        Factored: ``||A diag(d) B^T||^2 = d^T ((A^T A) * (B^T B)) d`` on the stack
+        ``[A, u]``, ``[D, -s]``, ``[B, v]``.
+        """
+        if self.dense:
+            m = self.matrices()
+            diff = m - torch.einsum("ar,gr,br->gab", approx.u.to(self.dtype), approx.s.to(self.dtype), approx.v.to(self.dtype))
+            return diff.flatten(1).norm(dim=1), m.flatten(1).norm(dim=1)
+        f = self.stacked()
+        a = torch.cat([f.u, approx.u.to(self.dtype)], dim=1)
+        b = torch.cat([f.v, approx.v.to(self.dtype)], dim=1)
+        kernel = (a.T @ a) * (b.T @ b)
+        width = f.u.shape[1]
+        diff = torch.cat([f.s, -approx.s.to(self.dtype)], dim=1)
+        target = diff[:, :width]
+        sq = lambda d, k: ((d @ k) * d).sum(dim=1).clamp_min(0).sqrt()  # noqa: E731
+        return sq(diff, kernel), sq(target, kernel[:width, :width])
+
+
+def _stack(parts: list[Factors]) -> Factors:
+    return Factors(
+        torch.cat([p.u for p in parts], dim=1),
+        torch.cat([p.s for p in parts], dim=1),
+        torch.cat([p.v for p in parts], dim=1),
+    )
+
+
+class TopRank(NamedTuple):
+    """Best rank-``r`` approximation of one (G = 1) sum and what it could not hold."""
+
+    factors: Factors
+    """Orthonormal ``u, v``, ``s`` (1 x r) descending; zero-padded to rank ``r``."""
+    truncated_norm: torch.Tensor
+    """``||M - u diag(s) v^T||``."""
+    target_norm: torch.Tensor
+    """``||M||``."""
+    residual: Factors | torch.Tensor | None
+    """``M - u diag(s) v^T`` (factors, or dense ``1 x d_out x d_in``) if asked for."""
+
+
+def top_rank(acc: WeightedSum, rank: int, method: str = "gram", residual: bool = False) -> TopRank:
+    """The exact best rank-``rank`` approximation of a G = 1 :class:`WeightedSum`."""
+    if acc.groups != 1:
+        raise ValueError(f"top_rank takes a G = 1 sum, got G = {acc.groups}")
+    if acc.dense:
+        m = acc.matrices()[0]
+        u, s, v = dense_top(m, rank)
+        approx = Factors(u, s[None, :], v)
+        rest = m - (u * s) @ v.T
+        out = _pad(approx, rank)
+        return TopRank(out, rest.norm(), m.norm(), rest[None] if residual else None)
+    f = acc.stacked()
+    if f.u.shape[1] == 0:
+        zero = torch.zeros((), dtype=acc.dtype)
+        return TopRank(_pad(f, rank), zero, zero, f if residual else None)
+    q_u, r_u = orthonormal_range(f.u, method)
+    q_v, r_v = orthonormal_range(f.v, method)
+    core = (r_u * f.s[0].to(r_u.dtype)) @ r_v.T
+    x, sigma, y = _core_triplets(core)
+    keep = min(rank, sigma.shape[0])
+    dtype = acc.dtype
+    u, v = q_u @ x.to(dtype), q_v @ y.to(dtype)
+    sigma = sigma.to(dtype)
+    approx = Factors(u[:, :keep], sigma[None, :keep], v[:, :keep])
+    tail = Factors(u[:, keep:], sigma[None, keep:], v[:, keep:])
+    truncated = sigma[keep:].square().sum().sqrt()
+    return TopRank(_pad(approx, rank), truncated, sigma.square().sum().sqrt(), tail if residual else None)
+
+
+def _core_triplets(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every non-zero singular triplet of a small core, in float64, descending.
+
+    From the eigendecomposition of ``core core^T``: several times faster than an SVD on
+    CPU; the leading triplets are accurate to rounding of the largest, the tail's values
+    (used for its norm and the carried residual) accurate in absolute terms.
+    """
+    wide = core.double()
+    if wide.numel() == 0:  # every client's factors were zero (e.g. an untouched LoRA init)
+        return wide.new_zeros(wide.shape[0], 0), wide.new_zeros(0), wide.new_zeros(wide.shape[1], 0)
+    with small_lapack():
+        evals, evecs = torch.linalg.eigh(wide @ wide.T)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    eps = torch.finfo(torch.float64).eps
+    nonzero = evals > evals[0].clamp_min(0) * eps * evals.shape[0]
+    if not bool(nonzero.any()):
+        return evecs[:, :0], evals[:0], wide.new_zeros(wide.shape[1], 0)
+    count = int(nonzero.sum())
+    sigma = evals[:count].sqrt()
+    x = evecs[:, :count]
+    y = (wide.T @ x) / sigma
+    return x, sigma, y
+
+
+def _pad(f: Factors, rank: int) -> Factors:
+    """Zero singular values (and orthonormal completions) up to ``rank`` columns."""
+    missing = rank - f.u.shape[1]
+    if missing <= 0:
+        return f.columns(slice(0, rank))
+    from .svd import complete_basis
+
+    u = complete_basis(f.u, rank)
+    v = complete_basis(f.v, rank)
+    s = torch.cat([f.s, f.s.new_zeros(f.s.shape[0], missing)], dim=1)
+    return Factors(u, s, v)
+
+
+def dense_top(m: torch.Tensor, rank: int, max_iter: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``rank`` singular triplets of a dense matrix, to rounding.
+
+    Block subspace iteration (``rank + max(rank, 8)`` columns) until every Ritz triplet's
+    residual ``||M v_j - s_j u_j||`` is below ``0.1 sqrt(eps) ||M||_2``; a matrix whose top
+    singular values cluster so that this takes more than ``max_iter`` sweeps falls back to
+    the eigendecomposition of the smaller Gram matrix in float64 (exact, ``O(d^3)``). The
+    benchmark's ``K = 1000`` clients converge in a few sweeps (``docs/benchmarks.md``).
+    """
+    d_out, d_in = m.shape
+    width = min(rank + max(rank, 8), d_out, d_in)
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d_in, width, generator=gen, dtype=m.dtype, device=m.device))[0]
+    tol = 0.1 * torch.finfo(m.dtype).eps ** 0.5
+    for _ in range(max_iter):
+        q_u = torch.linalg.qr(m @ q)[0]
+        q, r = torch.linalg.qr(m.T @ q_u)  # q_u^T M = r^T q^T, so q_u^T M q = r^T
+        with small_lapack():
+            x, sigma, y_t = torch.linalg.svd(r.T)
+        u, v, s = q_u @ x[:, :rank], q @ y_t[:rank].T, sigma[:rank]
+        scale = sigma[0].clamp_min(torch.finfo(m.dtype).tiny)
+        if float((m @ v - u * s).norm(dim=0).max()) <= tol * float(scale):
+            return u, s, v
+    wide = m.double()
+    flip = d_out > d_in
+    gram = wide.T @ wide if flip else wide @ wide.T
+    with small_lapack():
+        evals, evecs = torch.linalg.eigh(gram)
+    evecs = evecs.flip(1)[:, :rank]
+    s = evals.flip(0)[:rank].clamp_min(0).sqrt()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    if flip:
+        v, u = evecs, (wide @ evecs) / safe
+    else:
+        u, v = evecs, (wide.T @ evecs) / safe
+    return u.to(m.dtype), s.to(m.dtype), v.to(m.dtype)
