@@ -2,9 +2,15 @@
 
     python benchmarks/aggregation.py                 # d = 4096, K = 32 clients, rank 16
     python benchmarks/aggregation.py --d 1024 --clients 8
+    python benchmarks/aggregation.py --sweep 8,64,256,1000   # scaling in K (streaming vs dense)
 
 Every method gets the clients' factors and must return the rank-r factors of their
-weighted sum. The dense reference forms the d x d sum and takes its full SVD; the
+weighted sum.
+
+``--sweep``: for each K, the ``exact`` rule's streaming accumulator (replies generated and
+folded in one at a time; factored while K r <= d / 2, dense beyond) against the dense
+baseline (the same replies summed one at a time into a d x d matrix, then its full SVD),
+interleaved, each in a fresh process so that its peak resident memory is its own. The dense reference forms the d x d sum and takes its full SVD; the
 svd_lowrank baseline forms the same sum and runs torch's randomised range finder
 (niter = 2, q = r + 8 oversampling), which is approximate. Times are medians of
 repeats; ratios are against the baselines measured in this run.
@@ -13,12 +19,20 @@ repeats; ratios are against the baselines measured in this run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
 from fedlowrank.aggregation import aggregate_svd, dense_weighted_sum
+from fedlowrank.aggregation.ranks import Factors
+from fedlowrank.aggregation.rules import get_rule
 
 
 def timed(fn, repeats):
@@ -30,6 +44,84 @@ def timed(fn, repeats):
     return statistics.median(times), out
 
 
+def client(seed: int, k: int, d: int, r: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Client ``k``'s reply, generated on demand: a shared component plus its own."""
+    shared = torch.Generator().manual_seed(seed)
+    shared_u, shared_v = torch.randn(d, r, generator=shared), torch.randn(d, r, generator=shared)
+    gen = torch.Generator().manual_seed(seed * 100003 + k + 1)
+    u = ((shared_u + torch.randn(d, r, generator=gen)) / d**0.5).to(dtype)
+    v = ((shared_v + torch.randn(d, r, generator=gen)) / d**0.5).to(dtype)
+    s = (torch.rand(r, generator=gen) + 0.5).to(dtype)
+    return u, s, v, float(torch.rand(1, generator=gen)) + 0.5
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sweep_child(args) -> None:
+    """One measurement in this fresh process; prints JSON, saves the product's factors."""
+    dtype = getattr(torch, args.dtype)
+    d, k, r = args.d, args.clients, args.rank
+    before = rss_mib()
+    # The shared component is part of generating replies, not of aggregating them.
+    start = time.perf_counter()
+    if args.child == "stream":
+        reference = Factors(torch.zeros(d, r, dtype=dtype), torch.ones(1, r, dtype=dtype), torch.zeros(d, r, dtype=dtype))
+        acc = get_rule("exact").accumulator(reference, dtype=dtype)
+        generated = 0.0
+        for i in range(k):
+            t0 = time.perf_counter()
+            u, s, v, w = client(0, i, d, r, dtype)
+            generated += time.perf_counter() - t0
+            acc.add(Factors(u, s[None], v), w)  # replies at the global rank: no tail to complete
+        res = acc.result(r)
+        u, s, v = res.factors.u, res.factors.s[0], res.factors.v
+        mode = "dense" if acc.sum.dense else "factored"
+    else:
+        m = torch.zeros(d, d, dtype=dtype)
+        total, generated = 0.0, 0.0
+        for i in range(k):
+            t0 = time.perf_counter()
+            cu, cs, cv, w = client(0, i, d, r, dtype)
+            generated += time.perf_counter() - t0
+            m += w * (cu * cs) @ cv.T
+            total += w
+        m /= total
+        full_u, full_s, full_vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, v = full_u[:, :r], full_s[:r], full_vh[:r].T
+        mode = "dense"
+    seconds = time.perf_counter() - start - generated
+    torch.save({"u": u.contiguous(), "s": s, "v": v.contiguous()}, args.out)
+    print(json.dumps({"seconds": seconds, "peak_mib": rss_mib(), "start_mib": before, "mode": mode}))
+
+
+def run_sweep(args) -> None:
+    print(f"\nScaling in K: d_out = d_in = {args.d}, rank {args.rank}, {args.dtype}, {torch.get_num_threads()} threads;"
+          " replies generated one at a time (generation time excluded)")
+    print("(peak MiB is the process's peak resident memory; 'start' is the same after imports, before any reply)")
+    print(f"{'K':>5s} {'method':36s} {'seconds':>9s} {'peak MiB':>9s} {'start':>6s} {'speed-up':>9s} {'rel. error':>11s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in [int(x) for x in args.sweep.split(",") if x]:
+            rows = {}
+            for method in ("dense", "stream"):  # interleaved: both for one K, then the next K
+                out = os.path.join(tmp, f"{method}-{k}.pt")
+                command = [sys.executable, __file__, "--child", method, "--clients", str(k), "--d", str(args.d),
+                           "--rank", str(args.rank), "--dtype", args.dtype, "--out", out]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                rows[method] = (json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out))
+            ref = rows["dense"][1]
+            best = (ref["u"] * ref["s"]) @ ref["v"].T
+            for method, label in (("dense", "dense sum + full SVD"), ("stream", "exact rule, streaming")):
+                info, f = rows[method]
+                err = float(((f["u"] * f["s"]) @ f["v"].T - best).norm() / best.norm())
+                speed = rows["dense"][0]["seconds"] / info["seconds"]
+                name = label + (f" ({info['mode']})" if method == "stream" else "")
+                print(f"{k:5d} {name:36s} {info['seconds']:9.3f} {info['peak_mib']:9.0f} {info['start_mib']:6.0f} {speed:8.1f}x {err:11.2e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=4096)
@@ -38,9 +130,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--sweep", default="", help="comma-separated K values for the scaling sweep (e.g. 8,64,256,1000)")
+    parser.add_argument("--only-sweep", action="store_true", help="skip the K = --clients comparison table")
+    parser.add_argument("--child", choices=["stream", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        sweep_child(args)
+        return
+    if not args.only_sweep:
+        compare(args)
+    if args.sweep:
+        run_sweep(args)
+
+
+def compare(args) -> None:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     d, k, r = args.d, args.clients, args.rank

@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
+from fedlowrank.wire import GROUP_SHARE_KEY, TRUNCATION_KEY
+
+from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks
 from fedlowrank.compression import (
     CANDIDATES_KEY,
     SETTING_PREFIX,
@@ -88,12 +91,27 @@ def model_update(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[
         local = np.asarray(local_arrays[name])
         if local.shape != np.shape(ref):
             raise ValueError(
-                f"L-GreCo: tensor {name!r} has local shape {local.shape} but global shape {np.shape(ref)}; "
-                "compressed replies send local - global, so the client's adapter rank must equal the "
-                "global rank (unset 'client-ranks' / node 'rank', or run without compression)."
+                f"L-GreCo: tensor {name!r} has local shape {local.shape} but reference shape {np.shape(ref)}."
             )
         update[name] = local.astype(np.float64) - np.asarray(ref, dtype=np.float64)
     return update
+
+
+def reference_arrays(
+    config: Mapping[str, Any], global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray]
+) -> Mapping[str, np.ndarray]:
+    """What the update is relative to: the global arrays, with the factors of layers where
+    this client's rank is below the global rank replaced by the head it loaded
+    (:func:`fedlowrank.adapters.state.fit_arrays_to_ranks`; the server forms the same)."""
+    local, sent = factor_ranks(local_arrays), factor_ranks(global_arrays)
+    for module, rank in local.items():
+        if module in sent and rank > sent[module]:
+            raise ValueError(f"L-GreCo: '{module}' has adapter rank {rank}; rank {rank} is above the global rank {sent[module]}.")
+    lower = {m: r for m, r in local.items() if m in sent and r < sent[m]}
+    if not lower:
+        return global_arrays
+    shares = config.get(GROUP_SHARE_KEY)
+    return fit_arrays_to_ranks(global_arrays, lower, str(config.get(TRUNCATION_KEY, "svd")), shares)
 
 
 def compress_arrays(
@@ -135,7 +153,7 @@ def compress_arrays(
     if not compression_requested(config):
         return None
     settings, candidates = settings_from_config(config)
-    update = model_update(global_arrays, local_arrays)
+    update = model_update(reference_arrays(config, global_arrays, local_arrays), local_arrays)
     ef = load_error_feedback(state, seed)
     # What this round tries to send (update plus what earlier rounds still owe);
     # the residual after encoding is exactly this round's compression error.

@@ -49,8 +49,12 @@ reply that fails to decode (a setting or shape other than the server asked
 for, an unknown codec, wrong lengths or values, a spec for another number of
 tensors) is dropped with a logged reason; the round goes on with the others.
 
-Because the update is a delta from the global arrays, clients must keep the
-global shapes (no per-client factor ranks under compression).
+A client whose adapter rank is below the global rank sends its update
+relative to the head it loaded (its best approximation of the global adapter
+at its rank, :func:`fedlowrank.adapters.state.fit_arrays_to_ranks`), in its
+own factor shapes; the server forms the same head from the arrays it sent and
+adds the decoded delta to it, so mixed ranks work under compression. The
+allocator's size table assumes the global shapes (an upper bound for them).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlowrank.adapters import split_factor_key
+from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks
 from fedlowrank.compression import (
     CANDIDATES_KEY,
     DEFAULT_NUM_BINS,
@@ -87,6 +93,18 @@ DEFAULT_CANDIDATES = (
     *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
     *(f"sq:{b}" for b in (1, 2, 3, 4)),
 )
+
+
+def lower_rank_factor(base: dict[str, np.ndarray]):
+    """Accept, for adapter factors only, a declared shape of lower rank than the global's."""
+
+    def accept(name: str, shape: tuple[int, ...]) -> bool:
+        if split_factor_key(name) is None or len(shape) != 2:
+            return False
+        rows, cols = np.shape(base[name])
+        return shape[0] == rows and 1 <= shape[1] < cols
+
+    return accept
 
 
 class LGreCo(Strategy):
@@ -345,19 +363,31 @@ class LGreCo(Strategy):
             raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
         return next(iter(content.array_records.items()))
 
-    @staticmethod
     def _reconstructed_reply(
+        self,
         reply: Message,
         record_key: str,
         payload: dict[str, np.ndarray],
         base: dict[str, np.ndarray],
         settings: dict[str, str],
     ) -> Message:
-        """A copy of ``reply`` whose ArrayRecord holds ``global + decoded delta``."""
-        delta = decode_update(payload, {k: v.shape for k, v in base.items()}, settings)
+        """A copy of ``reply`` whose ArrayRecord holds ``reference + decoded delta``.
+
+        The reference is the global arrays, or for a client of lower rank the head it
+        loaded (its factor shapes declare its rank).
+        """
+        delta = decode_update(payload, {k: v.shape for k, v in base.items()}, settings, lower_rank_factor(base))
+        ranks = {m: r for m, r in factor_ranks(delta).items() if r < base[f"{m}.lora_U"].shape[1]}
+        reference = base
+        if ranks:
+            truncation = getattr(getattr(self.strategy, "rule", None), "truncation", "svd")
+            shares = self.strategy.group_shares() if hasattr(self.strategy, "group_shares") else None
+            reference = fit_arrays_to_ranks(base, ranks, truncation, shares)
         arrays = {}
-        for name, ref in base.items():
-            arrays[name] = Array(np.asarray(ref.astype(np.float64) + delta[name]).astype(ref.dtype))
+        for name, ref in reference.items():
+            if np.shape(ref) != np.shape(delta[name]):
+                raise ValueError(f"tensor {name!r}: update of shape {np.shape(delta[name])} for rank-fitted {np.shape(ref)}")
+            arrays[name] = Array(np.asarray(np.asarray(ref, dtype=np.float64) + delta[name]).astype(base[name].dtype))
         content = RecordDict({record_key: ArrayRecord(arrays)})
         for key, rec in reply.content.metric_records.items():
             content[key] = rec

@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 
 def array_record(arrays: dict, dtype=np.float32) -> ArrayRecord:
     """Arrays as an ArrayRecord, cast to ``dtype`` (``None`` keeps each array's own, e.g. encoded bytes)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=dtype))) for k, v in arrays.items()})
+    # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d array into shape (1,).
+    return ArrayRecord({k: Array(np.array(np.asarray(v, dtype=dtype), order="C")) for k, v in arrays.items()})
 
 
 def train_reply(node_id: int, arrays: dict, num_examples: float, dtype=np.float32, **metrics) -> Message:

@@ -161,13 +161,47 @@ def test_tables_come_only_when_candidates_are_asked_for():
     assert CANDIDATES_KEY not in without
 
 
-def test_client_rank_other_than_global_is_refused_clearly():
+def test_client_rank_above_the_global_is_refused_clearly():
     glob = initial_arrays()
-    with pytest.raises(ValueError, match="adapter rank must equal the global rank"):
+    with pytest.raises(ValueError, match="rank 3 is above the global rank 2"):
         APP(train_message(glob, settings_to_config(SETTINGS)), context(rank=3))
     with pytest.raises(ValueError, match="do not match the global arrays"):
         compress_arrays(settings_to_config(SETTINGS), glob, {**glob, "extra": np.zeros(2)}, RecordDict())
     assert set(model_update(glob, glob)) == set(glob)
+
+
+def run_rounds(strategy, nodes, rounds, lr=0.02, start=None):
+    arrays = ArrayRecord({k: Array(v) for k, v in (start or initial_arrays()).items()})
+    for rnd in range(1, rounds + 1):
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord({"lr": lr}), Grid(nodes))
+        replies = [APP(msg, nodes[msg.metadata.dst_node_id]) for msg in messages]
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        assert metrics["agg-clients-dropped"] == 0
+    return {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+
+
+def test_mixed_ranks_under_compression_match_the_uncompressed_run():
+    """A rank-1 client beside rank-2 ones: its update is relative to the head it loaded."""
+    make_nodes = lambda: {1: context(1, 0, rank=1), 2: context(2, 1), 3: context(3, 2)}  # noqa: E731
+    lossless = LGreCo(FedLowRank(rank=2), candidates=["none"], default="none", warmup_rounds=10**9)
+    compressed = run_rounds(lossless, make_nodes(), 3)
+    plain = run_rounds(FedLowRank(rank=2), make_nodes(), 3)
+    for key in plain:
+        np.testing.assert_allclose(compressed[key], plain[key], atol=1e-5, err_msg=key)
+
+
+def test_mixed_ranks_under_lossy_compression_leave_an_untrained_global_unchanged():
+    nodes = {1: context(1, 0, rank=1), 2: context(2, 1), 3: context(3, 2)}
+    rng = np.random.default_rng(0)
+    start = initial_arrays()  # a trained global: U non-zero, two distinct singular values
+    for module in ("net.0", "net.2"):
+        start[f"{module}.lora_U"] = (rng.normal(size=start[f"{module}.lora_U"].shape) * [1.0, 0.3]).astype(np.float32)
+    strategy = LGreCo(FedLowRank(rank=2), candidates=["sq:3"], default="sq:3", warmup_rounds=10**9)
+    arrays = run_rounds(strategy, nodes, 2, lr=0.0, start=dict(start))
+    start = {k: v.astype(np.float64) for k, v in start.items()}
+    for module in ("net.0", "net.2"):
+        product = lambda a: (a[f"{module}.lora_U"] * a[f"{module}.lora_S"][0]) @ a[f"{module}.lora_V"].T  # noqa: E731
+        assert np.linalg.norm(product(arrays) - product(start)) <= 1e-5 * np.linalg.norm(product(start))
 
 
 def test_missing_setting_is_an_error_and_leaves_state_as_it_was():

@@ -83,30 +83,6 @@ def orthonormal_range(stacked: torch.Tensor, method: str) -> tuple[torch.Tensor,
     return q.to(stacked.dtype), root[:, None] * basis.T
 
 
-def core_svd(core: torch.Tensor, rank: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All singular triplets of the small core (``"qr"``) or its top ``rank`` (``"gram"``).
-
-    ``"gram"`` reads the top triplets off the eigendecomposition of ``core core^T`` in
-    float64: the leading ones are accurate to rounding of the largest; the tail's
-    singular values (only their total norm is reported) are accurate in absolute terms.
-    """
-    if method == "qr":
-        with small_lapack():
-            return torch.linalg.svd(core, full_matrices=False)
-    wide = core.double()
-    with small_lapack():
-        evals, evecs = torch.linalg.eigh(wide @ wide.T)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    # Eigenvalues below rounding of the largest are zero singular values, not a tail.
-    evals = torch.where(evals > evals[0] * torch.finfo(torch.float64).eps * evals.shape[0], evals, 0.0)
-    sigma = evals.sqrt()
-    top = min(rank, int((sigma > sigma[0] * torch.finfo(torch.float64).eps).sum()))
-    x = evecs[:, :top]
-    y = (wide.T @ x) / sigma[:top]
-    # Report the tail through sigma; only the leading ``top`` columns of x, y are used.
-    return x, sigma, y.T
-
-
 def complete_basis(q: torch.Tensor, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend orthonormal columns ``q`` (d x m) to ``width`` orthonormal columns."""
     missing = width - q.shape[1]
@@ -154,28 +130,20 @@ def aggregate_svd(
         Naming the client and tensor, for mismatched shapes, NaN/Inf values or a
         negative weight.
     """
+    from .accumulate import WeightedSum, top_rank  # accumulate builds on this module
+    from .ranks import Factors
+
     check_client_factors(us, ss, vs, weights)
     d_out, d_in = us[0].shape[0], vs[0].shape[0]
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
-    dtype, device = us[0].dtype, us[0].device
-    stacked_u = torch.cat([u.to(dtype) for u in us], dim=1)
-    stacked_v = torch.cat([v.to(dtype) for v in vs], dim=1)
-    diag = torch.cat([float(w) * s.to(dtype) for w, s in zip(weights, ss)])
-    q_u, r_u = orthonormal_range(stacked_u, method)
-    q_v, r_v = orthonormal_range(stacked_v, method)
-    core = (r_u * diag.to(r_u.dtype)) @ r_v.T
-    x, sigma, y_t = core_svd(core, rank, method)
-    keep = min(rank, x.shape[1], y_t.shape[0])
-    u = q_u @ x[:, :keep].to(dtype)
-    v = q_v @ y_t[:keep].T.to(dtype)
-    s = sigma[:keep].to(dtype)
-    truncated_norm = sigma[keep:].square().sum().sqrt().to(dtype)
-    if keep < rank:
-        u = complete_basis(u, rank)
-        v = complete_basis(v, rank)
-        s = torch.cat([s, torch.zeros(rank - keep, dtype=dtype, device=device)])
-    return SVDAggregate(u, s, v, truncated_norm)
+    dtype = us[0].dtype
+    # Kept factored whatever the width: this entry point is the factored algorithm.
+    acc = WeightedSum(d_out, d_in, dtype=dtype, dense_above=sum(u.shape[1] for u in us) + 1)
+    for u, s, v, w in zip(us, ss, vs, weights):
+        acc.add_normalised(Factors(u.to(dtype), (float(w) * s.to(dtype))[None, :], v.to(dtype)))
+    top = top_rank(acc, rank, method)
+    return SVDAggregate(top.factors.u, top.factors.s[0], top.factors.v, top.truncated_norm.to(dtype))
 
 
 def dense_weighted_sum(

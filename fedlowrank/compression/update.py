@@ -55,7 +55,7 @@ Client -> server (arrays)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -245,6 +245,7 @@ def decode_update(
     arrays: Mapping[str, np.ndarray],
     shapes: Mapping[str, Sequence[int]],
     settings: Mapping[str, str] | None = None,
+    shape_ok: Callable[[str, tuple[int, ...]], bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode the update in ``arrays`` (other keys are ignored).
 
@@ -259,11 +260,15 @@ def decode_update(
     settings : mapping of str to str, optional
         The setting the server asked for per tensor; each spec line must
         declare it (``"<codec>:<setting>"``).
+    shape_ok : callable, optional
+        ``(name, declared_shape) -> bool`` accepting a declared shape other
+        than ``shapes[name]`` (adapter factors of a client whose rank is below
+        the global rank). Checked before anything is allocated.
 
     Returns
     -------
     dict[str, np.ndarray]
-        Float32 update per tensor, in sorted name order.
+        Float32 update per tensor, in sorted name order, in the declared shapes.
 
     Raises
     ------
@@ -286,7 +291,7 @@ def decode_update(
     for name, line in zip(names, lines):
         try:
             codec, shape = parse_spec(np.frombuffer(line, dtype=np.uint8))
-            if shape != tuple(int(d) for d in shapes[name]):
+            if shape != tuple(int(d) for d in shapes[name]) and not (shape_ok is not None and shape_ok(name, shape)):
                 raise ValueError(f"declares shape {shape}, the global tensor has {tuple(shapes[name])}.")
             if settings is not None and codec.key != candidate_key(settings[name]):
                 raise ValueError(f"declares {codec.key!r}, the server asked for {settings[name]!r}.")

@@ -174,7 +174,7 @@ class Accumulator(ABC):
 
     def add(self, client: Factors, weight: float, group_weights: torch.Tensor | None = None) -> None:
         """Fold in one checked client (``rule.check`` passed): its product and its tail."""
-        client = Factors(*(t.double() for t in client))
+        client = Factors(*(t.to(self.sum.dtype) for t in client))
         w = self.product_weights(weight, group_weights)
         self.sum.add(client, w)
         if client.rank < self.reference.rank:

@@ -81,11 +81,6 @@ def with_compression(strategy: Strategy, cfg) -> Strategy:
     mode = str(cfg.get("compression", "none")).strip()
     if mode == "none":
         return strategy
-    if len(set(parse_ranks(cfg.get("client-ranks", ""))) | {int(cfg["rank"])}) > 1:
-        raise ValueError(
-            "compression sends local - global updates, so all clients need the global rank; "
-            f"got client-ranks={cfg['client-ranks']!r}. Clear client-ranks or set compression = 'none'."
-        )
     if mode == "lgreco":
         return LGreCo(
             strategy,

@@ -1,0 +1,272 @@
+"""Every registered rule against a dense float64 reference of its own published rule."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.aggregation.accumulate import WeightedSum, dense_top, top_rank
+from fedlowrank.aggregation.ranks import Factors, split_at_rank
+from fedlowrank.aggregation.rules import AggregationRule, get_rule, register_rule, registered_rules
+from fedlowrank.strategies import FedLowRank
+from fedlowrank.strategies.state import LowRankState
+from flower_messages import array_record, train_reply
+
+F64 = torch.float64
+D_OUT, D_IN = 13, 9  # non-square: a transposed result cannot pass
+
+
+def rand_factors(gen, rank, groups=1, d_out=D_OUT, d_in=D_IN):
+    return Factors(
+        torch.randn(d_out, rank, generator=gen, dtype=F64),
+        torch.rand(groups, rank, generator=gen, dtype=F64) + 0.5,
+        torch.randn(d_in, rank, generator=gen, dtype=F64),
+    )
+
+
+def dense(f, g=0):
+    return (f.u * f.s[g]) @ f.v.T
+
+
+def best(m, rank):
+    u, s, vt = torch.linalg.svd(m)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def tail_dense(reference, rank):
+    """Independent: the global minus its best rank-``rank`` approximation (G = 1)."""
+    g = dense(reference)
+    return g - best(g, rank)
+
+
+def run(rule, reference, clients, weights, rank, group_weights=None, **kwargs):
+    acc = rule.accumulator(reference, **kwargs)
+    for k, (c, w) in enumerate(zip(clients, weights)):
+        rule.check(c, reference)
+        acc.add(c, w, None if group_weights is None else group_weights[k])
+    return acc.result(rank)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_registry_lists_every_documented_rule_and_refuses_clashes():
+    assert registered_rules() == ["exact", "fairfedmed", "fairlora-exact", "fedit", "ffa", "flexlora-dense"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule("exact")(type("Other", (AggregationRule,), {"accumulator": lambda *a, **k: None}))
+    with pytest.raises(ValueError, match="rule 'exact'"):
+        get_rule("exact", bogus=1)
+
+
+@pytest.mark.parametrize("rule_name", ["exact", "flexlora-dense"])
+@pytest.mark.parametrize("dense_above", [None, 0])
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_rules_equal_the_dense_svd_of_the_completed_sum(rule_name, dense_above, seed):
+    gen = torch.Generator().manual_seed(seed)
+    R = 6
+    reference = rand_factors(gen, R)
+    ranks = [2, 6, 4, 3]
+    clients = [rand_factors(gen, r) for r in ranks]
+    weights = [3.0, 1.0, 2.0, 4.0]
+    shares = torch.tensor(weights, dtype=F64) / sum(weights)
+    target = sum(p * (dense(c) + tail_dense(reference, c.rank)) for p, c in zip(shares, clients))
+    for rank in (R, 4):
+        res = run(get_rule(rule_name), reference, clients, weights, rank, dense_above=dense_above)
+        assert res.factors.u.shape == (D_OUT, rank) and res.factors.v.shape == (D_IN, rank)
+        want = best(target, rank)
+        assert rel(dense(res.factors), want) < 1e-10
+        assert torch.allclose(res.error_norms[0], (target - want).norm(), rtol=1e-8)
+        assert torch.allclose(res.target_norms[0], target.norm(), rtol=1e-10)
+        residual = res.residual[0] if isinstance(res.residual, torch.Tensor) else dense(res.residual)
+        assert rel(dense(res.factors) + residual, target) < 1e-10
+        # Orientation: the transpose of the answer is not the answer.
+        assert res.factors.u.shape[0] != res.factors.v.shape[0]
+
+
+def test_fedit_is_the_mean_of_each_factor_and_reports_its_error_against_the_products():
+    gen = torch.Generator().manual_seed(4)
+    reference = rand_factors(gen, 3)
+    clients = [rand_factors(gen, 3) for _ in range(4)]
+    weights = [1.0, 2.0, 3.0, 4.0]
+    p = torch.tensor(weights, dtype=F64) / 10
+    res = run(get_rule("fedit"), reference, clients, weights, 3)
+    u = sum(w * c.u for w, c in zip(p, clients))
+    s = sum(w * c.s for w, c in zip(p, clients))
+    v = sum(w * c.v for w, c in zip(p, clients))
+    assert torch.allclose(res.factors.u, u) and torch.allclose(res.factors.s, s) and torch.allclose(res.factors.v, v)
+    assert not res.magnitude_in_s
+    target = sum(w * dense(c) for w, c in zip(p, clients))
+    assert torch.allclose(res.error_norms[0], (target - (u * s[0]) @ v.T).norm(), rtol=1e-8)
+
+
+def test_ffa_is_exact_with_v_frozen_and_rejects_a_moved_v():
+    gen = torch.Generator().manual_seed(5)
+    reference = rand_factors(gen, 5)
+    ranks, weights = [5, 3, 2], [1.0, 1.0, 2.0]
+    clients = [Factors(torch.randn(D_OUT, r, generator=gen, dtype=F64), torch.rand(1, r, generator=gen, dtype=F64),
+                       reference.v[:, :r].clone()) for r in ranks]
+    res = run(get_rule("ffa"), reference, clients, weights, 5)
+    p = torch.tensor(weights, dtype=F64) / 4
+    # Each client's B padded with the global's columns it does not hold, times the shared V.
+    b = sum(w * torch.cat([c.u * c.s[0], reference.u[:, c.rank:] * reference.s[0, c.rank:]], 1) for w, c in zip(p, clients))
+    target = sum(w * (dense(c) + dense(reference.columns(slice(c.rank, None)))) for w, c in zip(p, clients))
+    assert rel(dense(res.factors), b @ reference.v.T) < 1e-12
+    assert rel(dense(res.factors), target) < 1e-12 and float(res.error_norms[0]) < 1e-10
+    moved = clients[0]._replace(v=clients[0].v + 1e-3)
+    with pytest.raises(ValueError, match="V frozen"):
+        get_rule("ffa").check(moved, reference)
+
+
+@pytest.mark.parametrize("shared_fraction,momentum", [(0.0, 0.0), (0.5, 0.3)])
+def test_fairfedmed_weights_each_s_row_by_its_groups_share(shared_fraction, momentum):
+    gen = torch.Generator().manual_seed(6)
+    reference = rand_factors(gen, 4, groups=2)
+    clients = [rand_factors(gen, 4, groups=2) for _ in range(3)]
+    weights = [10.0, 20.0, 30.0]
+    counts = torch.tensor([[8.0, 2.0], [5.0, 15.0], [27.0, 3.0]], dtype=F64)
+    res = run(get_rule("fairfedmed", shared_fraction=shared_fraction, server_momentum=momentum),
+              reference, clients, weights, 4, group_weights=counts)
+    p = torch.tensor(weights, dtype=F64) / 60
+    q = counts / counts.sum(0)
+    u = sum(w * c.u for w, c in zip(p, clients))
+    v = sum(w * c.v for w, c in zip(p, clients))
+    s = torch.stack([sum(q[k, g] * clients[k].s[g] for k in range(3)) for g in range(2)])
+    shared = int(shared_fraction * 4)
+    s[:, :shared] = sum(w * c.s[:, :shared] for w, c in zip(p, clients))
+    u, s, v = (momentum * r + (1 - momentum) * x for r, x in zip(reference, (u, s, v)))
+    for got, want in zip(res.factors, (u, s, v)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("dense_above", [None, 0])
+def test_fairlora_exact_fits_each_groups_completed_sum(dense_above):
+    gen = torch.Generator().manual_seed(7)
+    R, G = 6, 2
+    reference = rand_factors(gen, R, groups=G)
+    clients = [rand_factors(gen, r, groups=G) for r in (6, 3, 6)]
+    counts = torch.tensor([[8.0, 2.0], [5.0, 15.0], [27.0, 3.0]], dtype=F64)
+    res = run(get_rule("fairlora-exact", rank=3), reference, clients, [1.0, 1.0, 1.0], R,
+              group_weights=counts, dense_above=dense_above)
+    q = counts / counts.sum(0)
+    tail = split_at_rank(reference, 3)[1]  # grouped: the columns of smallest magnitude
+    targets = [sum(q[k, g] * (dense(c, g) + (dense(tail, g) if c.rank < R else 0)) for k, c in enumerate(clients))
+               for g in range(G)]
+    for g in range(G):
+        err = (targets[g] - dense(res.factors, g)).norm()
+        assert torch.allclose(res.error_norms[g], err, rtol=1e-7)
+        floor = torch.linalg.svdvals(targets[g])[3:].square().sum().sqrt()
+        assert torch.allclose(res.floor_norms[g], floor, rtol=1e-7)
+        assert err <= 1.01 * floor  # global rank G r = 6
+        residual = res.residual[g] if isinstance(res.residual, torch.Tensor) else dense(res.residual, g)
+        assert rel(dense(res.factors, g) + residual, targets[g]) < 1e-9
+
+
+def test_streaming_switches_to_dense_midway_and_stays_exact():
+    gen = torch.Generator().manual_seed(8)
+    d_out, d_in, r = 40, 30, 4
+    acc = WeightedSum(d_out, d_in, dense_above=20, chunk=12)
+    clients = [rand_factors(gen, r, d_out=d_out, d_in=d_in) for _ in range(25)]
+    weights = torch.rand(25, generator=gen, dtype=F64) + 0.1
+    for c, w in zip(clients, weights):
+        acc.add(c, w)
+    assert acc.dense and acc.clients == 25
+    target = sum(w * dense(c) for w, c in zip(weights, clients)) / weights.sum()
+    assert rel(acc.matrices()[0], target) < 1e-12
+    top = top_rank(acc, 5)
+    assert rel(dense(top.factors), best(target, 5)) < 1e-8
+    assert torch.allclose(top.truncated_norm, (target - best(target, 5)).norm(), rtol=1e-8)
+
+
+def test_dense_top_falls_back_to_the_gram_when_iteration_does_not_converge():
+    gen = torch.Generator().manual_seed(9)
+    m = torch.randn(30, 20, generator=gen, dtype=F64)
+    u, s, v = dense_top(m, 4, max_iter=1)  # one sweep cannot converge on a flat spectrum
+    assert rel((u * s) @ v.T, best(m, 4)) < 1e-10
+    u, s, v = dense_top(m, 4)
+    assert rel((u * s) @ v.T, best(m, 4)) < 1e-6
+
+
+def test_all_zero_updates_aggregate_to_zero():
+    gen = torch.Generator().manual_seed(10)
+    reference = Factors(torch.zeros(D_OUT, 4, dtype=F64), torch.ones(1, 4, dtype=F64), torch.randn(D_IN, 4, generator=gen, dtype=F64))
+    clients = [reference, reference]
+    for rule in ("exact", "flexlora-dense", "fedit"):
+        res = run(get_rule(rule), reference, clients, [1.0, 1.0], 4)
+        assert float(dense(res.factors).abs().max()) == 0.0 and res.factors.u.shape == (D_OUT, 4)
+
+
+@pytest.mark.parametrize("dense_above", [None, 10**6])  # dense (13 x 9 is narrow) and factored
+def test_carry_loses_nothing_over_twenty_rounds(dense_above):
+    """Applied updates plus the carried residual equal the cumulative exact sum (float64)."""
+    gen = torch.Generator().manual_seed(11)
+    R = 3
+    strategy = FedLowRank(rank=R, residual="carry", align=False, dense_above=dense_above)
+    arrays = {"fc.lora_U": np.zeros((D_OUT, R)), "fc.lora_S": np.ones((1, R)), "fc.lora_V": np.random.default_rng(0).normal(size=(D_IN, R))}
+    start = dense(Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V"))))
+    exact_total = torch.zeros(D_OUT, D_IN, dtype=F64)
+    for server_round in range(1, 21):
+        strategy._global_arrays = array_record(arrays, dtype=np.float64)
+        current = dense(Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V"))))
+        replies, moves = [], []
+        for node in range(3):  # each client: the global plus its own rank-2 move, at rank R
+            move = rand_factors(gen, 2)
+            sent = Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V")))
+            local = dense(sent) + 0.3 * dense(move)
+            u, s, vt = torch.linalg.svd(local)
+            moves.append(best(local, R) - current)
+            replies.append(train_reply(node + 1, {"fc.lora_U": u[:, :R] * s[:R], "fc.lora_S": np.ones((1, R)),
+                                                  "fc.lora_V": vt[:R].T.numpy()}, 1.0, dtype=np.float64))
+        record, metrics = strategy.aggregate_train(server_round, replies)
+        arrays = {k: record[k].numpy() for k in record.keys()}
+        exact_total += sum(moves) / 3
+        assert metrics["agg-truncation-rel"] > 0  # the rank really truncates
+    final = dense(Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V"))))
+    residual = strategy.state.residuals["fc"]
+    assert isinstance(residual, torch.Tensor) == (dense_above is None)
+    carried = residual[0] if isinstance(residual, torch.Tensor) else dense(residual)
+    assert rel(final + carried - start, exact_total) < 1e-6
+
+
+def test_plain_arrays_keep_their_shape_and_follow_fedavg_for_integers():
+    gen = np.random.default_rng(12)
+    arrays = {"fc.lora_U": gen.normal(size=(D_OUT, 2)), "fc.lora_S": np.ones((1, 2)), "fc.lora_V": gen.normal(size=(D_IN, 2)),
+              "temperature": np.array(1.5), "steps": np.array([3, 4], dtype=np.int64)}
+    other = dict(arrays, temperature=np.array(2.5), steps=np.array([4, 4], dtype=np.int64))
+    strategy = FedLowRank()
+    strategy._global_arrays = array_record(arrays, dtype=None)
+    for server_round in (1, 2):  # round 2 checks replies against round 1's output shapes
+        replies = [train_reply(1, arrays, 1.0, dtype=None), train_reply(2, other, 3.0, dtype=None)]
+        record, metrics = strategy.aggregate_train(server_round, replies)
+        assert metrics["agg-clients-dropped"] == 0
+        assert record["temperature"].numpy().shape == () and float(record["temperature"].numpy()) == pytest.approx(2.25)
+        np.testing.assert_allclose(record["steps"].numpy(), [3.75, 4.0])  # FedAvg's float mean
+        strategy._global_arrays = record
+
+
+def test_global_rank_above_a_layers_size_is_clamped_with_a_log_line(caplog):
+    import logging
+
+    gen = np.random.default_rng(13)
+    arrays = {"fc.lora_U": gen.normal(size=(5, 3)), "fc.lora_S": np.ones((1, 3)), "fc.lora_V": gen.normal(size=(4, 3))}
+    strategy = FedLowRank(rank=16)
+    strategy._global_arrays = array_record(arrays, dtype=np.float64)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        record, _ = strategy.aggregate_train(1, [train_reply(1, arrays, 1.0, dtype=np.float64)])
+    assert record["fc.lora_U"].numpy().shape == (5, 4)
+    assert "global rank 16 clamped to min(d_out, d_in) = 4" in caplog.text
+
+
+def test_strategy_state_round_trips_through_plain_arrays():
+    state = LowRankState(
+        global_arrays={"a.lora_U": np.ones((3, 2)), "b": np.array(1.0)},
+        residuals={"a": Factors(torch.ones(3, 1), torch.ones(1, 1), torch.ones(2, 1)), "c": torch.zeros(1, 2, 2)},
+        group_shares=[0.25, 0.75],
+        server_round=7,
+    )
+    flat = state.state_dict()
+    assert all(isinstance(v, np.ndarray) and v.dtype != object for v in flat.values())
+    restored = LowRankState()
+    restored.load_state_dict(flat)
+    assert restored.server_round == 7 and restored.group_shares == [0.25, 0.75]
+    assert restored.global_arrays["b"].shape == () and np.array_equal(restored.global_arrays["a.lora_U"], np.ones((3, 2)))
+    assert isinstance(restored.residuals["a"], Factors) and torch.equal(restored.residuals["c"], torch.zeros(1, 2, 2))
