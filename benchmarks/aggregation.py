@@ -56,6 +56,12 @@ def client(seed: int, k: int, d: int, r: int, dtype) -> tuple[torch.Tensor, torc
 
 
 def rss_mib() -> float:
+    """Peak resident memory of this process so far (VmHWM; ``ru_maxrss`` would carry the
+    parent's peak across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from fedlowrank.wire import GROUP_SHARE_KEY, TRUNCATION_KEY
 
-from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks
+from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks, is_fold_key
 from fedlowrank.compression import (
     CANDIDATES_KEY,
     SETTING_PREFIX,
@@ -195,7 +195,7 @@ def compress_reply(
     """
     out = compress_arrays(
         config,
-        {k: a.numpy() for k, a in received.items()},
+        {k: a.numpy() for k, a in received.items() if not is_fold_key(k)},  # fold: server -> client only
         {k: a.numpy() for k, a in trained.items()},
         context.state,
         seed=client_seed(context),

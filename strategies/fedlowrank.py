@@ -13,8 +13,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlowrank.adapters import split_factor_key
+from fedlowrank.adapters import is_fold_key, split_factor_key
 from fedlowrank.aggregation import balance_factors, procrustes_align
+from fedlowrank.aggregation.accumulate import WeightedSum, compact
 from fedlowrank.aggregation.ranks import Factors
 from fedlowrank.aggregation.rules import Accumulator, AggregationRule, RuleResult, get_rule
 from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
@@ -22,7 +23,7 @@ from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
 from .replies import reply_arrays, reply_weight
 from .state import LowRankState
 
-RESIDUAL_MODES = ("drop", "carry")
+RESIDUAL_MODES = ("drop", "carry", "fold")
 
 
 def factor_modules(keys: Iterable[str]) -> list[str]:
@@ -68,10 +69,12 @@ class FedLowRank(FedAvg):
         A registered rule (:func:`fedlowrank.aggregation.rules.registered_rules`).
     rule_options : dict, optional
         Options of a rule given by name.
-    residual : {"drop", "carry"} (default: "drop")
-        What the global rank could not hold: dropped (its norm is reported), or carried
-        into the next round's sum on the server, so that over rounds nothing is lost
-        (exact rules only).
+    residual : {"drop", "carry", "fold"}, optional
+        What the global rank could not hold: dropped (its norm is reported); carried into
+        the next round's sum on the server, so that over rounds nothing is lost; or folded
+        into the clients' frozen base (FedEx-LoRA style: sent as ``<module>.fold_U`` /
+        ``.fold_V`` factors, rank at most the layer's size). Exact rules only; the default
+        is the rule's first mode (``drop``; ``fold`` for ``flora``). See ``docs/aggregation.md``.
     rank : int, optional
         Global adapter rank; defaults to the rank of the initial arrays. Clamped per layer
         to ``min(d_out, d_in)``, with a log line.
@@ -103,7 +106,7 @@ class FedLowRank(FedAvg):
         *,
         rule: str | AggregationRule = "exact",
         rule_options: dict[str, Any] | None = None,
-        residual: str = "drop",
+        residual: str | None = None,
         rank: int | None = None,
         align: bool = True,
         dense_above: int | None = None,
@@ -124,10 +127,14 @@ class FedLowRank(FedAvg):
             )
             options.setdefault("method", aggregation_method)
         self.rule = get_rule(rule, **options)
+        residual = self.rule.residual_modes[0] if residual is None else residual
         if residual not in RESIDUAL_MODES:
             raise ValueError(f"unknown residual mode {residual!r}; choose one of {RESIDUAL_MODES}")
-        if residual != "drop" and not self.rule.residual:
-            raise ValueError(f"residual mode {residual!r} needs an exact rule; rule '{self.rule.name}' has no residual")
+        if residual not in self.rule.residual_modes:
+            needs = "needs an exact rule" if not self.rule.residual else "is not available"
+            raise ValueError(
+                f"residual mode {residual!r} {needs}; rule '{self.rule.name}' supports {list(self.rule.residual_modes)}"
+            )
         self.residual = residual
         self.rank = rank
         self.align = align
@@ -195,6 +202,8 @@ class FedLowRank(FedAvg):
                     f"{module}: S has {rows} group rows; rule '{self.rule.name}' aggregates G = 1 "
                     "adapters (use FairLoRA for grouped ones)"
                 )
+            if rows > 1 and self.residual == "fold":
+                raise ValueError(f"{module}: residual mode 'fold' needs G = 1 (one base for every group)")
 
     # -- aggregate ------------------------------------------------------------
     def layer_rank(self, module: str) -> int:
@@ -217,9 +226,10 @@ class FedLowRank(FedAvg):
         """One accumulator per adapted layer, against the factors sent this round."""
         global_arrays = self.state.global_arrays
         accs = {}
-        for module in factor_modules(global_arrays):
+        for index, module in enumerate(factor_modules(global_arrays)):
             reference = layer_factors(global_arrays, module)
-            accs[module] = self.rule.accumulator(reference, self.group_shares(), dense_above=self.dense_above)
+            seed = self.state.server_round * 100_003 + index
+            accs[module] = self.rule.accumulator(reference, self.group_shares(), dense_above=self.dense_above, seed=seed)
         return accs
 
     def read_reply(
@@ -250,8 +260,10 @@ class FedLowRank(FedAvg):
         if self.state.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
         accs = self.new_accumulators()
-        expected = self._global_arrays
-        plain_keys = [k for k in self.state.global_arrays if split_factor_key(k) is None]
+        # Fold factors travel server -> client only: replies carry everything else.
+        sent = {k: v for k, v in self.state.global_arrays.items() if not is_fold_key(k)}
+        expected = ArrayRecord({k: as_array(v) for k, v in sent.items()})
+        plain_keys = [k for k in sent if split_factor_key(k) is None]
         sums: dict[str, np.ndarray] = {}
         total, kept, seen = 0.0, [], 0
         for msg in replies:
@@ -283,6 +295,8 @@ class FedLowRank(FedAvg):
             result = acc.result(self.layer_rank(module))
             if self.residual == "carry":
                 self.state.residuals[module] = result.residual
+            elif self.residual == "fold":
+                out.update(self.folded(module, result.residual))
             out.update(self.hand_back(module, result, acc))
             target = result.target_norms.clamp_min(1e-300)
             errors.append(torch.where(result.target_norms > 0, result.error_norms / target, 0.0).numpy())
@@ -292,11 +306,29 @@ class FedLowRank(FedAvg):
             dtype = self.state.global_arrays[key].dtype
             mean = sums[key] / total
             out[key] = mean.astype(dtype) if np.issubdtype(dtype, np.floating) else mean
-        record = ArrayRecord({k: as_array(out[k]) for k in self.state.global_arrays})
+        record = ArrayRecord({k: as_array(out[k]) for k in [*sent, *(k for k in out if is_fold_key(k))]})
         metrics = self.round_metrics([msg for msg, _ in kept], seen)
         metrics.update(self.error_metrics(errors, floors))
         self.after_round(kept)
         return record, metrics
+
+    def folded(self, module: str, residual: Factors | torch.Tensor) -> dict[str, np.ndarray]:
+        """Add this round's residual to the layer's fold; its factors as sent to clients.
+
+        The fold is re-factored exactly each round (its non-zero singular triplets), so its
+        rank never exceeds ``min(d_out, d_in)``; it goes out balanced, ``u sqrt(s)``, ``v sqrt(s)``.
+        """
+        reference = self.state.global_arrays[f"{module}.lora_U"], self.state.global_arrays[f"{module}.lora_V"]
+        acc = WeightedSum(reference[0].shape[0], reference[1].shape[0])
+        previous = self.state.residuals.get(module)
+        if previous is not None:
+            acc.add_normalised(previous)
+        acc.add_normalised(residual)
+        fold = compact(acc)
+        self.state.residuals[module] = fold
+        root = fold.s[0].clamp_min(0).sqrt()
+        dtype = reference[0].dtype
+        return {f"{module}.fold_U": (fold.u * root).numpy().astype(dtype), f"{module}.fold_V": (fold.v * root).numpy().astype(dtype)}
 
     def after_round(self, kept: list) -> None:
         """Hook: update state from the round's accepted replies (FairLoRA: group shares)."""

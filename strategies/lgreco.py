@@ -68,7 +68,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlowrank.adapters import split_factor_key
+from fedlowrank.adapters import is_fold_key, split_factor_key
 from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks
 from fedlowrank.compression import (
     CANDIDATES_KEY,
@@ -294,7 +294,8 @@ class LGreCo(Strategy):
         """Configure the next round of training, adding per-tensor settings."""
         self.current_arrays = arrays
         # New tensors start at the default; vanished ones are forgotten.
-        self.settings = {k: self.settings.get(k, self.default) for k in arrays.keys()}
+        # Fold factors (residual mode "fold") only travel to clients: no setting, no update.
+        self.settings = {k: self.settings.get(k, self.default) for k in arrays.keys() if not is_fold_key(k)}
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         wanted = self.candidates if self.tables_wanted(server_round) else None
         entries = settings_to_config(self.settings, wanted)
@@ -322,7 +323,7 @@ class LGreCo(Strategy):
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode replies, aggregate them with the inner strategy, re-allocate."""
-        base = {k: v.numpy() for k, v in self.current_arrays.items()}
+        base = {k: v.numpy() for k, v in self.current_arrays.items() if not is_fold_key(k)}
         decoded: list[Message] = []
         tables: list[tuple[np.ndarray, np.ndarray]] = []
         node_ids: list[int] = []
@@ -416,7 +417,7 @@ class LGreCo(Strategy):
         if not node_ids and metrics is None:
             return None
         metrics = MetricRecord() if metrics is None else metrics
-        raw = 4 * sum(int(np.prod(a.shape)) for a in self.current_arrays.values())
+        raw = 4 * sum(int(np.prod(a.shape)) for k, a in self.current_arrays.items() if not is_fold_key(k))
         metrics["lgreco-bytes"] = int(sum(nbytes))
         metrics["lgreco-bytes-per-client"] = [int(b) for b in nbytes]
         metrics["lgreco-node-ids"] = [int(n) for n in node_ids]

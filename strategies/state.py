@@ -3,7 +3,8 @@
 Like torch's ``PowerSGDState`` keeps a compressor's state in one place: the global arrays
 sent last (replies are checked and completed against them, and the next aggregate is
 aligned to them), the residual each layer carries into the next round (``carry``), the
-group shares sent (FairLoRA) and the round number. ``state_dict()`` gives plain numpy
+group shares sent (FairLoRA) and the round number. The residual modes keep their per-layer
+residual (``carry``) or fold (``fold``) here too. ``state_dict()`` gives plain numpy
 arrays and JSON-able values, never pickled objects.
 """
 
@@ -27,7 +28,8 @@ class LowRankState:
     global_arrays: dict[str, np.ndarray] | None = None
     """The arrays sent in the last ``configure_train``."""
     residuals: dict[str, Factors | torch.Tensor] = field(default_factory=dict)
-    """Per adapted module, what the global rank could not hold last round (``carry``)."""
+    """Per adapted module: what the global rank could not hold last round (``carry``), or
+    the base correction folded so far (``fold``)."""
     group_shares: list[float] | None = None
     """Group shares sent to clients (grouped adapters)."""
     server_round: int = 0

@@ -51,7 +51,7 @@ def rel(a, b):
 
 
 def test_registry_lists_every_documented_rule_and_refuses_clashes():
-    assert registered_rules() == ["exact", "fairfedmed", "fairlora-exact", "fedit", "ffa", "flexlora-dense"]
+    assert registered_rules() == ["exact", "fairfedmed", "fairlora-exact", "fedit", "ffa", "flexlora-dense", "flora"]
     with pytest.raises(ValueError, match="already registered"):
         register_rule("exact")(type("Other", (AggregationRule,), {"accumulator": lambda *a, **k: None}))
     with pytest.raises(ValueError, match="rule 'exact'"):
@@ -270,3 +270,72 @@ def test_strategy_state_round_trips_through_plain_arrays():
     assert restored.server_round == 7 and restored.group_shares == [0.25, 0.75]
     assert restored.global_arrays["b"].shape == () and np.array_equal(restored.global_arrays["a.lora_U"], np.ones((3, 2)))
     assert isinstance(restored.residuals["a"], Factors) and torch.equal(restored.residuals["c"], torch.zeros(1, 2, 2))
+
+
+# --------------------------------------------------------------------------- fold and FLoRA
+
+
+def global_factors(arrays, leaf_u="lora_U", leaf_v="lora_V", module="fc"):
+    u, v = torch.from_numpy(np.asarray(arrays[f"{module}.{leaf_u}"], dtype=np.float64)), torch.from_numpy(np.asarray(arrays[f"{module}.{leaf_v}"], dtype=np.float64))
+    s = torch.from_numpy(np.asarray(arrays[f"{module}.lora_S"], dtype=np.float64)) if leaf_u == "lora_U" else torch.ones(1, u.shape[1], dtype=F64)
+    return Factors(u, s, v)
+
+
+@pytest.mark.parametrize("rule", ["exact", "flora"])
+def test_fold_loses_nothing_and_stays_within_the_layers_size(rule):
+    """Adapter plus fold equals the start plus every round's exact update, over 20 rounds."""
+    gen = torch.Generator().manual_seed(14)
+    R = 3
+    strategy = FedLowRank(rule=rule, rank=R, residual="fold", align=False)
+    arrays = {"fc.lora_U": np.zeros((D_OUT, R)), "fc.lora_S": np.ones((1, R)), "fc.lora_V": np.random.default_rng(1).normal(size=(D_IN, R))}
+    total = lambda a: dense(global_factors(a)) + (dense(global_factors(a, "fold_U", "fold_V")) if "fc.fold_U" in a else 0)  # noqa: E731
+    start = total(arrays)
+    exact = torch.zeros(D_OUT, D_IN, dtype=F64)
+    for server_round in range(1, 21):
+        strategy._global_arrays = array_record(arrays, dtype=np.float64)
+        strategy.state.server_round = server_round
+        replies, sent = [], dense(global_factors(arrays))
+        for node, rank in enumerate((R, 2, R)):
+            local = best(best(sent, rank) + 0.3 * dense(rand_factors(gen, rank)), rank)  # what rank r holds
+            u, s, vt = torch.linalg.svd(local)
+            exact += (local - best(sent, rank)) / 3  # each client's own change
+            replies.append(train_reply(node + 1, {"fc.lora_U": (u[:, :rank] * s[:rank]).numpy(), "fc.lora_S": np.ones((1, rank)),
+                                                  "fc.lora_V": vt[:rank].T.numpy()}, 1.0, dtype=np.float64))
+        record, metrics = strategy.aggregate_train(server_round, replies)
+        arrays = {k: record[k].numpy() for k in record.keys()}
+        assert metrics["agg-clients-dropped"] == 0
+        assert arrays["fc.fold_U"].shape[1] <= min(D_OUT, D_IN)
+        if rule == "flora":  # the adapter restarts fresh each round
+            assert np.all(arrays["fc.lora_U"] == 0) and np.abs(arrays["fc.lora_V"]).max() <= D_IN**-0.5
+    assert rel(total(arrays) - start, exact) < 1e-6
+
+
+def test_a_client_loads_the_fold_and_applies_it_in_the_forward():
+    from torch import nn
+
+    from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT)).double()
+    inject_adapters(model, r"0", rank=2)
+    state = exchange_state(model)
+    gen = torch.Generator().manual_seed(15)
+    fold = rand_factors(gen, 4)
+    state["0.fold_U"], state["0.fold_V"] = fold.u, fold.v
+    state["0.lora_U"] = torch.randn(D_OUT, 2, generator=gen, dtype=F64)
+    load_exchange_state(model, state)
+    x = torch.randn(5, D_IN, generator=gen, dtype=F64)
+    layer = model[0]
+    want = x @ (layer.base.weight + layer.scale * (layer.lora_U * layer.lora_S[0]) @ layer.lora_V.T + fold.u @ fold.v.T).T + layer.base.bias
+    assert torch.allclose(model(x), want, atol=1e-10)
+    assert "0.fold_U" not in exchange_state(model)  # never sent back
+    del state["0.fold_U"], state["0.fold_V"]
+    load_exchange_state(model, state)  # a state without fold clears it
+    assert layer.fold_U.shape == (D_OUT, 0)
+
+
+def test_fold_is_refused_where_it_cannot_hold():
+    with pytest.raises(ValueError, match="supports \\['fold'\\]"):
+        FedLowRank(rule="flora", residual="drop")
+    with pytest.raises(ValueError, match="needs an exact rule"):
+        FedLowRank(rule="fedit", residual="fold")

@@ -42,6 +42,21 @@ def test_flwr_run_with_heterogeneous_ranks_improves_on_the_base(tmp_path):
     assert "finished:completed" in out
 
 
+def test_hundred_sites_ten_sampled_mixed_ranks_rule_from_run_config(tmp_path):
+    """100 SuperNodes, 10% sampled per round, ranks 4/8/16 against a rank-16 global, FLoRA by name."""
+    assert not superlink_healthy(), "another SuperLink is serving the local ports"
+    config = "num-server-rounds=3 fraction-train=0.1 fraction-evaluate=0.1 rank=16 client-ranks='4,8,16' rule='flora'"
+    results, out = run_app(tmp_path, 100, config, 900)
+    assert results["num_sites"] == 100 and results["run_config"]["rule"] == "flora"
+    rounds = results["rounds"]
+    for r in rounds[1:]:
+        train = r["clients_train"]
+        assert train["agg-clients-kept"] == 10 and train["agg-clients-dropped"] == 0
+    aucs = [r["central"]["auc"] for r in rounds]
+    assert all(math.isfinite(a) for a in aucs) and aucs[-1] > aucs[0], aucs
+    assert "finished:completed" in out
+
+
 def test_a_failing_serverapp_fails_the_runner(tmp_path):
     """`flwr run --stream` exits 0 when the ServerApp raises; the runner must not."""
     proc = subprocess.run(

@@ -3,10 +3,11 @@
 from .groups import group_context, group_weights_from_ids
 from .inject import adapter_layers, inject_adapters
 from .layer import UNKNOWN_GROUP, SVDLinear
-from .state import FACTOR_SUFFIXES, exchange_state, load_exchange_state, split_factor_key
+from .state import FACTOR_SUFFIXES, FOLD_SUFFIXES, exchange_state, is_fold_key, load_exchange_state, split_factor_key
 
 __all__ = [
     "FACTOR_SUFFIXES",
+    "FOLD_SUFFIXES",
     "UNKNOWN_GROUP",
     "SVDLinear",
     "adapter_layers",
@@ -14,6 +15,7 @@ __all__ = [
     "group_context",
     "group_weights_from_ids",
     "inject_adapters",
+    "is_fold_key",
     "load_exchange_state",
     "split_factor_key",
 ]

@@ -77,6 +77,10 @@ class SVDLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_V.data.T, a=math.sqrt(5))
         # Share of each group in the training data, used for unknown groups.
         self.register_buffer("group_share", torch.full((groups,), 1.0 / groups, **factory))
+        # What the server folded into the frozen base (residual mode "fold", rule "flora"):
+        # ``dW_fold = fold_U fold_V^T``, applied factored like the adapter, never trained.
+        self.register_buffer("fold_U", torch.zeros(d_out, 0, **factory))
+        self.register_buffer("fold_V", torch.zeros(d_in, 0, **factory))
         self.group_weights: torch.Tensor | None = None
 
     @property
@@ -117,12 +121,28 @@ class SVDLinear(nn.Module):
         """
         return lowrank_delta(x, self.lora_U, self.lora_S, self.lora_V, self.scale, self._routing())
 
+    def set_fold(self, fold_u: torch.Tensor, fold_v: torch.Tensor) -> None:
+        """Replace the folded base correction ``fold_U fold_V^T`` (width 0 clears it)."""
+        if fold_u.dim() != 2 or fold_v.dim() != 2 or fold_u.shape[1] != fold_v.shape[1]:
+            raise ValueError(f"fold factors must be (d_out x f) and (d_in x f), got {tuple(fold_u.shape)}, {tuple(fold_v.shape)}")
+        if fold_u.shape[0] != self.out_features or fold_v.shape[0] != self.in_features:
+            raise ValueError(
+                f"fold factors {tuple(fold_u.shape)} / {tuple(fold_v.shape)} do not fit a "
+                f"{self.in_features}->{self.out_features} layer"
+            )
+        factory = {"device": self.lora_U.device, "dtype": self.lora_U.dtype}
+        self.fold_U = fold_u.detach().to(**factory).clone()
+        self.fold_V = fold_v.detach().to(**factory).clone()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op for base + adapter: the expand accumulates into the base output,
         # which halves the layer's peak activation memory against base(x) + delta(x).
-        return lowrank_linear(
+        out = lowrank_linear(
             x, self.base.weight, self.base.bias, self.lora_U, self.lora_S, self.lora_V, self.scale, self._routing()
         )
+        if self.fold_U.shape[1]:
+            out = out + (x.to(self.fold_V.dtype) @ self.fold_V) @ self.fold_U.T
+        return out
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, groups={self.groups}, scale={self.scale:g}"

@@ -19,6 +19,15 @@ from torch import nn
 from .inject import adapter_layers
 
 FACTOR_SUFFIXES = ("lora_U", "lora_S", "lora_V")
+FOLD_SUFFIXES = ("fold_U", "fold_V")
+"""Server -> client only: ``m.fold_U`` (d_out x f) and ``m.fold_V`` (d_in x f), the base
+correction ``fold_U fold_V^T`` that the residual mode ``fold`` and the rule ``flora``
+maintain. Clients load them into the layer and never send them back."""
+
+
+def is_fold_key(key: str) -> bool:
+    """Whether ``key`` names a fold factor (``"a.b.fold_U"``)."""
+    return key.rpartition(".")[2] in FOLD_SUFFIXES
 
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
@@ -113,7 +122,9 @@ def _pad(tensor: torch.Tensor, rank: int, fill: torch.Tensor) -> torch.Tensor:
 def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor], truncation: str = "svd") -> None:
     """Load a state in the wire convention into ``model``.
 
-    Factors of a different rank are fitted to the layer's rank: a global adapter of
+    Fold factors (``m.fold_U``, ``m.fold_V``), when present, replace the layer's base
+    correction; when absent it is cleared. Factors of a different rank are fitted to the
+    layer's rank: a global adapter of
     higher rank is loaded as its best approximation at the layer's rank (:func:`fit_rank`;
     ``truncation="columns"`` keeps the first columns instead, for rules that freeze a
     factor); one of lower rank is padded with freshly initialised adapter columns
@@ -153,6 +164,13 @@ def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor], trunca
         layer.lora_U.copy_(_pad(u.to(dtype) / root, layer.rank, torch.zeros_like(layer.lora_U)))
         layer.lora_V.copy_(_pad(v.to(dtype) / root, layer.rank, layer.lora_V))
         layer.lora_S.copy_(_pad(s.to(dtype), layer.rank, torch.ones_like(layer.lora_S)))
+        fold_u, fold_v = state.get(f"{name}.fold_U"), state.get(f"{name}.fold_V")
+        if (fold_u is None) != (fold_v is None):
+            raise ValueError(f"{name}: got only one of fold_U / fold_V")
+        if fold_u is None:
+            layer.set_fold(layer.fold_U[:, :0], layer.fold_V[:, :0])
+        else:
+            layer.set_fold(torch.as_tensor(fold_u), torch.as_tensor(fold_v))
     for name in expected:
         factor = split_factor_key(name)
         if factor is not None and factor[0] in layers:

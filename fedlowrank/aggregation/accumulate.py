@@ -217,6 +217,26 @@ def top_rank(acc: WeightedSum, rank: int, method: str = "gram", residual: bool =
     return TopRank(_pad(approx, rank), truncated, sigma.square().sum().sqrt(), tail if residual else None)
 
 
+def compact(acc: WeightedSum, method: str = "gram") -> Factors:
+    """A G = 1 sum exactly, as its non-zero singular triplets (rank at most ``min(d_out, d_in)``).
+
+    How the server keeps a folded base correction bounded by the layer's size however many
+    rounds add to it.
+    """
+    if acc.dense:
+        m = acc.matrices()[0]
+        u, s, v_t = torch.linalg.svd(m, full_matrices=False)
+        keep = int((s > s[0].clamp_min(torch.finfo(s.dtype).tiny) * torch.finfo(s.dtype).eps * max(m.shape)).sum()) if s.numel() else 0
+        return Factors(u[:, :keep], s[None, :keep], v_t[:keep].T)
+    f = acc.stacked()
+    if f.u.shape[1] == 0:
+        return f
+    q_u, r_u = orthonormal_range(f.u, method)
+    q_v, r_v = orthonormal_range(f.v, method)
+    x, sigma, y = _core_triplets((r_u * f.s[0].to(r_u.dtype)) @ r_v.T)
+    return Factors(q_u @ x.to(acc.dtype), sigma[None, :].to(acc.dtype), q_v @ y.to(acc.dtype))
+
+
 def _core_triplets(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every non-zero singular triplet of a small core, in float64, descending.
 

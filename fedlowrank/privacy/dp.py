@@ -51,11 +51,11 @@ _MAX_SIGMA = 1e6
 
 
 def _public_buffer(module: nn.Module, name: str) -> bool:
-    # SVDLinear.group_share is a fixed mixing weight for rows of unknown group, set
-    # from outside and never updated by forward. Opacus forbids buffers on trainable
-    # layers because BatchNorm-style running statistics would leak data unnoised;
-    # a constant does not.
-    return isinstance(module, SVDLinear) and name == "group_share"
+    # SVDLinear.group_share is a fixed mixing weight for rows of unknown group, and
+    # fold_U/fold_V the server's base correction, all set from outside and never updated
+    # by forward. Opacus forbids buffers on trainable layers because BatchNorm-style
+    # running statistics would leak data unnoised; a constant does not.
+    return isinstance(module, SVDLinear) and name in ("group_share", "fold_U", "fold_V")
 
 
 def validate_model(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ rule               what it computes (source)
 =================  ==========================================================================
 ``exact``          best rank-r approximation of the weighted sum, factored (FlexLoRA's target)
 ``flexlora-dense`` the same via the dense sum and a full SVD (FlexLoRA as published; reference)
+``flora``          the exact sum stacked and folded into the base; fresh adapter each round (FLoRA)
 ``fedit``          FedAvg of U, S, V separately (FedIT); equal ranks only
 ``ffa``            V frozen and shared, mean of U diag(S): exact (FFA-LoRA)
 ``fairfedmed``     U, V by sample share, each S row by its group's share (FairFedMed)

@@ -104,6 +104,8 @@ class AggregationRule(ABC):
         Factors clients must not train (FFA-LoRA freezes ``lora_V``).
     residual : bool
         Whether :meth:`Accumulator.result` returns the residual (``carry``/``fold``).
+    residual_modes : tuple of str
+        The strategy's residual modes this rule supports; the first is its default.
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +115,7 @@ class AggregationRule(ABC):
     truncation: ClassVar[str] = "svd"
     frozen: ClassVar[tuple[str, ...]] = ()
     residual: ClassVar[bool] = False
+    residual_modes: ClassVar[tuple[str, ...]] = ("drop",)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -141,7 +144,8 @@ class AggregationRule(ABC):
         shares : tensor, optional
             Group shares sent this round (they order grouped columns for low-rank clients).
         **kwargs
-            Passed to :class:`~fedlowrank.aggregation.accumulate.WeightedSum` (``dense_above``).
+            ``seed`` (for rules that draw, e.g. FLoRA's fresh init), the rest passed to
+            :class:`~fedlowrank.aggregation.accumulate.WeightedSum` (``dense_above``, ``dtype``).
         """
 
 
@@ -156,6 +160,7 @@ class Accumulator(ABC):
         self.reference = Factors(*(t.double() for t in reference))
         self.groups = self.reference.s.shape[0]
         self.shares = shares
+        self.seed = int(kwargs.pop("seed", 0))
         self.sum = WeightedSum(self.reference.u.shape[0], self.reference.v.shape[0], self.groups, **kwargs)
 
     @property

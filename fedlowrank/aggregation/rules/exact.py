@@ -25,6 +25,7 @@ class ExactRule(AggregationRule):
 
     source = "FlexLoRA (Bai et al., NeurIPS 2024): SVD of the weighted sum of products"
     residual = True
+    residual_modes = ("drop", "carry", "fold")
 
     def __init__(self, method: str = "gram") -> None:
         if method not in ("gram", "qr"):
@@ -53,6 +54,7 @@ class FlexLoRADenseRule(AggregationRule):
 
     source = "FlexLoRA (Bai et al., NeurIPS 2024), as published: dense sum + full SVD"
     residual = True
+    residual_modes = ("drop", "carry", "fold")
 
     def accumulator(self, reference, shares=None, **kwargs):
         kwargs["dense_above"] = 0
@@ -66,3 +68,46 @@ class DenseAccumulator(Accumulator):
         u, s, v = u[:, :rank], s[:rank], v_t[:rank].T
         rest = m - (u * s) @ v.T
         return RuleResult(Factors(u, s[None], v), True, rest.norm().reshape(1), m.norm().reshape(1), residual=rest[None])
+
+
+@register_rule("flora")
+class FLoRARule(AggregationRule):
+    """FLoRA: the clients' weighted sum is stacked exactly and folded into the base.
+
+    The whole round's sum (no truncation, any mix of ranks) goes into the base correction
+    that clients load (residual mode ``fold``), and the adapter restarts from a fresh LoRA
+    initialisation (``U = 0``, ``V`` uniform in ``+-1/sqrt(d_in)``, ``S = 1``) each round.
+    Exact; the price is the fold's bytes, up to a dense layer's worth each round.
+
+    Parameters
+    ----------
+    seed : int (default: 0)
+        Seeds each round's fresh ``V`` (with the accumulator's per-round, per-layer seed).
+    """
+
+    source = "FLoRA (Wang et al., NeurIPS 2024): stacking, clients merge the sum into the base"
+    residual = True
+    residual_modes = ("fold",)
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def accumulator(self, reference, shares=None, **kwargs):
+        return FLoRAAccumulator(self, reference, shares, **kwargs)
+
+
+class FLoRAAccumulator(Accumulator):
+    def result(self, rank: int) -> RuleResult:
+        target = self.sum.matrices() if self.sum.dense else self.sum.stacked()
+        d_out, d_in = self.reference.u.shape[0], self.reference.v.shape[0]
+        # A fresh LoRA init, reproducible: seeded by the rule and the accumulator's seed
+        # (the strategy passes one per round and layer).
+        gen = torch.Generator().manual_seed(self.rule.seed * 1_000_003 + self.seed)
+        bound = d_in ** -0.5
+        fresh = Factors(
+            torch.zeros(d_out, rank, dtype=torch.float64),
+            torch.ones(1, rank, dtype=torch.float64),
+            (torch.rand(d_in, rank, generator=gen, dtype=torch.float64) * 2 - 1) * bound,
+        )
+        _, norm = self.sum.distance(fresh)
+        return RuleResult(fresh, False, norm, norm, residual=target)

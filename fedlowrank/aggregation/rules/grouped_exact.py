@@ -31,6 +31,7 @@ class FairLoRAExactRule(AggregationRule):
     source = "FairLoRA (fedlowrank): exact per-group sums, CP-ALS with a block start"
     grouped = True
     residual = True
+    residual_modes = ("drop", "carry")  # a per-group residual cannot be folded into one base
 
     def __init__(self, rank: int | None = None, iterations: int = 200, start: str = "best") -> None:
         if rank is not None and rank < 1:

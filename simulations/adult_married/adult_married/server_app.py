@@ -44,9 +44,10 @@ def sampling(cfg) -> dict:
 STRATEGIES = {
     # FedIT: U, S and V averaged separately (rule 'fedit'; needs equal client ranks).
     "fedit": lambda rank, cfg: FedLowRank(rule="fedit", rank=rank, **sampling(cfg)),
-    # Any registered rule by run config ``rule`` (default 'exact'), residual 'drop' or 'carry'.
+    # Any registered rule by run config ``rule`` (default 'exact'); ``residual`` 'drop',
+    # 'carry' or 'fold' (empty: the rule's default, 'fold' for 'flora').
     "fedlowrank": lambda rank, cfg: FedLowRank(
-        rule=str(cfg.get("rule", "exact")), residual=str(cfg.get("residual", "drop")), rank=rank, **sampling(cfg)
+        rule=str(cfg.get("rule", "exact")), residual=str(cfg.get("residual", "")) or None, rank=rank, **sampling(cfg)
     ),
     # FairLoRA: one row of singular values per sex (run with groups = 2).
     "fairlora-paper": lambda rank, cfg: FairLoRA(mode="paper", rank=rank, **sampling(cfg)),
