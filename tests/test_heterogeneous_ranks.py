@@ -190,3 +190,22 @@ def test_energy_beyond_the_smallest_rank_does_not_decay_in_a_real_run():
     # 2.6x in round 1, 190x by round 8); with completion no round loses more than training moves it.
     assert np.all(tails[1:] >= 0.8 * tails[:-1]), tails
     assert tails[-1] >= 0.8 * tails[0], tails
+
+
+def test_ffa_clients_keep_v_frozen_through_the_real_client_app():
+    """The server tells clients to freeze lora_V; their replies then pass the rule's check."""
+    torch.set_num_threads(1)
+    adapter = AdapterConfig(target_modules=r"^0$", rank=4, trainable=r"^2\..*")
+    app = build_client_app(base_model, lambda ctx: site_data(int(ctx.node_config["partition-id"])), adapter, lr=0.01)
+    grid = InProcessGrid(app, [{"partition-id": i, "num-partitions": SITES} for i in range(SITES)], {"client-ranks": "2,4,4"})
+    model = base_model()
+    inject_adapters(model, adapter.target_modules, rank=4, trainable=adapter.trainable)
+    start = to_record(exchange_state(model))
+    result = FedLowRank(rule="ffa", fraction_evaluate=0.0).start(
+        grid=grid, initial_arrays=start, num_rounds=3, train_config=ConfigRecord({"local-epochs": 1}),
+    )
+    for server_round in (1, 2, 3):
+        train = result.train_metrics_clientapp[server_round]
+        assert train["agg-clients-dropped"] == 0 and train["agg-error-rel"] < 1e-5  # FFA is exact
+    np.testing.assert_array_equal(result.arrays["0.lora_V"].numpy(), start["0.lora_V"].numpy())
+    assert np.abs(result.arrays["0.lora_U"].numpy()).max() > 0

@@ -19,9 +19,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..registry import Registry
+
 Payload = dict[str, np.ndarray]
 
-_REGISTRY: dict[str, type["Codec"]] = {}
+_REGISTRY = Registry("Codec", lambda name: ":" not in name and "|" not in name, "must be non-empty, no ':' or '|'")
 
 
 def register_codec(name: str) -> Callable[[type["Codec"]], type["Codec"]]:
@@ -43,22 +45,12 @@ def register_codec(name: str) -> Callable[[type["Codec"]], type["Codec"]]:
     ValueError
         If the name is malformed or already taken by another class.
     """
-    if not name or ":" in name or "|" in name:
-        raise ValueError(f"Invalid codec name {name!r}: must be non-empty, no ':' or '|'.")
-
-    def decorator(cls: type[Codec]) -> type[Codec]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"Codec name {name!r} is already registered by {_REGISTRY[name]}.")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
+    return _REGISTRY.register(name)
 
 
 def registered_codecs() -> list[str]:
     """Return the names of all registered codecs (sorted)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_codec(candidate: "str | tuple[str, Any] | Codec", **options: Any) -> "Codec":
@@ -104,7 +96,7 @@ def candidate_key(candidate: "str | tuple[str, Any] | Codec") -> str:
 
 def _lookup(name: str) -> type["Codec"]:
     try:
-        return _REGISTRY[name]
+        return _REGISTRY.classes[name]
     except KeyError:
         raise ValueError(f"Unknown codec {name!r}; registered: {registered_codecs()}.") from None
 

@@ -22,30 +22,21 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from ...registry import Registry
 from ..accumulate import WeightedSum
 from ..ranks import Factors, split_at_rank
 
-_RULES: dict[str, type["AggregationRule"]] = {}
+_RULES = Registry("Rule", lambda name: name.replace("-", "").isalnum(), "letters, digits and '-' only")
 
 
 def register_rule(name: str) -> Callable[[type["AggregationRule"]], type["AggregationRule"]]:
     """Register an :class:`AggregationRule` subclass under ``name`` (class decorator)."""
-    if not name or not name.replace("-", "").isalnum():
-        raise ValueError(f"Invalid rule name {name!r}: letters, digits and '-' only.")
-
-    def decorator(cls: type[AggregationRule]) -> type[AggregationRule]:
-        if name in _RULES and _RULES[name] is not cls:
-            raise ValueError(f"Rule name {name!r} is already registered by {_RULES[name]}.")
-        cls.name = name
-        _RULES[name] = cls
-        return cls
-
-    return decorator
+    return _RULES.register(name)
 
 
 def registered_rules() -> list[str]:
     """Names of all registered rules, sorted."""
-    return sorted(_RULES)
+    return _RULES.names()
 
 
 def get_rule(rule: "str | AggregationRule", **options: Any) -> "AggregationRule":
@@ -60,10 +51,10 @@ def get_rule(rule: "str | AggregationRule", **options: Any) -> "AggregationRule"
         if options:
             raise ValueError(f"options {sorted(options)} given with a rule instance {rule!r}")
         return rule
-    if rule not in _RULES:
+    if rule not in _RULES.classes:
         raise ValueError(f"unknown aggregation rule {rule!r}; registered rules: {registered_rules()}")
     try:
-        return _RULES[rule](**options)
+        return _RULES.classes[rule](**options)
     except TypeError as err:
         raise ValueError(f"rule {rule!r}: {err}") from None
 
