@@ -178,16 +178,10 @@ class FairLoRA(FedLowRank):
         kwargs.setdefault("rule_options", options)
         super().__init__(rank=global_rank or rank, **kwargs)
         self.mode = mode
-        self.per_group_rank = rank
         self.global_rank = global_rank
         self.balance_cap = balance_cap
         self.count_prefix = count_prefix
         self.state.group_shares = None if group_shares is None else [float(x) for x in group_shares]
-
-    @property
-    def group_shares_sent(self) -> list[float] | None:
-        """The group shares sent to clients this round."""
-        return self.state.group_shares
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -214,6 +208,7 @@ class FairLoRA(FedLowRank):
         return reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
 
     def group_weights(self, extra: Any) -> torch.Tensor:
+        """Each group's sum weighs the reply by its count in that group."""
         return torch.as_tensor(extra, dtype=torch.float64)
 
     def after_round(self, kept: list) -> None:
@@ -237,8 +232,7 @@ class FairLoRA(FedLowRank):
         total = acc.sum.total
         shares = total / total.sum() if float(total.sum()) > 0 else None
         u, s, v = balance_grouped_factors(*result.factors, shares, cap=self.balance_cap)
-        previous = self.state.global_arrays
-        prev_u, prev_v = (torch.from_numpy(np.asarray(previous[f"{module}.{x}"], dtype=np.float64)) for x in ("lora_U", "lora_V"))
+        prev_u, prev_v = self.previous_factors(module)
         if self.align and prev_u.shape == u.shape:
             u, s, v = signed_permutation_align(u, s, v, prev_u, prev_v)
         return self.layer_arrays(module, Factors(u, s, v))

@@ -338,11 +338,15 @@ class FedLowRank(FedAvg):
         u, s, v = result.factors
         if result.magnitude_in_s:
             u, s, v = balance_factors(u, s[0], v)
-            previous = self.state.global_arrays
-            prev_u, prev_v = (torch.from_numpy(np.asarray(previous[f"{module}.{x}"], dtype=np.float64)) for x in ("lora_U", "lora_V"))
+            prev_u, prev_v = self.previous_factors(module)
             if self.align and prev_u.shape == u.shape:
                 u, v = procrustes_align(u, v, prev_u, prev_v)
         return self.layer_arrays(module, Factors(u, s, v))
+
+    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``U`` and ``V`` this round's clients received, in float64 (alignment targets)."""
+        reference = layer_factors(self.state.global_arrays, module)
+        return reference.u, reference.v
 
     def layer_arrays(self, module: str, factors: Factors) -> dict[str, np.ndarray]:
         """Factors as numpy arrays in the dtype the global model uses."""

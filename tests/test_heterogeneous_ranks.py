@@ -209,3 +209,19 @@ def test_ffa_clients_keep_v_frozen_through_the_real_client_app():
         assert train["agg-clients-dropped"] == 0 and train["agg-error-rel"] < 1e-5  # FFA is exact
     np.testing.assert_array_equal(result.arrays["0.lora_V"].numpy(), start["0.lora_V"].numpy())
     assert np.abs(result.arrays["0.lora_U"].numpy()).max() > 0
+
+
+def test_rank_reaches_clients_from_node_config_then_client_ranks_then_run_config():
+    from flwr.app import Context, RecordDict
+
+    from fedlowrank.clients import client_rank
+
+    def ctx(node_config, run_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+    assert client_rank(ctx({"rank": 3, "partition-id": 1}, {"client-ranks": "2,4", "rank": 8}), 4) == 3
+    assert client_rank(ctx({"partition-id": 1}, {"client-ranks": "2,4", "rank": 8}), 4) == 4
+    assert client_rank(ctx({"partition-id": 1}, {"client-ranks": "", "rank": 8}), 4) == 8  # was the app's 4
+    assert client_rank(ctx({"partition-id": 1}, {}), 4) == 4
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        client_rank(ctx({"partition-id": 0}, {"client-ranks": "2,four"}), 4)
