@@ -18,6 +18,7 @@ from fedlowrank.fairness import group_fairness_report, local_statistics
 from fedlowrank.wire import FROZEN_KEY, GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from .compression import compress_reply
+from .persist import persist_state, restore_state
 from .private import DPConfig, train_private
 from .trainer import TrainResult, describe_compute, pick_device, predict, train_local
 
@@ -110,6 +111,19 @@ def set_group_share(model: nn.Module, config) -> None:
         layer.group_share.copy_(torch.tensor(shares, dtype=layer.group_share.dtype))
 
 
+def check_global(record: ArrayRecord, max_abs: float) -> None:
+    """Refuse a global model with non-finite or absurdly large entries, naming the tensor."""
+    for key, array in record.items():
+        values = array.numpy()
+        if values.dtype.kind != "f":
+            continue
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"global tensor '{key}' from the server contains NaN or Inf; not training on it")
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        if peak > max_abs:
+            raise ValueError(f"global tensor '{key}' from the server has an entry of {peak:.3g} (limit {max_abs:g}); not training on it")
+
+
 def freeze_factors(model: nn.Module, names) -> None:
     """Stop training the factors the server's rule keeps fixed (FFA-LoRA: ``lora_V``)."""
     for name in names:
@@ -139,6 +153,7 @@ def build_client_app(
     local_epochs: int = 1,
     lr: float = 1e-3,
     dp: DPConfig | Callable[[Context], DPConfig | None] | None = None,
+    max_abs_global: float = 1e6,
 ) -> ClientApp:
     """A ``ClientApp`` that loads the global adapter, trains locally, evaluates and replies.
 
@@ -161,6 +176,9 @@ def build_client_app(
         so far), ``dp_epsilon_if_trained``, ``dp_target_epsilon`` and ``dp_stopped``. A
         client whose next round would exceed the budget does not train: it returns the
         global arrays with ``num-examples = 0`` and ``dp_stopped = 1``.
+    max_abs_global : float (default: 1e6)
+        The received global model is refused (a clear error, nothing trained) if any
+        entry is NaN, Inf or larger than this: a server that sends 1e30 is broken.
 
     Notes
     -----
@@ -171,6 +189,9 @@ def build_client_app(
     :func:`fedlowrank.fairness.group_fairness_report` on the local test data.
     With grouped adapters (``adapter.groups > 1``) train replies also carry
     ``group-count-g{g}``, the samples of each group in one epoch (FairLoRA's weights).
+    ``Context.state`` is saved after each round where the node config's ``state-dir`` or
+    the run config's ``checkpoint-dir`` says, and a resumed run starts from it
+    (:mod:`fedlowrank.clients.persist`).
     Evaluate replies of a binary task carry the ArrayRecord ``fairness-stats``
     (:func:`fedlowrank.fairness.local_statistics`), which the server merges into
     federation-wide metrics (:class:`fedlowrank.strategies.FederatedFairnessMetrics`).
@@ -183,6 +204,7 @@ def build_client_app(
     def prepare(msg: Message, context: Context) -> tuple[nn.Module, ClientData]:
         model = build_model(model_fn, adapter, context).to(device)
         config = msg.content["config"] if "config" in msg.content else {}
+        check_global(msg.content["arrays"], max_abs_global)
         # Shares first: a grouped adapter of lower rank keeps its columns in their order.
         set_group_share(model, config)
         truncation = str(config.get(TRUNCATION_KEY, "svd"))
@@ -192,8 +214,10 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        model, data = prepare(msg, context)
         config = msg.content["config"]
+        server_round = int(config.get("server-round", 0))
+        restore_state(context, server_round)  # a resumed run: what this node saved before
+        model, data = prepare(msg, context)
         epochs = int(config.get("local-epochs", local_epochs))
         round_lr = float(config.get("lr", lr))
         privacy: dict[str, float] = {}
@@ -210,6 +234,7 @@ def build_client_app(
         metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples, **extra, **privacy})
         metrics.update(group_count_metrics(result.group_counts, adapter.groups))
         content = RecordDict({"arrays": arrays, "metrics": metrics})
+        persist_state(context, server_round)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -46,13 +46,39 @@ def describe_compute(device: torch.device) -> str:
 
 
 def routed(model: nn.Module, group_ids: torch.Tensor):
-    """Group routing for grouped adapters; nothing to do for G = 1."""
-    grouped = any(layer.groups > 1 for layer in adapter_layers(model).values())
-    return group_context(model, group_ids) if grouped else nullcontext()
+    """Group routing for grouped adapters; nothing to do for G = 1.
+
+    Group ids must be ``-1`` (unknown) or ``0 .. G-1``: anything else is an error naming it.
+    """
+    groups = max((layer.groups for layer in adapter_layers(model).values()), default=1)
+    if groups == 1:
+        return nullcontext()
+    bad = (group_ids < -1) | (group_ids >= groups)
+    if bool(bad.any()):
+        raise ValueError(f"group ids must be -1 (unknown) or 0..{groups - 1}; got {sorted(set(group_ids[bad].tolist()))[:5]}")
+    return group_context(model, group_ids)
+
+
+def check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels the model can learn from: 0/1 for one logit, ``0 .. C-1`` for ``C`` logits.
+
+    Raises ``ValueError`` naming the values found, instead of training on them silently
+    (BCE takes any real target, so a label of 2 would just skew the model).
+    """
+    classes = logits.shape[-1]
+    if classes == 1:
+        bad = (y != 0) & (y != 1)
+        want = "0 or 1 for a one-logit (binary) model"
+    else:
+        bad = (y < 0) | (y >= classes) | (y != y.round())
+        want = f"integers in 0..{classes - 1} for a {classes}-logit model"
+    if bool(bad.any()):
+        raise ValueError(f"labels must be {want}; got {sorted(set(y[bad].tolist()))[:5]}")
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """BCE on one logit, cross-entropy on several."""
+    """BCE on one logit, cross-entropy on several (labels checked first)."""
+    check_labels(logits, y)
     if logits.shape[-1] == 1:
         return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), y.float())
     return nn.functional.cross_entropy(logits, y.long())

@@ -14,3 +14,7 @@ FROZEN_KEY = "fedlowrank-frozen"
 GROUP_SHARE_KEY = "group-share"
 """Train/evaluate config: the group shares (unknown-group mix of ``S`` rows, and the
 order of grouped columns for clients of lower rank)."""
+
+REPLY_NODE_KEY = "fedlowrank-reply"
+"""Server-internal: a ConfigRecord ``{"node-id": ...}`` the strategy adds to each evaluate
+reply's content before metric aggregation, so aggregation functions can name the node."""

@@ -42,6 +42,7 @@ from fedlowrank.aggregation.rules import Accumulator, RuleResult
 from fedlowrank.wire import GROUP_SHARE_KEY
 
 from .fedlowrank import FedLowRank, factor_modules
+from .replies import finite_number, reply_metrics, reply_weight
 
 COUNT_PREFIX = "group-count-g"
 SHARE_KEY = GROUP_SHARE_KEY
@@ -57,7 +58,7 @@ def reply_group_counts(content: RecordDict, groups: int, prefix: str = COUNT_PRE
         If the groups counted are not exactly ``0..groups-1`` (the rows of ``S``), or a
         count is not a finite number >= 0.
     """
-    metrics = next(iter(content.metric_records.values()))
+    metrics = reply_metrics(content)
     found = {}
     for key, value in metrics.items():
         if key.startswith(prefix):
@@ -70,11 +71,16 @@ def reply_group_counts(content: RecordDict, groups: int, prefix: str = COUNT_PRE
             f"per-group counts given for groups {sorted(found)}, but S has {groups} rows "
             f"(expected metrics {prefix}0 .. {prefix}{groups - 1})"
         )
-    counts = np.array([found[g] for g in range(groups)], dtype=object)
-    for g, value in enumerate(counts):
-        if isinstance(value, list) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"count '{prefix}{g}' = {value!r} must be a finite number >= 0")
-    return counts.astype(np.float64)
+    counts = []
+    for g in range(groups):
+        try:
+            value = finite_number(found[g], f"count '{prefix}{g}'")
+        except ValueError:
+            value = -1.0
+        if value < 0:
+            raise ValueError(f"count '{prefix}{g}' = {found[g]!r} must be a finite number >= 0")
+        counts.append(value)
+    return np.array(counts, dtype=np.float64)
 
 
 def grouped_residual_norms(
@@ -204,8 +210,18 @@ class FairLoRA(FedLowRank):
         return rows.pop()
 
     def reply_extra(self, msg: Message) -> np.ndarray:
-        """The reply's per-group sample counts (its weights in each group's sum)."""
-        return reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
+        """The reply's per-group sample counts (its weights in each group's sum).
+
+        Each count is capped like the weight, and together they cannot exceed the reply's
+        weight (samples of unknown group are in the weight but in no count).
+        """
+        counts = reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
+        weight = reply_weight(msg.content, self.weighted_by_key, self.max_weight)
+        if np.any(counts > self.max_weight):
+            raise ValueError(f"group counts {counts.tolist()} exceed the cap {self.max_weight:g}")
+        if counts.sum() > weight + 0.5:
+            raise ValueError(f"group counts sum to {counts.sum():g}, more than '{self.weighted_by_key}' = {weight:g}")
+        return counts
 
     def group_weights(self, extra: Any) -> torch.Tensor:
         """Each group's sum weighs the reply by its count in that group."""

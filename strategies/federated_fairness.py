@@ -22,15 +22,24 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedlowrank.fairness import federated_report, make_bin_edges, merge_statistics, validate_statistics
 from fedlowrank.fairness.federated import DEFAULT_BINS
+from fedlowrank.wire import REPLY_NODE_KEY
+
+from .replies import read_array, weighted_metrics
 
 STATS_KEY = "fairness-stats"
 PREFIX = "fed-"
 # Metrics logged each round (the rest land in the MetricRecord and the results file).
 LOGGED = ("auc", "es_auc", "worst_group_auc", "dpd", "eod")
+
+
+def reply_source(content: RecordDict, index: int) -> str:
+    """``"node <id>"`` where the strategy tagged the reply (:data:`REPLY_NODE_KEY`), else its index."""
+    if REPLY_NODE_KEY in content.config_records:
+        return f"node {content.config_records[REPLY_NODE_KEY]['node-id']}"
+    return f"reply {index}"
 
 
 def reply_statistics(
@@ -46,7 +55,7 @@ def reply_statistics(
     if stats_key not in content.array_records:
         raise ValueError(f"no ArrayRecord '{stats_key}' in the reply")
     record = content.array_records[stats_key]
-    stats = validate_statistics({k: record[k].numpy() for k in record.keys()}, f"'{stats_key}'")
+    stats = validate_statistics({k: read_array(record[k], k) for k in record.keys()}, f"'{stats_key}'")
     edges = stats["bin_edges"]
     if edges.shape != bin_edges.shape or not np.allclose(edges, bin_edges, rtol=0, atol=1e-12):
         raise ValueError(
@@ -75,8 +84,9 @@ class FederatedFairnessMetrics:
     prefix : str (default: "fed-")
         Prefix of the federation-wide keys in the returned MetricRecord.
     base_fn : callable, optional
-        How the MetricRecords themselves are aggregated (default: Flower's weighted
-        average, what FedAvg uses without this helper).
+        How the MetricRecords themselves are aggregated (default:
+        :func:`fedlowrank.strategies.replies.weighted_metrics`, Flower's weighted average
+        normalised per metric).
 
     Notes
     -----
@@ -92,7 +102,7 @@ class FederatedFairnessMetrics:
         num_groups: int | None = None,
         stats_key: str = STATS_KEY,
         prefix: str = PREFIX,
-        base_fn: Callable[[list[RecordDict], str], MetricRecord] = aggregate_metricrecords,
+        base_fn: Callable[[list[RecordDict], str], MetricRecord] = weighted_metrics,
     ) -> None:
         self.bin_edges = make_bin_edges(bins)
         if num_groups is not None and num_groups < 1:
@@ -109,8 +119,8 @@ class FederatedFairnessMetrics:
         for i, content in enumerate(records):
             try:
                 stats = reply_statistics(content, self.stats_key, self.bin_edges, groups)
-            except ValueError as err:
-                log(WARNING, "Fairness statistics of evaluate reply %d left out: %s", i, err)
+            except Exception as err:  # noqa: BLE001  (one site's statistics must not end the round)
+                log(WARNING, "Fairness statistics of evaluate reply from %s left out: %s", reply_source(content, i), err)
                 continue
             groups = stats["hist"].shape[0]
             collected.append(stats)

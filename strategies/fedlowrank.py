@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -18,9 +18,17 @@ from fedlowrank.aggregation import balance_factors, procrustes_align
 from fedlowrank.aggregation.accumulate import WeightedSum, compact
 from fedlowrank.aggregation.ranks import Factors
 from fedlowrank.aggregation.rules import Accumulator, AggregationRule, RuleResult, get_rule
-from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
+from fedlowrank.wire import FROZEN_KEY, REPLY_NODE_KEY, TRUNCATION_KEY
 
-from .replies import reply_arrays, reply_weight
+from .replies import (
+    MAX_WEIGHT,
+    consistent_metrics,
+    default_reply_bytes,
+    reply_arrays,
+    reply_weight,
+    screen_evaluate_replies,
+    weighted_metrics,
+)
 from .state import LowRankState
 
 RESIDUAL_MODES = ("drop", "carry", "fold")
@@ -38,7 +46,7 @@ def factor_modules(keys: Iterable[str]) -> list[str]:
 
 def layer_factors(arrays, module: str) -> Factors:
     """``(U, S, V)`` of one module from a mapping of numpy arrays, as float64 tensors."""
-    u, s, v = (torch.from_numpy(np.asarray(arrays[f"{module}.{leaf}"], dtype=np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
+    u, s, v = (torch.from_numpy(np.array(arrays[f"{module}.{leaf}"], dtype=np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
     return Factors(u, s.reshape(-1, u.shape[1]) if s.ndim != 2 else s, v)
 
 
@@ -86,6 +94,21 @@ class FedLowRank(FedAvg):
     dense_above : int, optional
         Stacked width beyond which a layer's sum is accumulated densely (default half the
         layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
+    max_reply_bytes : int, optional
+        Largest reply (its arrays' bytes), checked before anything is read; default
+        twice the global arrays in float64 plus 1 MiB.
+    max_weight : float (default: 1e9)
+        Largest accepted weight (``num-examples``) and per-group count; a reply above it is
+        dropped (one site claiming 1e30 examples would otherwise become the global model).
+    robust : {None, "clip", "reject"} (default: None)
+        Bound each client's update norm (its completed adapter products and other arrays,
+        relative to the global sent) by ``robust_factor`` times the round's median: clip
+        it to the bound, or drop the reply. Needs 3 or more valid replies. A client's pull
+        on the global is then at most its share times the bound. Cost on clean runs:
+        ``docs/reliability.md``.
+    robust_factor : float (default: 3.0)
+    min_valid_replies : int (default: 1)
+        Fewer valid replies than this keep the previous global (and the log says so).
     aggregation_method : {"gram", "qr"}, optional
         Deprecated: use ``rule_options={"method": ...}`` with rule ``"exact"``.
     **kwargs
@@ -110,10 +133,27 @@ class FedLowRank(FedAvg):
         rank: int | None = None,
         align: bool = True,
         dense_above: int | None = None,
+        max_reply_bytes: int | None = None,
+        max_weight: float = MAX_WEIGHT,
+        robust: str | None = None,
+        robust_factor: float = 3.0,
+        min_valid_replies: int = 1,
         aggregation_method: str | None = None,
         **kwargs,
     ) -> None:
+        # Per-metric normalisation: a metric left out of one reply does not bias the mean.
+        kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
         super().__init__(**kwargs)
+        if robust not in (None, "clip", "reject"):
+            raise ValueError(f"robust must be None, 'clip' or 'reject', got {robust!r}")
+        if not robust_factor > 0 or not max_weight > 0 or min_valid_replies < 1:
+            raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
+        self.max_reply_bytes = max_reply_bytes
+        self.max_weight = float(max_weight)
+        self.robust = robust
+        self.robust_factor = float(robust_factor)
+        self.min_valid_replies = int(min_valid_replies)
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         options = dict(rule_options or {})
@@ -236,8 +276,9 @@ class FedLowRank(FedAvg):
         self, msg: Message, accs: dict[str, Accumulator], expected: ArrayRecord
     ) -> tuple[dict[str, np.ndarray], float, Any]:
         """Checked ``(arrays, weight, extra)`` of one reply; raises on anything wrong."""
-        arrays = reply_arrays(msg.content, expected)
-        weight = reply_weight(msg.content, self.weighted_by_key)
+        limit = self.max_reply_bytes or default_reply_bytes(self.state.global_arrays)
+        arrays = reply_arrays(msg.content, expected, limit)
+        weight = reply_weight(msg.content, self.weighted_by_key, self.max_weight)
         for module, acc in accs.items():
             try:
                 self.rule.check(layer_factors(arrays, module), acc.reference)
@@ -264,28 +305,35 @@ class FedLowRank(FedAvg):
         sent = {k: v for k, v in self.state.global_arrays.items() if not is_fold_key(k)}
         expected = ArrayRecord({k: as_array(v) for k, v in sent.items()})
         plain_keys = [k for k in sent if split_factor_key(k) is None]
-        sums: dict[str, np.ndarray] = {}
-        total, kept, seen = 0.0, [], 0
+        # Pass 1: check every reply (arrays are read as views into the messages).
+        kept, seen = [], 0
         for msg in replies:
             seen += 1
-            if msg.has_error():
-                log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, msg.error.reason)
-                continue
             try:
-                arrays, weight, extra = self.read_reply(msg, accs, expected)
+                if msg.has_error():
+                    raise ValueError(msg.error.reason)
+                kept.append((msg, *self.read_reply(msg, accs, expected)))
             except Exception as err:  # noqa: BLE001  (no reply may crash the round)
                 log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
-                continue
+        kept, shrinks = self.robust_filter(kept, accs, plain_keys)
+        # Pass 2: fold the accepted replies in, one at a time.
+        sums: dict[str, np.ndarray] = {}
+        total = 0.0
+        for (msg, arrays, weight, extra), shrink in zip(kept, shrinks):
             for module, acc in accs.items():
-                acc.add(layer_factors(arrays, module), weight, self.group_weights(extra))
+                acc.add(layer_factors(arrays, module), weight, self.group_weights(extra), shrink)
             for key in plain_keys:
-                term = weight * np.asarray(arrays[key], dtype=np.float64)
+                ref = np.asarray(sent[key], dtype=np.float64)
+                term = weight * (ref + shrink * (np.asarray(arrays[key], dtype=np.float64) - ref))
                 sums[key] = term if key not in sums else sums[key] + term
             total += weight
-            kept.append((msg, extra))
+        kept = [(msg, extra) for msg, _, _, extra in kept]
         log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), seen)
-        if not kept or total <= 0:
-            log(WARNING, "aggregate_train: no valid reply with positive weight; the global model is kept")
+        if len(kept) < self.min_valid_replies or total <= 0:
+            log(
+                WARNING, "aggregate_train: %d valid replies with positive weight (at least %d needed); "
+                "the global model is kept", len(kept), self.min_valid_replies,
+            )
             return None, None
         out: dict[str, np.ndarray] = {}
         errors, floors = [], []
@@ -330,6 +378,36 @@ class FedLowRank(FedAvg):
         dtype = reference[0].dtype
         return {f"{module}.fold_U": (fold.u * root).numpy().astype(dtype), f"{module}.fold_V": (fold.v * root).numpy().astype(dtype)}
 
+    def robust_filter(self, kept: list, accs: dict[str, Accumulator], plain_keys: list[str]) -> tuple[list, list[float]]:
+        """The replies to aggregate and each one's shrink factor (1 unless ``robust``).
+
+        ``robust="clip"`` scales every update larger than ``robust_factor`` times the round's
+        median update norm down to that bound; ``"reject"`` drops it (logged by node).
+        """
+        if self.robust is None or len(kept) < 3:  # a median of fewer says nothing
+            return kept, [1.0] * len(kept)
+        norms = np.array([self.update_norm(arrays, accs, plain_keys) for _, arrays, _, _ in kept])
+        bound = self.robust_factor * float(np.median(norms))
+        out, shrinks = [], []
+        for entry, norm in zip(kept, norms):
+            if norm <= bound or norm == 0:
+                out.append(entry)
+                shrinks.append(1.0)
+            elif self.robust == "clip":
+                log(WARNING, "Clipping update of node %s: norm %.3g above %.3g", entry[0].metadata.src_node_id, norm, bound)
+                out.append(entry)
+                shrinks.append(bound / norm)
+            else:
+                log(WARNING, "Dropping reply from node %s: update norm %.3g above %.3g", entry[0].metadata.src_node_id, norm, bound)
+        return out, shrinks
+
+    def update_norm(self, arrays: dict[str, np.ndarray], accs: dict[str, Accumulator], plain_keys: list[str]) -> float:
+        """The norm of a reply's change: adapter products (completed) and plain arrays."""
+        square = sum(acc.change_norm(layer_factors(arrays, module)) ** 2 for module, acc in accs.items())
+        sent = self.state.global_arrays
+        square += sum(float(np.sum((np.asarray(arrays[k], dtype=np.float64) - np.asarray(sent[k], dtype=np.float64)) ** 2)) for k in plain_keys)
+        return float(np.sqrt(square))
+
     def after_round(self, kept: list) -> None:
         """Hook: update state from the round's accepted replies (FairLoRA: group shares)."""
 
@@ -357,12 +435,37 @@ class FedLowRank(FedAvg):
         """The accepted replies' train metrics, aggregated, plus how many were kept/dropped."""
         metrics = None
         try:
-            metrics = self.train_metrics_aggr_fn([msg.content for msg in kept], self.weighted_by_key)
+            metrics = self.train_metrics_aggr_fn(consistent_metrics(kept, self.weighted_by_key), self.weighted_by_key)
         except Exception as err:  # noqa: BLE001  (a bad metric must not lose the round)
             log(WARNING, "train metrics not aggregated: %s", err)
         metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
         metrics["agg-clients-dropped"] = seen - len(kept)
         metrics["agg-clients-kept"] = len(kept)
+        return metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's metric aggregation over the evaluate replies that pass the checks.
+
+        A reply with an error, a missing or bad weight, several MetricRecords or a
+        non-finite metric is dropped with its node named; a metric of another type or
+        length than the other replies' is left out of that reply only.
+        """
+        replies = list(replies)
+        kept, dropped = screen_evaluate_replies(replies, self.weighted_by_key, self.max_weight)
+        if not kept:
+            return None
+        contents = []
+        for msg, clean in zip(kept, consistent_metrics(kept, self.weighted_by_key)):
+            content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
+            content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
+            contents.append(content)
+        try:
+            metrics = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+        except Exception as err:  # noqa: BLE001
+            log(WARNING, "evaluate metrics not aggregated: %s", err)
+            metrics = None
+        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics["eval-clients-dropped"] = dropped
         return metrics
 
     @staticmethod

@@ -59,6 +59,7 @@ allocator's size table assumes the global shapes (an upper bound for them).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
@@ -70,8 +71,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import is_fold_key, split_factor_key
 from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks
+
+from .replies import default_reply_bytes, read_array
 from fedlowrank.compression import (
     CANDIDATES_KEY,
+    ENERGY_KEY,
+    ERRORS_KEY,
+    PAYLOAD_KEY,
+    SPEC_KEY,
     DEFAULT_NUM_BINS,
     candidate_key,
     decode_update,
@@ -93,6 +100,20 @@ DEFAULT_CANDIDATES = (
     *(f"qsgd:{b}" for b in (2, 3, 4, 6, 8)),
     *(f"sq:{b}" for b in (1, 2, 3, 4)),
 )
+
+
+UPDATE_KEYS = (SPEC_KEY, PAYLOAD_KEY, ERRORS_KEY, ENERGY_KEY)
+"""Everything a compressed reply's ArrayRecord may hold."""
+
+
+def pooled(tables: list[np.ndarray]) -> np.ndarray:
+    """The clients' tables pooled cell by cell: the mean of one or two, the median of more.
+
+    A table is a client's claim about its own update; with three or more clients the
+    median stays within the honest clients' range whatever one client claims.
+    """
+    stack = np.stack(tables)
+    return np.median(stack, axis=0) if len(tables) >= 3 else stack.mean(axis=0)
 
 
 def lower_rank_factor(base: dict[str, np.ndarray]):
@@ -236,6 +257,42 @@ class LGreCo(Strategy):
         self.bytes_history: dict[int, dict[int, int]] = {}
         self.allocation_history: dict[int, dict[str, str]] = {}
 
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything LGreCo carries across rounds, plus its inner strategy's (prefixed ``inner/``).
+
+        Settings, the allocation schedule (anchor, interval, retry), the budget anchor,
+        and the allocation and byte histories, as JSON in a uint8 array.
+        """
+        state = {
+            "settings": self.settings,
+            "retry_allocation": self._retry_allocation,
+            "interval": self._interval,
+            "anchor": self._anchor,
+            "default_ratio": self._default_ratio,
+            "allocation_history": {str(k): v for k, v in self.allocation_history.items()},
+            "allocation_details": {str(k): v for k, v in self.allocation_details.items()},
+            "bytes_history": {str(k): {str(n): b for n, b in v.items()} for k, v in self.bytes_history.items()},
+        }
+        out = {"lgreco": np.frombuffer(json.dumps(state).encode(), dtype=np.uint8).copy()}
+        if hasattr(self.strategy, "state_dict"):
+            out.update({f"inner/{k}": v for k, v in self.strategy.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` (the inner strategy's too)."""
+        data = json.loads(bytes(np.asarray(state["lgreco"], dtype=np.uint8)).decode())
+        self.settings = dict(data["settings"])
+        self._retry_allocation = bool(data["retry_allocation"])
+        self._interval, self._anchor = int(data["interval"]), int(data["anchor"])
+        self._default_ratio = data["default_ratio"]
+        self.allocation_history = {int(k): v for k, v in data["allocation_history"].items()}
+        self.allocation_details = {int(k): v for k, v in data["allocation_details"].items()}
+        self.bytes_history = {int(k): {int(n): b for n, b in v.items()} for k, v in data["bytes_history"].items()}
+        inner = {k[len("inner/"):]: v for k, v in state.items() if k.startswith("inner/")}
+        if hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(inner)
+
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
         return f"LGreCo(default={self.default!r}, alpha={self.alpha}) wrapping {self.strategy!r}"
@@ -341,9 +398,15 @@ class LGreCo(Strategy):
                 node_ids.append(node)
                 nbytes.append(sum(int(a.numpy().nbytes) for a in record.values()))
                 serialized.append(sum(len(a.data) for a in record.values()))
-                payload = {k: a.numpy() for k, a in record.items()}
+                limit = default_reply_bytes(base)
+                if sum(len(a.data) for a in record.values() if isinstance(a, Array)) > limit:
+                    raise ValueError(f"reply holds more than the {limit} bytes allowed")
+                unknown = sorted(set(record.keys()) - set(UPDATE_KEYS))
+                if unknown:
+                    raise ValueError(f"unexpected arrays {unknown[:5]} in a compressed reply")
+                payload = {k: read_array(a, k, limit) for k, a in record.items()}
                 decoded.append(self._reconstructed_reply(reply, record_key, payload, base, self.settings))
-            except ValueError as err:
+            except Exception as err:  # noqa: BLE001  (no reply may crash the round)
                 dropped += 1
                 log(WARNING, "LGreCo: dropping reply from node %s in round %s: %s", node, server_round, err)
                 continue
@@ -377,7 +440,9 @@ class LGreCo(Strategy):
         The reference is the global arrays, or for a client of lower rank the head it
         loaded (its factor shapes declare its rank).
         """
-        delta = decode_update(payload, {k: v.shape for k, v in base.items()}, settings, lower_rank_factor(base))
+        delta = decode_update(
+            payload, {k: v.shape for k, v in base.items()}, settings, lower_rank_factor(base), self.codec_options
+        )
         ranks = {m: r for m, r in factor_ranks(delta).items() if r < base[f"{m}.lora_U"].shape[1]}
         reference = base
         if ranks:
@@ -430,8 +495,10 @@ class LGreCo(Strategy):
     def _reallocate(self, server_round: int, tables: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Average the clients' tables and re-choose every tensor's setting.
 
-        Tables are averaged without weights: they describe how compressible
-        each tensor's update is, not how much a client counts. Under the
+        Tables are pooled without weights: they describe how compressible
+        each tensor's update is, not how much a client counts (:func:`pooled`:
+        the per-cell median from three tables on, so one poisoned table cannot
+        steer the allocation). Under the
         "feedback" error model each client's table is turned into settled
         errors before averaging, because each client runs its own error
         feedback. Sizes come from the global shapes, not from the clients.
@@ -441,9 +508,9 @@ class LGreCo(Strategy):
             self._retry_allocation = True
             return
         self._retry_allocation = False
-        measured = np.mean([t[0] for t in tables], axis=0)
+        measured = pooled([t[0] for t in tables])
         if self.error_model == "feedback":
-            errors = np.mean([feedback_errors(e, en) for e, en in tables], axis=0)
+            errors = pooled([feedback_errors(e, en) for e, en in tables])
         else:
             errors = measured
         rows = table_rows(self.settings)
@@ -451,7 +518,7 @@ class LGreCo(Strategy):
         sizes = size_table(shapes, self.candidates, self.codec_options)
         default = self.candidates.index(self.default)
         # Settled errors scale with ||u||^2, one-shot errors with ||u + residual||^2.
-        energy = np.mean([t[1][:, 0 if self.error_model == "feedback" else 1] for t in tables], axis=0)
+        energy = pooled([t[1][:, 0 if self.error_model == "feedback" else 1] for t in tables])
         reference = self._reference_errors(rows, errors[:, default], energy)
         budget = self.alpha * float(reference.sum())
         try:

@@ -1,39 +1,114 @@
 """Per-reply checks shared by our strategies: a bad reply is named, logged and dropped.
 
 Flower's own consistency check rejects the whole round when one reply is malformed;
-a federation of hospitals should lose one site's update, not the round.
+a federation of hospitals should lose one site's update, not the round. Everything a
+client controls is checked before anything is allocated from it: the reply's total
+bytes against a limit, each array's ``.npy`` header (dtype, declared shape) against
+its data length and the global model, weights and counts against a cap.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
 from fedlowrank.adapters import split_factor_key
 
+MAX_WEIGHT = 1e9
+"""Default cap on a reply's weight (``num-examples``) and per-group counts: larger values
+are refused (``1e30`` examples would make the global that client's model)."""
 
-def reply_weight(content: RecordDict, weighted_by_key: str) -> float:
-    """The reply's aggregation weight; ``ValueError`` if missing, negative or not finite."""
+NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
+
+
+def read_array(array: Array, name: str, max_bytes: int | None = None) -> np.ndarray:
+    """The array's values, refused before allocation unless it is a plain numeric ``.npy``.
+
+    Parses the ``.npy`` header itself: the dtype must be bool/int/uint/float (no object,
+    string, void or structured data), and the declared shape must match the data length
+    exactly (a 150-byte header cannot declare a terabyte). Returns a read-only view.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and what is wrong.
+    """
+    if not isinstance(array, Array):
+        raise ValueError(f"'{name}' is a {type(array).__name__}, not an Array")
+    if array.stype != "numpy.ndarray":
+        raise ValueError(f"'{name}' has serialisation type {array.stype!r}, expected 'numpy.ndarray'")
+    data = array.data
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"'{name}' holds {len(data)} bytes, more than the {max_bytes} allowed")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as err:  # noqa: BLE001  (any malformed header is one reason to refuse)
+        raise ValueError(f"'{name}' is not a valid .npy array: {err}") from None
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"'{name}' has dtype {dtype!r}; only bool, integer and float arrays are accepted")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data) - stream.tell():
+        raise ValueError(
+            f"'{name}' declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+            f"but carries {len(data) - stream.tell()}"
+        )
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
+def finite_number(value, what: str) -> float:
+    """``value`` as a float; ``ValueError`` unless it is one finite number (not a list, not bool)."""
+    if isinstance(value, (list, bool)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} = {value!r} must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} = {value!r} must be finite")
+    return value
+
+
+def reply_metrics(content: RecordDict) -> MetricRecord:
+    """The reply's one MetricRecord."""
     if len(content.metric_records) != 1:
         raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    metrics = next(iter(content.metric_records.values()))
+    return next(iter(content.metric_records.values()))
+
+
+def reply_weight(content: RecordDict, weighted_by_key: str, max_weight: float = MAX_WEIGHT) -> float:
+    """The reply's aggregation weight; ``ValueError`` if missing, negative, not finite or above the cap."""
+    metrics = reply_metrics(content)
     if weighted_by_key not in metrics:
         raise ValueError(f"MetricRecord lacks the weight key '{weighted_by_key}'")
-    weight = metrics[weighted_by_key]
-    if isinstance(weight, list) or not np.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight '{weighted_by_key}' = {weight!r} must be a finite number >= 0")
-    return float(weight)
+    value = metrics[weighted_by_key]
+    try:
+        weight = finite_number(value, f"weight '{weighted_by_key}'")
+    except ValueError:
+        raise ValueError(f"weight '{weighted_by_key}' = {value!r} must be a finite number >= 0") from None
+    if weight < 0:
+        raise ValueError(f"weight '{weighted_by_key}' = {value!r} must be a finite number >= 0")
+    if weight > max_weight:
+        raise ValueError(f"weight '{weighted_by_key}' = {weight:g} is above the cap {max_weight:g}")
+    return weight
 
 
-def reply_arrays(content: RecordDict, expected: ArrayRecord) -> dict[str, np.ndarray]:
+def reply_arrays(content: RecordDict, expected: ArrayRecord, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """The reply's arrays, checked against the arrays the server sent.
 
     Factors (``*.lora_U/S/V``) may change rank but must keep the layer's row counts;
-    every other array must keep its shape. All values must be finite.
+    every other array must keep its shape. All values must be finite. ``max_bytes``
+    bounds the reply's total array bytes, checked before any array is read.
     """
     if len(content.array_records) != 1:
         raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
@@ -41,10 +116,14 @@ def reply_arrays(content: RecordDict, expected: ArrayRecord) -> dict[str, np.nda
     if set(record.keys()) != set(expected.keys()):
         missing = sorted(set(expected.keys()) - set(record.keys()))
         extra = sorted(set(record.keys()) - set(expected.keys()))
-        raise ValueError(f"array keys differ from the global model: missing {missing}, unexpected {extra}")
+        raise ValueError(f"array keys differ from the global model: missing {missing}, unexpected {extra[:10]}")
+    if max_bytes is not None:
+        total = sum(len(a.data) for a in record.values() if isinstance(a, Array))
+        if total > max_bytes:
+            raise ValueError(f"reply holds {total} bytes of arrays, more than the {max_bytes} allowed")
     arrays: dict[str, np.ndarray] = {}
     for key in expected.keys():
-        got = record[key].numpy()
+        got = read_array(record[key], key, max_bytes)
         want = expected[key].shape
         factor = split_factor_key(key)
         if factor is None:
@@ -52,7 +131,7 @@ def reply_arrays(content: RecordDict, expected: ArrayRecord) -> dict[str, np.nda
                 raise ValueError(f"tensor '{key}' has shape {got.shape}, expected {tuple(want)}")
         elif got.ndim != 2 or got.shape[0] != want[0]:
             raise ValueError(f"factor '{key}' has shape {got.shape}, expected ({want[0]}, rank)")
-        if not np.all(np.isfinite(got)):
+        if got.dtype.kind == "f" and not np.all(np.isfinite(got)):
             raise ValueError(f"tensor '{key}' contains NaN or Inf")
         arrays[key] = got
     for module in {f[0] for f in map(split_factor_key, arrays) if f is not None}:
@@ -62,23 +141,94 @@ def reply_arrays(content: RecordDict, expected: ArrayRecord) -> dict[str, np.nda
     return arrays
 
 
-def screen_replies(
-    replies: Iterable[Message], expected: ArrayRecord, weighted_by_key: str
-) -> list[tuple[Message, dict[str, np.ndarray], float]]:
-    """Keep the replies that pass :func:`reply_arrays` and :func:`reply_weight`.
+def default_reply_bytes(global_arrays: dict[str, np.ndarray]) -> int:
+    """Default byte limit of a reply: the global arrays in float64, twice, plus 1 MiB.
 
-    Each dropped reply is logged with its node id and the reason.
+    Room for float64 replies and for clients of any rank up to the global one; far below
+    what a malicious header or rank could make the server allocate.
     """
-    kept = []
+    return 2 * sum(8 * int(np.size(a)) for a in global_arrays.values()) + (1 << 20)
+
+
+def screen_evaluate_replies(
+    replies: Iterable[Message], weighted_by_key: str, max_weight: float = MAX_WEIGHT
+) -> tuple[list[Message], int]:
+    """Evaluate replies whose one MetricRecord holds a valid weight and only finite numbers
+    (or lists of them); each other reply is logged with its node id and dropped.
+
+    Returns the kept replies and how many were dropped.
+    """
+    kept, dropped = [], 0
     for msg in replies:
-        if msg.has_error():
-            log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, msg.error.reason)
-            continue
+        node = msg.metadata.src_node_id
         try:
-            arrays = reply_arrays(msg.content, expected)
-            weight = reply_weight(msg.content, weighted_by_key)
-        except ValueError as err:
-            log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
+            if msg.has_error():
+                raise ValueError(msg.error.reason)
+            reply_weight(msg.content, weighted_by_key, max_weight)
+            for key, value in reply_metrics(msg.content).items():
+                for item in value if isinstance(value, list) else [value]:
+                    finite_number(item, f"metric '{key}'")
+        except Exception as err:  # noqa: BLE001  (no reply may crash the round)
+            log(WARNING, "Dropping evaluate reply from node %s: %s", node, err)
+            dropped += 1
             continue
-        kept.append((msg, arrays, weight))
-    return kept
+        kept.append(msg)
+    return kept, dropped
+
+
+def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[RecordDict]:
+    """The replies' MetricRecords with every metric kept only where it has one type and length
+    across replies (Flower's weighted mean of a float and a list raises); dropped metrics are
+    logged with the node that sent them."""
+    shapes: dict[str, dict] = {}
+    for msg in replies:
+        for key, value in reply_metrics(msg.content).items():
+            shape = len(value) if isinstance(value, list) else None
+            shapes.setdefault(key, {}).setdefault(shape, []).append(msg.metadata.src_node_id)
+    contents = []
+    for msg in replies:
+        clean = MetricRecord()
+        for key, value in reply_metrics(msg.content).items():
+            shape = len(value) if isinstance(value, list) else None
+            seen = shapes[key]
+            majority = max(seen, key=lambda s: len(seen[s]))
+            try:
+                items = [finite_number(v, key) for v in (value if isinstance(value, list) else [value])]
+            except ValueError as err:
+                log(WARNING, "Ignoring metric from node %s: %s", msg.metadata.src_node_id, err)
+                continue
+            if shape != majority and key != weighted_by_key:
+                log(WARNING, "Ignoring metric '%s' from node %s: %r does not match the other replies", key,
+                    msg.metadata.src_node_id, value)
+                continue
+            clean[key] = items if isinstance(value, list) else value
+        contents.append(RecordDict({"metrics": clean}))
+    return contents
+
+
+def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of every metric over the replies that carry it (lists element-wise).
+
+    Flower's ``aggregate_metricrecords`` divides every metric by the total weight of all
+    replies, so a metric one reply lacks (or that was left out as malformed) would be
+    pulled towards zero; here each metric is normalised by the weights of its own replies.
+    """
+    sums: dict[str, object] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = reply_metrics(record)
+        w = float(metrics[weighted_by_key])
+        for key, value in metrics.items():
+            if key == weighted_by_key:
+                continue
+            if isinstance(value, list):
+                term = [w * float(v) for v in value]
+                sums[key] = term if key not in sums else [a + b for a, b in zip(sums[key], term)]
+            else:
+                sums[key] = w * float(value) + float(sums.get(key, 0.0))
+            weights[key] = weights.get(key, 0.0) + w
+    out = MetricRecord()
+    for key, total in sums.items():
+        scale = 1.0 / weights[key] if weights[key] > 0 else 0.0
+        out[key] = [v * scale for v in total] if isinstance(total, list) else total * scale
+    return out

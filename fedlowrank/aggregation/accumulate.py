@@ -81,9 +81,13 @@ class WeightedSum:
         """
         w = torch.as_tensor(weight, dtype=torch.float64).reshape(-1).expand(self.groups)
         if count:
-            self.total += w
-            self.clients += 1
+            self.count(w)
         self._push(self._raw, Factors(factors.u, w.to(self.dtype)[:, None] * factors.s.to(self.dtype), factors.v))
+
+    def count(self, weight: torch.Tensor | float) -> None:
+        """Count one client at ``weight`` (scalar or per group) in the normalisation."""
+        self.total += torch.as_tensor(weight, dtype=torch.float64).reshape(-1).expand(self.groups)
+        self.clients += 1
 
     def add_normalised(self, term: Factors | torch.Tensor) -> None:
         """Add a term as it is (not divided by the total weight): e.g. a carried residual.

@@ -246,6 +246,7 @@ def decode_update(
     shapes: Mapping[str, Sequence[int]],
     settings: Mapping[str, str] | None = None,
     shape_ok: Callable[[str, tuple[int, ...]], bool] | None = None,
+    codec_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode the update in ``arrays`` (other keys are ignored).
 
@@ -264,6 +265,10 @@ def decode_update(
         ``(name, declared_shape) -> bool`` accepting a declared shape other
         than ``shapes[name]`` (adapter factors of a client whose rank is below
         the global rank). Checked before anything is allocated.
+    codec_options : mapping, optional
+        With ``settings``: the codec options the server expects (e.g.
+        ``{"qsgd": {"bucket_size": 256}}``; defaults otherwise). A spec
+        declaring other options (a huge bucket, say) is refused before decoding.
 
     Returns
     -------
@@ -295,6 +300,10 @@ def decode_update(
                 raise ValueError(f"declares shape {shape}, the global tensor has {tuple(shapes[name])}.")
             if settings is not None and codec.key != candidate_key(settings[name]):
                 raise ValueError(f"declares {codec.key!r}, the server asked for {settings[name]!r}.")
+            if settings is not None:
+                want = get_codec(settings[name], **dict((codec_options or {}).get(codec.name, {}))).options()
+                if codec.options() != want:
+                    raise ValueError(f"declares codec options {codec.options()}, the server expects {want}.")
         except ValueError as err:
             raise ValueError(f"Tensor {name!r}: {err}") from None
         declared.append((name, codec, shape, codec.layout(shape)))

@@ -168,14 +168,35 @@ class Accumulator(ABC):
         """The global adapter's components a client of ``rank`` could not hold."""
         return split_at_rank(self.reference, rank, self.rule.truncation, self.shares)[1]
 
-    def add(self, client: Factors, weight: float, group_weights: torch.Tensor | None = None) -> None:
-        """Fold in one checked client (``rule.check`` passed): its product and its tail."""
+    def add(
+        self, client: Factors, weight: float, group_weights: torch.Tensor | None = None, shrink: float = 1.0
+    ) -> None:
+        """Fold in one checked client (``rule.check`` passed): its product and its tail.
+
+        ``shrink`` < 1 scales the client's change by that factor (robust clipping): its
+        completed product becomes ``G + shrink (P + T - G)``, and its factors
+        ``reference + shrink (client - reference)`` for rules that average factors.
+        """
         client = Factors(*(t.to(self.sum.dtype) for t in client))
         w = self.product_weights(weight, group_weights)
-        self.sum.add(client, w)
+        self.sum.count(w)
+        self.sum.add(client, shrink * w, count=False)
         if client.rank < self.reference.rank:
-            self.sum.add(self.tail(client.rank), w, count=False)
+            self.sum.add(self.tail(client.rank), shrink * w, count=False)
+        if shrink < 1.0:
+            self.sum.add(self.reference, (1.0 - shrink) * w, count=False)
+            head = self.reference.columns(slice(0, client.rank))
+            client = Factors(*(h.to(self.sum.dtype) + shrink * (c - h.to(self.sum.dtype)) for h, c in zip(head, client)))
         self.collect(client, float(weight), w)
+
+    def change_norm(self, client: Factors) -> float:
+        """``||P + T - G||``: how far this client's completed product moves the global."""
+        probe = WeightedSum(self.reference.u.shape[0], self.reference.v.shape[0], self.groups, dense_above=10**9)
+        probe.add_normalised(Factors(*(t.double() for t in client)))
+        if client.rank < self.reference.rank:
+            probe.add_normalised(self.tail(client.rank))
+        error, _ = probe.distance(self.reference)
+        return float(error.square().sum().sqrt())
 
     def add_carried(self, residual: Factors | torch.Tensor) -> None:
         """Add last round's residual (``carry``) to this round's target."""

@@ -18,6 +18,7 @@ from fedlowrank.clients import from_record, pick_device, predict, to_record
 from fedlowrank.clients.app import parse_ranks
 from fedlowrank.fairness import group_fairness_report
 from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo
+from fedlowrank.strategies.checkpoint import run
 
 from .data import loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
@@ -38,6 +39,9 @@ def sampling(cfg) -> dict:
         "fraction_evaluate": float(cfg.get("fraction-evaluate", 1.0)),
         "min_evaluate_nodes": int(cfg.get("min-train-nodes", 2)),
         "evaluate_metrics_aggr_fn": fairness_metrics(),
+        # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
+        "robust": str(cfg.get("robust", "")).strip() or None,
+        "robust_factor": float(cfg.get("robust-factor", 3.0)),
     }
 
 
@@ -143,30 +147,45 @@ def main(grid: Grid, context: Context) -> None:
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
     strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
     started = time.time()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
+    path = Path(str(cfg["results-file"])).expanduser().resolve()
+    stop_after = int(cfg.get("stop-after-round", 0))
+
+    def write_results(server_round: int, result) -> None:
+        """Results so far, every round: a run that stops loses nothing already measured."""
+        results = {
+            "strategy": name,
+            "run_config": {k: v for k, v in cfg.items()},
+            "num_sites": num_partitions,
+            "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
+            "seconds": time.time() - started,
+            "rounds": [
+                {
+                    "round": rnd,
+                    "central": dict(result.evaluate_metrics_serverapp.get(rnd, {})),
+                    "clients_eval": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
+                    "clients_train": dict(result.train_metrics_clientapp.get(rnd, {})),
+                }
+                for rnd in sorted(result.evaluate_metrics_serverapp)
+            ],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+        if server_round and server_round == stop_after:
+            # A drill: stop as a crash would, after the round's checkpoint is on disk.
+            raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp")
+
+    run(
+        strategy,
+        grid,
+        initial,
         num_rounds=int(cfg["num-server-rounds"]),
+        timeout=float(cfg.get("round-timeout", 3600)),
         train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}),
         evaluate_fn=make_central_evaluation(rank, test_rows, pick_device(), groups),
+        checkpoint_dir=str(cfg.get("checkpoint-dir", "")).strip() or None,
+        resume_from=str(cfg.get("resume-from", "")).strip() or None,
+        on_round=write_results,
     )
-    results = {
-        "strategy": name,
-        "run_config": {k: v for k, v in cfg.items()},
-        "num_sites": num_partitions,
-        "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
-        "seconds": time.time() - started,
-        "rounds": [
-            {
-                "round": rnd,
-                "central": dict(result.evaluate_metrics_serverapp.get(rnd, {})),
-                "clients_eval": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
-                "clients_train": dict(result.train_metrics_clientapp.get(rnd, {})),
-            }
-            for rnd in sorted(result.evaluate_metrics_serverapp)
-        ],
-    }
-    path = Path(str(cfg["results-file"])).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
     log(INFO, "results written to %s", path)
