@@ -106,6 +106,15 @@ UPDATE_KEYS = (SPEC_KEY, PAYLOAD_KEY, ERRORS_KEY, ENERGY_KEY)
 """Everything a compressed reply's ArrayRecord may hold."""
 
 
+def payload_bytes(array: Array) -> int:
+    """Bytes of an array's values (what the codecs count), without trusting its header:
+    a header that does not match its data counts as the bytes that travelled."""
+    try:
+        return int(read_array(array, "array").nbytes)
+    except ValueError:
+        return len(array.data) if isinstance(array, Array) else 0
+
+
 def pooled(tables: list[np.ndarray]) -> np.ndarray:
     """The clients' tables pooled cell by cell: the mean of one or two, the median of more.
 
@@ -396,8 +405,8 @@ class LGreCo(Strategy):
                 record_key, record = self._single_array_record(reply.content)
                 # Count first: a reply that fails to decode still travelled.
                 node_ids.append(node)
-                nbytes.append(sum(int(a.numpy().nbytes) for a in record.values()))
-                serialized.append(sum(len(a.data) for a in record.values()))
+                nbytes.append(sum(payload_bytes(a) for a in record.values()))
+                serialized.append(sum(len(a.data) for a in record.values() if isinstance(a, Array)))
                 limit = default_reply_bytes(base)
                 if sum(len(a.data) for a in record.values() if isinstance(a, Array)) > limit:
                     raise ValueError(f"reply holds more than the {limit} bytes allowed")
