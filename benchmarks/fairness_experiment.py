@@ -9,7 +9,7 @@ the same strategy methods and the same ``build_client_app`` client code as ``flw
 without launching a SuperLink per run. Paired seeds: for one seed every rule sees the same
 sites, splits, batch order and adapter initialisation.
 
-Settings (DESIGN.md, "Experiments that can tell methods apart"):
+Settings (docs/design.md, "Experiments that can tell methods apart"):
 
 ``adult``
     UCI Adult married population, 5 sites, base pretrained on a disjoint population,

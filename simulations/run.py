@@ -14,6 +14,7 @@ asks the SuperLink for the run's final status (``flwr ls``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +110,24 @@ def run_status(run_id: int, env: dict) -> str | None:
         return None
 
 
+def check_run_config(app: Path, overrides: str) -> None:
+    """Name any run-config key the app does not declare (Flower only says "Invalid run configuration.")."""
+    if not overrides.strip():
+        return
+    from flwr.common.config import parse_config_args
+
+    declared = tomllib.loads((app / "pyproject.toml").read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    try:
+        given = parse_config_args([overrides])
+    except Exception as err:  # noqa: BLE001
+        raise SystemExit(f"--run-config {overrides!r} cannot be parsed: {err}") from None
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, declared, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {close[k][0]!r}?)" if close[k] else "") for k in unknown)
+        raise SystemExit(f"unknown run-config keys for {app.name}: {hints}; declared keys are in {app / 'pyproject.toml'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a fedlowrank simulation app end to end.")
     parser.add_argument("app", help="app folder under simulations/ (e.g. adult_married) or a path")
@@ -117,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     app = Path(args.app) if Path(args.app).exists() else HERE / args.app
     if not (app / "pyproject.toml").exists():
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
+    check_run_config(app, args.run_config)
     env = {**os.environ, **QUIET_ENV}
+    own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
     owned = None
     if not superlink_healthy():
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.run_config:
         command += ["--run-config", args.run_config]
+    code = 1
     try:
         code, run_id = stream(command, env)
         if code == 0 and run_id is not None:
@@ -142,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if owned is not None:
             stop(owned)
             print(f"stopped SuperLink (pid {owned.pid})", flush=True)
+        if own_home and owned is not None:  # our FLWR_HOME: installed apps, config, the SuperLink log
+            if code == 0:
+                shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+            else:
+                print(f"SuperLink log kept in {env['FLWR_HOME']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ one of two rules:
     at global rank ``R`` (default the adapter rank), from the better of the pooled and
     the block start, handed back with
     :func:`fedlowrank.aggregation.balance_grouped_factors` (magnitude moved into
-    ``U, V``; ``|S| <= cap``), the scale Adam clients train stably at (DESIGN.md step 6,
+    ``U, V``; ``|S| <= cap``), the scale Adam clients train stably at (docs/design.md step 6,
     measured in ``docs/fairlora.md``).
 ``paper``
     FairFedMed's rule (rule ``fairfedmed``): ``U, V``

@@ -62,7 +62,7 @@ class FedLowRank(FedAvg):
     ``dW = U diag(S) V^T``) the replies are folded into the rule's accumulator one at a
     time (:mod:`fedlowrank.aggregation.rules`); the result at the global rank goes back to
     clients balanced as ``U = u sqrt(s)``, ``S = 1``, ``V = v sqrt(s)`` (the scale Adam
-    trains stably at, DESIGN.md step 6), aligned to last round's factors. Every other
+    trains stably at, docs/design.md step 6), aligned to last round's factors. Every other
     array (heads, norms) is a weighted mean, as in FedAvg (integer arrays become float64
     means, as in FedAvg; shapes, 0-d included, are kept).
 

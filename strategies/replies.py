@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -206,20 +207,35 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[Rec
     return contents
 
 
+COUNT_METRIC = re.compile(r"(^|[-_])n(_g\d+)?$")
+"""Sample counts (``eval-n``, ``eval-n_g0``): summed over replies, never averaged."""
+GROUPS_METRIC = re.compile(r"_groups$")
+"""How many groups a figure covers (``eval-es_auc_groups``): the fewest over replies."""
+
+
 def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Weighted mean of every metric over the replies that carry it (lists element-wise).
 
     Flower's ``aggregate_metricrecords`` divides every metric by the total weight of all
     replies, so a metric one reply lacks (or that was left out as malformed) would be
     pulled towards zero; here each metric is normalised by the weights of its own replies.
+    Counts are summed (:data:`COUNT_METRIC`) and group coverage takes the minimum
+    (:data:`GROUPS_METRIC`): a mean of sample counts (996.05) means nothing.
     """
     sums: dict[str, object] = {}
     weights: dict[str, float] = {}
+    counts: dict[str, float] = {}
     for record in records:
         metrics = reply_metrics(record)
         w = float(metrics[weighted_by_key])
         for key, value in metrics.items():
             if key == weighted_by_key:
+                continue
+            if not isinstance(value, list) and COUNT_METRIC.search(key):
+                counts[key] = counts.get(key, 0.0) + float(value)
+                continue
+            if not isinstance(value, list) and GROUPS_METRIC.search(key):
+                counts[key] = min(counts.get(key, float("inf")), float(value))
                 continue
             if isinstance(value, list):
                 term = [w * float(v) for v in value]
@@ -227,7 +243,7 @@ def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricR
             else:
                 sums[key] = w * float(value) + float(sums.get(key, 0.0))
             weights[key] = weights.get(key, 0.0) + w
-    out = MetricRecord()
+    out = MetricRecord({key: int(round(value)) if float(value).is_integer() else value for key, value in counts.items()})
     for key, total in sums.items():
         scale = 1.0 / weights[key] if weights[key] > 0 else 0.0
         out[key] = [v * scale for v in total] if isinstance(total, list) else total * scale

@@ -3,6 +3,8 @@
 import logging
 
 import numpy as np
+
+from fedlowrank.strategies.replies import COUNT_METRIC
 import pytest
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
@@ -84,5 +86,11 @@ def test_no_statistics_leaves_flower_average_unchanged(sites):
         del msg.content["fairness-stats"]
     with_helper = FedAvg(evaluate_metrics_aggr_fn=FederatedFairnessMetrics()).aggregate_evaluate(1, replies)
     plain = FedAvg().aggregate_evaluate(1, replies)
-    # Normalised per metric: the same mean when every reply has every metric (up to rounding).
-    assert dict(with_helper) == pytest.approx(dict(plain), rel=1e-12)
+    # Normalised per metric: the same mean when every reply has every metric (up to rounding);
+    # sample counts are summed over the sites instead of averaged into fractions.
+    counts = {k for k in plain.keys() if COUNT_METRIC.search(k)}
+    assert counts == {"eval-n_g0", "eval-n_g1"}
+    for key in counts:
+        assert with_helper[key] == sum(next(iter(m.content.metric_records.values()))[key] for m in replies)
+    assert {k: v for k, v in with_helper.items() if k not in counts} == pytest.approx(
+        {k: v for k, v in plain.items() if k not in counts}, rel=1e-12)

@@ -77,7 +77,7 @@ def test_thirty_rounds_with_adam_stay_stable(tmp_path, strategy):
     norms = [r["central"]["adapter-norm-max"] for r in rounds[1:]]
     aucs = [r["central"]["auc"] for r in rounds]
     assert all(math.isfinite(a) for a in aucs) and all(math.isfinite(n) for n in norms)
-    # Bounded: the adapters stop growing once training has converged (DESIGN.md step 6 saw
+    # Bounded: the adapters stop growing once training has converged (docs/design.md step 6 saw
     # 1000x growth in 20 rounds with all magnitude in S).
     assert max(norms[10:]) < 3 * max(norms[:10]), norms
     assert aucs[-1] > aucs[0] + 0.01, aucs

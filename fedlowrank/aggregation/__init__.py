@@ -1,4 +1,4 @@
-"""Exact factored aggregation of low-rank adapters (DESIGN.md, "Exact factored aggregation")."""
+"""Exact factored aggregation of low-rank adapters (docs/design.md, "Exact factored aggregation")."""
 
 from .align import procrustes_align, signed_permutation_align
 from .balance import balance_factors

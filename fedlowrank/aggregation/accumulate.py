@@ -5,7 +5,7 @@ sum_k w_kg`` (plus terms added already normalised, such as a carried residual) w
 keeping the clients: it stores their factors side by side while the stacked width
 ``m = sum_k r_k`` stays below ``dense_above`` (default ``min(d_out, d_in) // 2``), and
 beyond that switches to a dense ``G x d_out x d_in`` accumulation, fed in chunks of
-columns by one matrix product each. Width decides the path (DESIGN.md): while ``m`` is
+columns by one matrix product each. Width decides the path (docs/design.md): while ``m`` is
 well below the layer's size, the factored re-factorisation costs
 ``O((d_out + d_in) m^2)`` and wins by orders of magnitude; past it the stacked factors are
 larger than the layer, the ``m x m`` Gram matrices turn singular, and a dense sum is both

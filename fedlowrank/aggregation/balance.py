@@ -1,7 +1,7 @@
 """Where the aggregate's magnitude lives when it is handed back to clients.
 
 Orthonormal ``u, v`` with all magnitude in ``s`` made Adam clients diverge across
-rounds in a measured run (DESIGN.md, step 6): Adam's per-parameter step is about
+rounds in a measured run (docs/design.md, step 6): Adam's per-parameter step is about
 the learning rate whatever the gradient's scale, so a unit-norm column of ``u`` moves
 relatively far while ``s`` is large. Splitting the magnitude evenly, ``U = u sqrt(s)``,
 ``V = v sqrt(s)``, ``S = 1``, gives factors of the size LoRA's own initialisation and

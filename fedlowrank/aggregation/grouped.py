@@ -3,7 +3,7 @@
 Clients ``k`` send ``(U_k, S_k, V_k)`` with ``S_k`` of shape (G x r_k) and one weight per
 group, ``w_kg``. The target for group ``g`` is ``M_g = sum_k w_kg U_k diag(S_k[g]) V_k^T``;
 it is re-factored as ``u diag(s[g]) v^T`` with ``u, v`` orthonormal and shared by all
-groups (DESIGN.md, "Exact factored aggregation", step 4).
+groups (docs/design.md, "Exact factored aggregation", step 4).
 
 Method
 ------
@@ -466,7 +466,7 @@ def average_factors(
     """FedIT baseline: average ``U``, ``S`` and ``V`` separately.
 
     Far from the exact sum (the average of products is not the product of averages),
-    kept as a baseline (DESIGN.md, "Heterogeneous client ranks ...").
+    kept as a baseline (docs/aggregation.md).
 
     Parameters
     ----------
@@ -553,7 +553,7 @@ def balance_grouped_factors(
     """Move each column's magnitude into ``U, V`` (as ``sqrt``) and keep ``S`` rows relative.
 
     The G = 1 policy (:func:`balance_factors`) sets ``S = 1``; with G > 1 one magnitude
-    per column must serve all groups (DESIGN.md, step 6, still open). Per column ``j``
+    per column must serve all groups (docs/design.md, step 6, still open). Per column ``j``
     the magnitude moved out is
 
     ``m_j = max(sum_g pi_g |s_gj|, max_g |s_gj| / cap)``

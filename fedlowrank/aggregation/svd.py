@@ -5,7 +5,7 @@ For clients ``k`` with ``(U_k, s_k, V_k)`` and weights ``w_k`` the target is
 (width ``K r``), factor ``A = Q_a R_a`` and ``B = Q_b R_b``; then
 ``M = Q_a (R_a D R_b^T) Q_b^T`` with ``D = blockdiag(w_k diag(s_k))``, and the SVD of the
 small core gives the exact SVD of ``M``. Cost ``O((d_out + d_in)(K r)^2)`` instead of a
-dense ``O(d_out d_in min(d_out, d_in))`` SVD (DESIGN.md, steps 1-3 and 5).
+dense ``O(d_out d_in min(d_out, d_in))`` SVD (docs/design.md, steps 1-3 and 5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Headroom: the frozen base vs central fine-tuning of the same adapters on pooled data.
 
 ``python -m adult_married.central`` (from the app folder). The federated rules can only
-differ where this gap is clear (DESIGN.md, "Experiments that can tell methods apart").
+differ where this gap is clear (docs/design.md, "Experiments that can tell methods apart").
 """
 
 from __future__ import annotations

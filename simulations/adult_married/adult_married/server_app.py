@@ -13,7 +13,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import from_record, pick_device, predict, to_record
 from fedlowrank.clients.app import parse_ranks
 from fedlowrank.fairness import group_fairness_report
@@ -108,6 +108,25 @@ def global_model(rank: int, groups: int = 1) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Largest factor norm ``||U||`` and largest product norm ``||scale U diag(S[g]) V^T||`` over layers.
+
+    The product norm is what the adapter does to the model; the factor norm alone can stay
+    put while the product grows (or the other way round).
+    """
+    layers = adapter_layers(model).values()
+    products = [
+        float(torch.linalg.matrix_norm(layer.scale * (layer.lora_U * row) @ layer.lora_V.T))
+        for layer in layers
+        for row in layer.lora_S
+    ]
+    return {
+        "adapter-norm-max": max(float(layer.lora_U.norm()) for layer in layers),
+        "adapter-product-norm-max": max(products),
+    }
+
+
 def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
     """Server-side evaluation on the pooled test rows (a simulation-only view)."""
     model = global_model(rank, groups).to(device)
@@ -117,9 +136,8 @@ def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
         load_exchange_state(model, from_record(arrays))
         pred = predict(model, batches, device)
         report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=2)
-        norms = [float(p.norm()) for n, p in model.named_parameters() if "lora_U" in n]
         metrics = {k: float(v) for k, v in report.items() if k != "n"}
-        metrics.update({"loss": pred.loss, "adapter-norm-max": max(norms)})
+        metrics.update({"loss": pred.loss, **adapter_norms(model)})
         log(
             INFO,
             "round %d: central AUC %.4f (male %.4f, female %.4f) ES-AUC %.4f",
