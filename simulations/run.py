@@ -1,6 +1,7 @@
 """Run a simulation app with ``flwr run`` on a local SuperLink that this script owns.
 
     python simulations/run.py adult_married --supernodes 5 --run-config "num-server-rounds=8"
+    python simulations/run.py adult_married --deployment 3 [--secure]   # Deployment Engine, loopback
 
 ``flwr run <app> local`` starts a SuperLink that keeps running after the run (Flower's
 design, so later runs start fast). This wrapper starts its own SuperLink in simulation
@@ -97,10 +98,10 @@ def stream(command: list[str], env: dict) -> tuple[int, int | None]:
     return process.wait(), run_id
 
 
-def run_status(run_id: int, env: dict) -> str | None:
+def run_status(run_id: int, env: dict, superlink: str = "local") -> str | None:
     """The run's final status as the SuperLink reports it (``flwr ls``), e.g. ``finished:completed``."""
     done = subprocess.run(
-        [shutil.which("flwr") or "flwr", "ls", "local", "--run-id", str(run_id), "--format", "json"],
+        [shutil.which("flwr") or "flwr", "ls", superlink, "--run-id", str(run_id), "--format", "json"],
         env=env, capture_output=True, text=True, check=False, timeout=60,
     )
     try:
@@ -133,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("app", help="app folder under simulations/ (e.g. adult_married) or a path")
     parser.add_argument("--supernodes", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 strategy='fedit'\"")
+    parser.add_argument("--deployment", type=int, metavar="N", default=0,
+                        help="run on Flower's Deployment Engine instead: a SuperLink and N SuperNodes on loopback")
+    parser.add_argument("--secure", action="store_true", help="with --deployment: TLS and SuperNode authentication")
+    parser.add_argument("--unregistered", type=int, default=0, help=argparse.SUPPRESS)  # tests: nodes with unknown keys
     args = parser.parse_args(argv)
+    if args.secure and not args.deployment:
+        parser.error("--secure needs --deployment N")
     app = Path(args.app) if Path(args.app).exists() else HERE / args.app
     if not (app / "pyproject.toml").exists():
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
@@ -141,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **QUIET_ENV}
     own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
+    if args.deployment:
+        from deploy import deploy
+
+        code = 1
+        try:
+            code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
+            return code
+        finally:
+            if own_home:
+                if code == 0:
+                    shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+                else:
+                    print(f"logs kept in {env['FLWR_HOME']}", flush=True)
     owned = None
     if not superlink_healthy():
         owned = start_superlink(env, Path(env["FLWR_HOME"]) / "superlink.log")

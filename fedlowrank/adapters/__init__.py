@@ -1,5 +1,6 @@
 """SVD-factored adapters: the layer, injection into any model, and state I/O."""
 
+from .files import load_adapter, save_adapter
 from .groups import group_context, group_weights_from_ids
 from .inject import adapter_layers, inject_adapters
 from .layer import UNKNOWN_GROUP, SVDLinear
@@ -16,6 +17,8 @@ __all__ = [
     "group_weights_from_ids",
     "inject_adapters",
     "is_fold_key",
+    "load_adapter",
     "load_exchange_state",
+    "save_adapter",
     "split_factor_key",
 ]

@@ -13,7 +13,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.adapters import adapter_layers, exchange_state, inject_adapters, load_exchange_state, save_adapter
 from fedlowrank.clients import from_record, pick_device, predict, to_record
 from fedlowrank.clients.app import parse_ranks
 from fedlowrank.fairness import group_fairness_report
@@ -194,7 +194,7 @@ def main(grid: Grid, context: Context) -> None:
             # A drill: stop as a crash would, after the round's checkpoint is on disk.
             raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp")
 
-    run(
+    result = run(
         strategy,
         grid,
         initial,
@@ -206,4 +206,7 @@ def main(grid: Grid, context: Context) -> None:
         resume_from=str(cfg.get("resume-from", "")).strip() or None,
         on_round=write_results,
     )
-    log(INFO, "results written to %s", path)
+    adapter_path = Path(str(cfg.get("save-adapter", "")).strip() or path.with_suffix(".adapter.safetensors"))
+    save_adapter(adapter_path, {k: a.numpy() for k, a in result.arrays.items()},
+                 {"rank": rank, "groups": groups, "run_config": {k: v for k, v in cfg.items()}})
+    log(INFO, "results written to %s, final adapter to %s", path, adapter_path)

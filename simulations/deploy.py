@@ -1,0 +1,186 @@
+"""Flower's Deployment Engine on loopback: one SuperLink, one SuperNode per site, as at real sites.
+
+``python simulations/run.py adult_married --deployment 3 [--secure]`` calls :func:`deploy`:
+it starts ``flower-superlink`` (Fleet, Control and Runtime on one port), N
+``flower-supernode`` processes (each with its own node config: ``partition-id``,
+``num-partitions``), runs the app with ``flwr run`` against that SuperLink, and stops every
+process it started, by process group. With ``secure`` it first makes a CA and a server
+certificate for 127.0.0.1 (TLS on every connection) and one EC key pair per SuperNode,
+starts the SuperLink with ``--enable-supernode-auth`` and registers each node's public key
+(``flwr supernode register``); a SuperNode whose key is not registered is refused.
+The same topology runs in containers with ``docker/`` (see its README).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+PORT = 39191  # the SuperLink's one port (Fleet, Control, Runtime); away from the simulation's
+NODE_PORT = 39291  # SuperNode i serves its ClientApp runtime API on NODE_PORT + i
+FEDERATION = "loopback"
+
+
+def which(name: str) -> str:
+    return shutil.which(name) or name
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost, signed by it (PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlowrank loopback CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    os.chmod(paths["key"], 0o600)
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC (NIST P-384) key pair in OpenSSH format, as SuperNode authentication expects."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    os.chmod(private, 0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def healthy(certs: dict[str, Path] | None) -> bool:
+    scheme = "https" if certs else "http"
+    context = ssl.create_default_context(cafile=str(certs["ca"])) if certs else None
+    try:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{PORT}/health", timeout=1, context=context) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A process in its own group (so that stopping it stops what it spawned), output to ``log``."""
+    handle = open(log, "w")
+    return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every process group, then SIGKILL what is left after 20 s."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 20
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=10)
+
+
+def write_federation(flwr_home: Path, certs: dict[str, Path] | None) -> None:
+    """``flwr``'s config: the ``loopback`` SuperLink (TLS with our CA, or insecure)."""
+    tls = f'root-certificates = "{certs["ca"]}"' if certs else "insecure = true"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{PORT}"\n{tls}\n'
+    )
+
+
+def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stream, run_status,
+           unregistered: int = 0) -> int:
+    """Run ``app`` on a loopback deployment of ``nodes`` SuperNodes; returns the exit code.
+
+    ``unregistered`` extra SuperNodes (``secure`` only) start with keys the SuperLink does
+    not know: they must be refused while the run goes on with the others.
+    """
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+            raise SystemExit(f"something already serves 127.0.0.1:{PORT}; stop it first")
+    home = Path(env["FLWR_HOME"])
+    work = home / "deployment"
+    work.mkdir(parents=True, exist_ok=True)
+    certs = make_certificates(work / "certs") if secure else None
+    write_federation(home, certs)
+    processes: list[subprocess.Popen] = []
+    try:
+        tls = ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile", str(certs["key"]),
+               "--enable-supernode-auth"] if secure else ["--insecure"]
+        processes.append(start([which("flower-superlink"), *tls, "--host", "127.0.0.1", "--port", str(PORT),
+                                "--isolation", "subprocess"], env, work / "superlink.log"))
+        deadline = time.monotonic() + 120
+        while not healthy(certs):
+            if processes[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start; see {work / 'superlink.log'}")
+            time.sleep(0.5)
+        print(f"SuperLink up on 127.0.0.1:{PORT} ({'TLS + SuperNode auth' if secure else 'insecure'})", flush=True)
+        for i in range(nodes + (unregistered if secure else 0)):
+            auth: list[str] = []
+            if secure:
+                private, public = make_node_key(work / "keys", f"site-{i}")
+                if i < nodes:
+                    done = subprocess.run([which("flwr"), "supernode", "register", str(public), FEDERATION],
+                                          env=env, capture_output=True, text=True, timeout=60)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"registering site-{i}'s key failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+                auth = ["--root-certificates", str(certs["ca"]), "--auth-supernode-private-key", str(private)]
+            else:
+                auth = ["--insecure"]
+            node_config = f"partition-id={i % nodes} num-partitions={nodes}"
+            processes.append(start([which("flower-supernode"), *auth, "--superlink", f"127.0.0.1:{PORT}",
+                                    "--node-config", node_config, "--port", str(NODE_PORT + i), "--isolation", "subprocess",
+                                    "--max-retries", "3"], env, work / f"supernode-{i}.log"))
+            label = "registered" if not secure or i < nodes else "NOT registered (must be refused)"
+            print(f"SuperNode site-{i}: {node_config} ({label})", flush=True)
+        command = [which("flwr"), "run", str(app), FEDERATION, "--stream"]
+        if run_config:
+            command += ["--run-config", run_config]
+        code, run_id = stream(command, env)
+        if code == 0 and run_id is not None:
+            status = run_status(run_id, env, FEDERATION)
+            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
+            if status is not None and "completed" not in status:
+                code = 1
+        return code
+    finally:
+        stop_all(processes)
+        print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes; logs in {work}", flush=True)
