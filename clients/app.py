@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import DEBUG
 
 import numpy as np
 import torch
@@ -228,7 +228,7 @@ def build_client_app(
             result, privacy = train_private(model, data.train, epochs, round_lr, device, dp_config, context)
         if result is None:  # privacy budget spent: nothing trained, nothing to weigh
             result = TrainResult(loss=0.0, num_examples=0, steps=0)
-        log(INFO, "client trained %d steps (%s), loss %.4f", result.steps, describe_compute(device), result.loss)
+        log(DEBUG, "client trained %d steps (%s), loss %.4f", result.steps, describe_compute(device), result.loss)
         # Under L-GreCo the reply carries the compressed update instead (clients/compression.py).
         arrays, extra = compress_reply(config, msg.content["arrays"], to_record(exchange_state(model)), context)
         metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples, **extra, **privacy})

@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +229,7 @@ def run(
         if on_round:
             on_round(0, result)
     for current in range(first, num_rounds + 1):
-        log(INFO, "[ROUND %s/%s]", current, num_rounds)
+        log(DEBUG, "[ROUND %s/%s]", current, num_rounds)
         replies = grid.send_and_receive(messages=strategy.configure_train(current, arrays, train_config, grid), timeout=timeout)
         new_arrays, metrics = strategy.aggregate_train(current, replies)
         if new_arrays is not None:
@@ -250,7 +250,7 @@ def run(
                 result.evaluate_metrics_serverapp[current] = res
         if checkpoint_dir is not None:
             saved = save_checkpoint(checkpoint_dir, current, arrays, strategy, result)
-            log(INFO, "checkpoint written: %s", saved)
+            log(DEBUG, "checkpoint written: %s", saved)
         if on_round:
             on_round(current, result)
     return result

@@ -17,7 +17,7 @@ enter the average and the round goes on.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from logging import INFO, WARNING
+from logging import DEBUG, WARNING
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
@@ -144,7 +144,7 @@ class FederatedFairnessMetrics:
         for key, value in report.items():
             metrics[f"{self.prefix}{key}"] = float(value)
         log(
-            INFO,
+            DEBUG,
             "federated fairness (%d sites): %s",
             int(report["sites"]),
             ", ".join(f"{k} {report[k]:.4f}" for k in LOGGED if k in report),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO, WARNING
+import logging
+from contextlib import contextmanager
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,18 @@ from .replies import (
 from .state import LowRankState
 
 RESIDUAL_MODES = ("drop", "carry", "fold")
+
+
+@contextmanager
+def flower_quiet():
+    """Silence Flower's per-round INFO lines (node sampling): the run logs one line per round."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(max(level, WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def factor_modules(keys: Iterable[str]) -> list[str]:
@@ -225,13 +239,15 @@ class FedLowRank(FedAvg):
         self.state.global_arrays = {k: a.numpy() for k, a in arrays.items()}
         self.state.server_round = server_round
         self.check_rule_fits()
-        return super().configure_train(server_round, arrays, self.client_config(config), grid)
+        with flower_quiet():
+            return list(super().configure_train(server_round, arrays, self.client_config(config), grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """As FedAvg, with what clients need to load the global adapter."""
-        return super().configure_evaluate(server_round, arrays, self.client_config(config), grid)
+        with flower_quiet():
+            return list(super().configure_evaluate(server_round, arrays, self.client_config(config), grid))
 
     def check_rule_fits(self) -> None:
         """Refuse, before any client trains, a global adapter the rule cannot aggregate."""
@@ -328,7 +344,7 @@ class FedLowRank(FedAvg):
                 sums[key] = term if key not in sums else sums[key] + term
             total += weight
         kept = [(msg, extra) for msg, _, _, extra in kept]
-        log(INFO, "aggregate_train: %d of %d replies accepted", len(kept), seen)
+        log(DEBUG, "aggregate_train: %d of %d replies accepted", len(kept), seen)
         if len(kept) < self.min_valid_replies or total <= 0:
             log(
                 WARNING, "aggregate_train: %d valid replies with positive weight (at least %d needed); "

@@ -209,6 +209,8 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[Rec
 
 COUNT_METRIC = re.compile(r"(^|[-_])n(_g\d+)?$")
 """Sample counts (``eval-n``, ``eval-n_g0``): summed over replies, never averaged."""
+MAX_METRIC = re.compile(r"epsilon")
+"""Privacy spent (``dp_epsilon``): the worst site's, not a mean."""
 GROUPS_METRIC = re.compile(r"_groups$")
 """How many groups a figure covers (``eval-es_auc_groups``): the fewest over replies."""
 
@@ -219,8 +221,9 @@ def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricR
     Flower's ``aggregate_metricrecords`` divides every metric by the total weight of all
     replies, so a metric one reply lacks (or that was left out as malformed) would be
     pulled towards zero; here each metric is normalised by the weights of its own replies.
-    Counts are summed (:data:`COUNT_METRIC`) and group coverage takes the minimum
-    (:data:`GROUPS_METRIC`): a mean of sample counts (996.05) means nothing.
+    Counts are summed (:data:`COUNT_METRIC`), group coverage takes the minimum
+    (:data:`GROUPS_METRIC`) and privacy spent the maximum (:data:`MAX_METRIC`): a mean of
+    sample counts (996.05) or of the sites' epsilons means nothing.
     """
     sums: dict[str, object] = {}
     weights: dict[str, float] = {}
@@ -233,6 +236,9 @@ def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricR
                 continue
             if not isinstance(value, list) and COUNT_METRIC.search(key):
                 counts[key] = counts.get(key, 0.0) + float(value)
+                continue
+            if not isinstance(value, list) and MAX_METRIC.search(key):
+                counts[key] = max(counts.get(key, float("-inf")), float(value))
                 continue
             if not isinstance(value, list) and GROUPS_METRIC.search(key):
                 counts[key] = min(counts.get(key, float("inf")), float(value))

@@ -127,6 +127,29 @@ def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
     }
 
 
+GROUP_NAMES = ("male", "female")  # group ids of the sex attribute (data.py)
+
+
+def round_line(server_round: int, num_rounds: int, result) -> str:
+    """The one line per round an operator reads; the rest is in the results file."""
+    central = result.evaluate_metrics_serverapp.get(server_round, {})
+    train = result.train_metrics_clientapp.get(server_round, {})
+    parts = [f"round {server_round}/{num_rounds}:"]
+    if "auc" in central:
+        groups = ", ".join(f"{name} {central[f'auc_g{g}']:.4f}" for g, name in enumerate(GROUP_NAMES) if f"auc_g{g}" in central)
+        parts.append(f"central AUC {central['auc']:.4f} ({groups}) ES-AUC {central['es_auc']:.4f}")
+    if server_round:
+        if "agg-clients-kept" in train:
+            parts.append(f"| sites {int(train['agg-clients-kept'])} kept, {int(train['agg-clients-dropped'])} dropped")
+        elif not train:
+            parts.append("| no valid reply: global kept")
+        if "lgreco-bytes" in train:
+            parts.append(f"| {int(train['lgreco-bytes']):,} B sent")
+        if "dp_epsilon" in train:
+            parts.append(f"| epsilon {train['dp_epsilon']:.2f} (worst site)")
+    return " ".join(parts)
+
+
 def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
     """Server-side evaluation on the pooled test rows (a simulation-only view)."""
     model = global_model(rank, groups).to(device)
@@ -138,11 +161,6 @@ def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
         report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=2)
         metrics = {k: float(v) for k, v in report.items() if k != "n"}
         metrics.update({"loss": pred.loss, **adapter_norms(model)})
-        log(
-            INFO,
-            "round %d: central AUC %.4f (male %.4f, female %.4f) ES-AUC %.4f",
-            server_round, report["auc"], report["auc_g0"], report["auc_g1"], report["es_auc"],
-        )
         return MetricRecord(metrics)
 
     return evaluate
@@ -186,6 +204,7 @@ def main(grid: Grid, context: Context) -> None:
                 for rnd in sorted(result.evaluate_metrics_serverapp)
             ],
         }
+        log(INFO, "%s", round_line(server_round, int(cfg["num-server-rounds"]), result))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
