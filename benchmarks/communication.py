@@ -21,7 +21,7 @@ LGReCo's ``lgreco-bytes`` metric (checked for every round).
 Settings
 --------
 ``adult``
-    The default simulation (``simulations/adult_married``, its ``pyproject.toml`` run
+    The default simulation (``simulations/adult-married``, its ``pyproject.toml`` run
     config): 5 sites, FedLowRank, rank-4 adapters on the two hidden layers of an MLP
     and a trained head: 8 tensors, 8 rounds. Accuracy: pooled site test rows.
 ``digits-transformer``
@@ -69,7 +69,7 @@ from fedlowrank.strategies.lgreco import DEFAULT_CANDIDATES
 from fedlowrank.strategies.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
-SIM = ROOT / "simulations" / "adult_married"
+SIM = ROOT / "simulations" / "adult-married"
 sys.path.insert(0, str(SIM))
 from adult_married import client_app as adult_client  # noqa: E402
 from adult_married import server_app as adult_server  # noqa: E402

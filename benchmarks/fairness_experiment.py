@@ -13,7 +13,7 @@ Settings (docs/design.md, "Experiments that can tell methods apart"):
 
 ``adult``
     UCI Adult married population, 5 sites, base pretrained on a disjoint population,
-    group = sex (``simulations/adult_married``). Real group, clear headroom, but
+    group = sex (``simulations/adult-married``). Real group, clear headroom, but
     per-group models do not beat one pooled model there (checked and reported).
 ``scanners``
     A documented stand-in on real images: sklearn's bundled 8x8 digits (UCI optical
@@ -56,7 +56,7 @@ from fedlowrank.strategies.fairlora import grouped_residual_norms
 from fedlowrank.strategies.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "simulations" / "adult_married"))
+sys.path.insert(0, str(ROOT / "simulations" / "adult-married"))
 from adult_married import data as adult  # noqa: E402
 from adult_married.model import ADAPTER_TARGETS, TRAINABLE, load_base_model  # noqa: E402
 

@@ -32,7 +32,7 @@ def t95(df: int) -> float:
 def final_auc(seed: int, robust: str, rounds: int, sites: int, workdir: Path) -> float:
     out = workdir / f"seed{seed}-{robust or 'off'}.json"
     config = f"num-server-rounds={rounds} seed={seed} robust='{robust}' results-file='{out}'"
-    done = subprocess.run([sys.executable, str(ROOT / "simulations" / "run.py"), "adult_married", "--supernodes", str(sites),
+    done = subprocess.run([sys.executable, str(ROOT / "simulations" / "run.py"), "adult-married", "--supernodes", str(sites),
                            "--run-config", config], capture_output=True, text=True, cwd=workdir)
     if done.returncode != 0:
         raise RuntimeError(f"seed {seed} robust={robust!r} failed:\n{done.stdout[-2000:]}")

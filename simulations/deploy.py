@@ -1,6 +1,6 @@
 """Flower's Deployment Engine on loopback: one SuperLink, one SuperNode per site, as at real sites.
 
-``python simulations/run.py adult_married --deployment 3 [--secure]`` calls :func:`deploy`:
+``python simulations/run.py adult-married --deployment 3 [--secure]`` calls :func:`deploy`:
 it starts ``flower-superlink`` (Fleet, Control and Runtime on one port), N
 ``flower-supernode`` processes (each with its own node config: ``partition-id``,
 ``num-partitions``), runs the app with ``flwr run`` against that SuperLink, and stops every
@@ -34,8 +34,8 @@ def which(name: str) -> str:
     return shutil.which(name) or name
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1 / localhost, signed by it (PEM)."""
+def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost",), days: int = 2) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 and ``hostnames``, signed by it (PEM)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,7 +47,7 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlowrank loopback CA")])
     ca_cert = (
         x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -55,8 +55,8 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
         .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([*(x509.DNSName(h) for h in hostnames), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
@@ -184,3 +184,26 @@ def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stre
     finally:
         stop_all(processes)
         print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes; logs in {work}", flush=True)
+
+
+def main() -> None:
+    """``python simulations/deploy.py certs DIR --sites N``: certificates and node keys for ``docker/``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Make TLS certificates and SuperNode keys for a deployment.")
+    parser.add_argument("command", choices=["certs"])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--hostname", action="append", default=["superlink", "localhost"],
+                        help="a name the SuperLink is reached by (repeatable)")
+    parser.add_argument("--days", type=int, default=365)
+    args = parser.parse_args()
+    paths = make_certificates(args.folder / "certificates", tuple(args.hostname), args.days)
+    keys = [make_node_key(args.folder / "keys", f"site-{i}") for i in range(1, args.sites + 1)]
+    for path in [*paths.values(), *(k for pair in keys for k in pair)]:
+        print(path)
+    print("Flower's containers run as uid 49999: sudo chown -R 49999:49999 on these folders before docker compose up")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """Run a simulation app with ``flwr run`` on a local SuperLink that this script owns.
 
-    python simulations/run.py adult_married --supernodes 5 --run-config "num-server-rounds=8"
-    python simulations/run.py adult_married --deployment 3 [--secure]   # Deployment Engine, loopback
+    python simulations/run.py adult-married --supernodes 5 --run-config "num-server-rounds=8"
+    python simulations/run.py adult-married --deployment 3 [--secure]   # Deployment Engine, loopback
 
 ``flwr run <app> local`` starts a SuperLink that keeps running after the run (Flower's
 design, so later runs start fast). This wrapper starts its own SuperLink in simulation
@@ -133,7 +133,7 @@ def check_run_config(app: Path, overrides: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a fedlowrank simulation app end to end.")
-    parser.add_argument("app", help="app folder under simulations/ (e.g. adult_married) or a path")
+    parser.add_argument("app", help="app folder under simulations/ (e.g. adult-married) or a path")
     parser.add_argument("--supernodes", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 strategy='fedit'\"")
     parser.add_argument("--deployment", type=int, metavar="N", default=0,
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.secure and not args.deployment:
         parser.error("--secure needs --deployment N")
     app = Path(args.app) if Path(args.app).exists() else HERE / args.app
+    if not app.exists() and (HERE / args.app.replace("_", "-")).exists():
+        app = HERE / args.app.replace("_", "-")  # Flower app folders use hyphens (adult-married)
     if not (app / "pyproject.toml").exists():
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
     check_run_config(app, args.run_config)

@@ -112,7 +112,7 @@ CONFIGS = {
 
 
 def flwr_run(tmp_path, config, wait=True):
-    command = [sys.executable, str(RUNNER), "adult_married", "--supernodes", "3", "--run-config", config]
+    command = [sys.executable, str(RUNNER), "adult-married", "--supernodes", "3", "--run-config", config]
     if wait:
         return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)

@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "simulations" / "run.py"
-APP = ROOT / "simulations" / "adult_married"
+APP = ROOT / "simulations" / "adult-married"
 
 
 def flower_processes() -> list[str]:
@@ -26,7 +26,7 @@ def test_loopback_deployment_runs_saves_and_stops_every_process(tmp_path, secure
     assert not flower_processes(), "Flower processes already running"
     home = tmp_path / "flwr-home"  # ours, so the runner keeps the logs for this test to read
     results = tmp_path / "results.json"
-    command = [sys.executable, str(RUNNER), "adult_married", "--deployment", "3",
+    command = [sys.executable, str(RUNNER), "adult-married", "--deployment", "3",
                "--run-config", f"num-server-rounds=3 results-file='{results}'"]
     if secure:
         command += ["--secure", "--unregistered", "1"]

@@ -18,7 +18,7 @@ def run_app(tmp_path, supernodes, overrides, timeout):
     results = tmp_path / "results.json"
     config = f"{overrides} results-file='{results}'"
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "adult_married", "--supernodes", str(supernodes), "--run-config", config],
+        [sys.executable, str(RUNNER), "adult-married", "--supernodes", str(supernodes), "--run-config", config],
         capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_hundred_sites_ten_sampled_mixed_ranks_rule_from_run_config(tmp_path):
 def test_a_failing_serverapp_fails_the_runner(tmp_path):
     """`flwr run --stream` exits 0 when the ServerApp raises; the runner must not."""
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "adult_married", "--supernodes", "2", "--run-config", "num-server-rounds=1 strategy='bogus'"],
+        [sys.executable, str(RUNNER), "adult-married", "--supernodes", "2", "--run-config", "num-server-rounds=1 strategy='bogus'"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 1, proc.stdout[-3000:]

@@ -9,10 +9,25 @@ from .data import loader, site_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
 
 
+NODE_KEYS = ("partition-id", "num-partitions")
+
+
 def site_data(context: Context) -> ClientData:
-    """This node's rows, from its partition id (simulation) in a seeded split."""
+    """This node's rows, from its partition id in a seeded split of the embedded data.
+
+    The simulation sets ``partition-id`` and ``num-partitions``; a SuperNode in deployment
+    gets them from its node config (``--node-config "partition-id=0 num-partitions=3"``).
+    """
+    missing = [key for key in NODE_KEYS if key not in context.node_config]
+    if missing:
+        raise ValueError(
+            f"this SuperNode's node config lacks {missing}: start it with "
+            "--node-config \"partition-id=<i> num-partitions=<sites>\" (the simulation sets both)"
+        )
     partition = int(context.node_config["partition-id"])
     partitions = int(context.node_config["num-partitions"])
+    if not 0 <= partition < partitions:
+        raise ValueError(f"node config partition-id={partition} must be in 0..{partitions - 1}")
     seed = int(context.run_config["seed"])
     train, test = site_rows(partition, partitions, seed)
     batch_size = int(context.run_config["batch-size"])

@@ -20,7 +20,7 @@ from fedlowrank.fairness import group_fairness_report
 from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo
 from fedlowrank.strategies.checkpoint import run
 
-from .data import loader, pooled_test_rows
+from .data import GROUP_NAMES, loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
 
 
@@ -125,9 +125,6 @@ def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
         "adapter-norm-max": max(float(layer.lora_U.norm()) for layer in layers),
         "adapter-product-norm-max": max(products),
     }
-
-
-GROUP_NAMES = ("male", "female")  # group ids of the sex attribute (data.py)
 
 
 def round_line(server_round: int, num_rounds: int, result) -> str:
