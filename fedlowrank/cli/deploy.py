@@ -1,6 +1,6 @@
 """Flower's Deployment Engine on loopback: one SuperLink, one SuperNode per site, as at real sites.
 
-``python simulations/run.py adult-married --deployment 3 [--secure]`` calls :func:`deploy`:
+``fedlowrank run adult-married --deployment 3 [--secure]`` calls :func:`deploy`:
 it starts ``flower-superlink`` (Fleet, Control and Runtime on one port), N
 ``flower-supernode`` processes (each with its own node config: ``partition-id``,
 ``num-partitions``), runs the app with ``flwr run`` against that SuperLink, and stops every
@@ -186,24 +186,20 @@ def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stre
         print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes; logs in {work}", flush=True)
 
 
-def main() -> None:
-    """``python simulations/deploy.py certs DIR --sites N``: certificates and node keys for ``docker/``."""
+def main(argv: list[str] | None = None) -> None:
+    """``fedlowrank certs DIR --sites N``: certificates and node keys for ``docker/``."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Make TLS certificates and SuperNode keys for a deployment.")
-    parser.add_argument("command", choices=["certs"])
+    parser = argparse.ArgumentParser(prog="fedlowrank certs", description="Make TLS certificates and SuperNode keys for a deployment.")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--hostname", action="append", default=["superlink", "localhost"],
                         help="a name the SuperLink is reached by (repeatable)")
     parser.add_argument("--days", type=int, default=365)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     paths = make_certificates(args.folder / "certificates", tuple(args.hostname), args.days)
     keys = [make_node_key(args.folder / "keys", f"site-{i}") for i in range(1, args.sites + 1)]
     for path in [*paths.values(), *(k for pair in keys for k in pair)]:
         print(path)
     print("Flower's containers run as uid 49999: sudo chown -R 49999:49999 on these folders before docker compose up")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,205 @@
+"""Run a simulation app with ``flwr run`` on a local SuperLink that this script owns.
+
+    python simulations/run.py adult-married --supernodes 5 --run-config "num-server-rounds=8"
+    python simulations/run.py adult-married --deployment 3 [--secure]   # Deployment Engine, loopback
+
+``flwr run <app> local`` starts a SuperLink that keeps running after the run (Flower's
+design, so later runs start fast). This wrapper starts its own SuperLink in simulation
+mode instead, runs the app with log streaming, and stops the SuperLink and everything
+it spawned, by process group, when the run ends or fails. If a SuperLink is already
+serving the local ports it is used and left running. The exit code is non-zero when the
+run failed: ``flwr run --stream`` exits 0 even when the ServerApp raised, so the runner
+asks the SuperLink for the run's final status (``flwr ls``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+# Apps ship in the repository's simulations/ folder (not in the wheel): found from a checkout.
+HERE = Path(__file__).resolve().parents[2] / "simulations"
+CONTROL_PORT = 39093
+RUN_STARTED = re.compile(r"started run (\d+)")
+HEALTH_URL = "http://127.0.0.1:39091/health"
+QUIET_ENV = {
+    # The local SuperLink would otherwise reinstall the app's dependencies (torch!) with uv.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Ray's own FutureWarning on every run (accelerator variables); nothing to act on here.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def superlink_healthy() -> bool:
+    try:
+        with urllib.request.urlopen(HEALTH_URL, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_superlink(env: dict, log_file: Path) -> subprocess.Popen:
+    """A simulation-mode SuperLink in its own process group, ready to take runs."""
+    command = [
+        shutil.which("flower-superlink") or "flower-superlink",
+        "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{CONTROL_PORT}",
+        "--host", "127.0.0.1", "--port", "39091",
+        "--log-file", str(log_file),
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        if superlink_healthy():
+            return process
+        time.sleep(0.5)
+    stop(process)
+    raise RuntimeError(f"flower-superlink did not become ready in 120 s; see {log_file}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and its children (simulation, Ray workers) by process group."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def stream(command: list[str], env: dict) -> tuple[int, int | None]:
+    """Run ``flwr run --stream``, echoing its output; return its exit code and the run ID."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    run_id = None
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        found = RUN_STARTED.search(line)
+        if found and run_id is None:
+            run_id = int(found.group(1))
+    return process.wait(), run_id
+
+
+def run_status(run_id: int, env: dict, superlink: str = "local") -> str | None:
+    """The run's final status as the SuperLink reports it (``flwr ls``), e.g. ``finished:completed``."""
+    done = subprocess.run(
+        [shutil.which("flwr") or "flwr", "ls", superlink, "--run-id", str(run_id), "--format", "json"],
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )
+    try:
+        runs = json.loads(done.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+RUN_CONFIG_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+"""A ``key=value`` pair of ``--run-config``, quoted values kept whole (as ``flwr run`` reads them)."""
+
+
+def parse_run_config(text: str) -> dict:
+    """``"a=1 b='x y'"`` -> ``{"a": 1, "b": "x y"}``: ``key=value`` pairs, values as TOML."""
+    return tomllib.loads("\n".join(f"{k} = {v}" for k, v in RUN_CONFIG_PAIR.findall(text)))
+
+
+def check_run_config(app: Path, overrides: str) -> None:
+    """Name any run-config key the app does not declare (Flower only says "Invalid run configuration.")."""
+    if not overrides.strip():
+        return
+    declared = tomllib.loads((app / "pyproject.toml").read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    try:
+        given = parse_run_config(overrides)
+    except Exception as err:  # noqa: BLE001
+        raise SystemExit(f"--run-config {overrides!r} cannot be parsed: {err}") from None
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, declared, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {close[k][0]!r}?)" if close[k] else "") for k in unknown)
+        raise SystemExit(f"unknown run-config keys for {app.name}: {hints}; declared keys are in {app / 'pyproject.toml'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlowrank run", description="Run a fedlowrank simulation app end to end.")
+    parser.add_argument("app", help="a Flower app folder, or the name of one under the repository's simulations/ (adult-married)")
+    parser.add_argument("--supernodes", type=int, default=5, help="number of simulated sites")
+    parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 strategy='fedit'\"")
+    parser.add_argument("--deployment", type=int, metavar="N", default=0,
+                        help="run on Flower's Deployment Engine instead: a SuperLink and N SuperNodes on loopback")
+    parser.add_argument("--secure", action="store_true", help="with --deployment: TLS and SuperNode authentication")
+    parser.add_argument("--unregistered", type=int, default=0, help=argparse.SUPPRESS)  # tests: nodes with unknown keys
+    args = parser.parse_args(argv)
+    if args.secure and not args.deployment:
+        parser.error("--secure needs --deployment N")
+    app = Path(args.app) if Path(args.app).exists() else HERE / args.app
+    if not app.exists() and (HERE / args.app.replace("_", "-")).exists():
+        app = HERE / args.app.replace("_", "-")  # Flower app folders use hyphens (adult-married)
+    if not (app / "pyproject.toml").exists():
+        raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
+    check_run_config(app, args.run_config)
+    env = {**os.environ, **QUIET_ENV}
+    own_home = "FLWR_HOME" not in env
+    env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
+    if args.deployment:
+        from .deploy import deploy
+
+        code = 1
+        try:
+            code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
+            return code
+        finally:
+            if own_home:
+                if code == 0:
+                    shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+                else:
+                    print(f"logs kept in {env['FLWR_HOME']}", flush=True)
+    owned = None
+    if not superlink_healthy():
+        owned = start_superlink(env, Path(env["FLWR_HOME"]) / "superlink.log")
+        print(f"started SuperLink (pid {owned.pid})", flush=True)
+    command = [
+        shutil.which("flwr") or "flwr", "run", str(app), "local", "--stream",
+        "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1",
+    ]
+    if args.run_config:
+        command += ["--run-config", args.run_config]
+    code = 1
+    try:
+        code, run_id = stream(command, env)
+        if code == 0 and run_id is not None:
+            # `flwr run --stream` exits 0 even when the ServerApp raised; ask the SuperLink.
+            status = run_status(run_id, env)
+            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
+            if status is not None and "completed" not in status:
+                code = 1
+        return code
+    finally:
+        if owned is not None:
+            stop(owned)
+            print(f"stopped SuperLink (pid {owned.pid})", flush=True)
+        if own_home and owned is not None:  # our FLWR_HOME: installed apps, config, the SuperLink log
+            if code == 0:
+                shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+            else:
+                print(f"SuperLink log kept in {env['FLWR_HOME']}", flush=True)
+

@@ -1,0 +1,36 @@
+"""The fedlowrank command: help, subcommands, and the run-config check."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedlowrank.cli import main
+from fedlowrank.cli.runner import parse_run_config
+
+
+def test_help_lists_the_commands_and_python_dash_m_works():
+    done = subprocess.run([sys.executable, "-m", "fedlowrank", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and all(c in done.stdout for c in ("run", "report", "certs"))
+    done = subprocess.run(["fedlowrank", "run", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--deployment" in done.stdout and "--secure" in done.stdout
+
+
+def test_unknown_command_and_misspelled_run_config_key_are_named(capsys):
+    assert main(["bogus"]) == 2 and "unknown command 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="'num-server-round' \\(did you mean 'num-server-rounds'\\?\\)"):
+        main(["run", "adult-married", "--run-config", "num-server-round=3"])
+
+
+def test_run_config_is_parsed_as_flower_does():
+    from flwr.common.config import parse_config_args
+
+    text = "num-server-rounds=3 strategy='fedit' lr=0.01 client-ranks='2,4,8' results-file='/tmp/a b.json' robust=''"
+    assert parse_run_config(text) == parse_config_args([text])
+
+
+def test_certs_makes_a_ca_a_server_certificate_and_node_keys(tmp_path):
+    main(["certs", str(tmp_path), "--sites", "2", "--days", "1"])
+    assert {p.name for p in (tmp_path / "certificates").iterdir()} == {"ca.crt", "server.pem", "server.key"}
+    assert {p.name for p in (tmp_path / "keys").iterdir()} == {"site-1.key", "site-1.pub", "site-2.key", "site-2.pub"}
+    assert (tmp_path / "keys" / "site-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
