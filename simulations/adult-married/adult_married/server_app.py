@@ -127,14 +127,35 @@ def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
     }
 
 
+def results_path(cfg, strategy: str) -> Path:
+    """Where this run's results go: ``results-file``, or a name of its own per run.
+
+    An explicit file that exists is overwritten only when the run resumes (``resume-from``);
+    otherwise the run refuses to start rather than lose earlier results.
+    """
+    given = str(cfg.get("results-file", "")).strip()
+    if not given:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        rule = str(cfg.get("rule", "exact")) if strategy == "fedlowrank" else ""
+        parts = ["adult_married", strategy, rule, f"r{cfg['rank']}", str(cfg.get("compression", "none")).replace(":", "-"),
+                 f"seed{cfg['seed']}", stamp]
+        return (Path("results") / ("-".join(p for p in parts if p and p != "none") + ".json")).resolve()
+    path = Path(given).expanduser().resolve()
+    if path.exists() and not str(cfg.get("resume-from", "")).strip():
+        raise ValueError(f"results-file {path} exists: pick another name (or leave results-file empty for one per run)")
+    return path
+
+
 def round_line(server_round: int, num_rounds: int, result) -> str:
     """The one line per round an operator reads; the rest is in the results file."""
     central = result.evaluate_metrics_serverapp.get(server_round, {})
+    federated = {k[len("fed-"):]: v for k, v in result.evaluate_metrics_clientapp.get(server_round, {}).items() if k.startswith("fed-")}
     train = result.train_metrics_clientapp.get(server_round, {})
     parts = [f"round {server_round}/{num_rounds}:"]
-    if "auc" in central:
-        groups = ", ".join(f"{name} {central[f'auc_g{g}']:.4f}" for g, name in enumerate(GROUP_NAMES) if f"auc_g{g}" in central)
-        parts.append(f"central AUC {central['auc']:.4f} ({groups}) ES-AUC {central['es_auc']:.4f}")
+    for label, figures in (("central", central), ("federated", {} if central else federated)):
+        if "auc" in figures:
+            groups = ", ".join(f"{name} {figures[f'auc_g{g}']:.4f}" for g, name in enumerate(GROUP_NAMES) if f"auc_g{g}" in figures)
+            parts.append(f"{label} AUC {figures['auc']:.4f} ({groups}) ES-AUC {figures['es_auc']:.4f}")
     if server_round:
         if "agg-clients-kept" in train:
             parts.append(f"| sites {int(train['agg-clients-kept'])} kept, {int(train['agg-clients-dropped'])} dropped")
@@ -180,7 +201,10 @@ def main(grid: Grid, context: Context) -> None:
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
     strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
     started = time.time()
-    path = Path(str(cfg["results-file"])).expanduser().resolve()
+    # The server's view of every site's test rows exists only in simulation; a deployment
+    # sets central-evaluation = false and reads the federated figures the sites send.
+    central = bool(cfg.get("central-evaluation", True))
+    path = results_path(cfg, name)
     stop_after = int(cfg.get("stop-after-round", 0))
 
     def write_results(server_round: int, result) -> None:
@@ -198,10 +222,12 @@ def main(grid: Grid, context: Context) -> None:
                     "clients_eval": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
                     "clients_train": dict(result.train_metrics_clientapp.get(rnd, {})),
                 }
-                for rnd in sorted(result.evaluate_metrics_serverapp)
+                for rnd in range(server_round + 1)
             ],
         }
-        log(INFO, "%s", round_line(server_round, int(cfg["num-server-rounds"]), result))
+        line = round_line(server_round, int(cfg["num-server-rounds"]), result)
+        if line.partition(":")[2].strip():  # round 0 without central evaluation has nothing to say
+            log(INFO, "%s", line)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
@@ -217,7 +243,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(cfg["num-server-rounds"]),
         timeout=float(cfg.get("round-timeout", 3600)),
         train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}),
-        evaluate_fn=make_central_evaluation(rank, test_rows, pick_device(), groups),
+        evaluate_fn=make_central_evaluation(rank, test_rows, pick_device(), groups) if central else None,
         checkpoint_dir=str(cfg.get("checkpoint-dir", "")).strip() or None,
         resume_from=str(cfg.get("resume-from", "")).strip() or None,
         on_round=write_results,

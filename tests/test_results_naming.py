@@ -1,0 +1,28 @@
+"""Results files: one per run by default, and an existing one is never overwritten silently."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations" / "adult-married"))
+from adult_married.server_app import results_path  # noqa: E402
+
+CFG = {"rank": 4, "seed": 0, "rule": "exact", "compression": "none"}
+
+
+def test_default_name_carries_the_configuration_and_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = results_path({**CFG, "results-file": ""}, "fedlowrank")
+    assert path.parent == tmp_path / "results"
+    assert path.name.startswith("adult_married-fedlowrank-exact-r4-seed0-") and path.suffix == ".json"
+    other = results_path({**CFG, "results-file": "", "compression": "uniform:sq:3"}, "fairlora-exact")
+    assert "fairlora-exact-r4-uniform-sq-3-seed0" in other.name
+
+
+def test_an_existing_results_file_is_refused_unless_the_run_resumes(tmp_path):
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    with pytest.raises(ValueError, match="exists: pick another name"):
+        results_path({**CFG, "results-file": str(existing)}, "fedlowrank")
+    assert results_path({**CFG, "results-file": str(existing), "resume-from": "ckpt"}, "fedlowrank") == existing
