@@ -26,3 +26,19 @@ def test_an_existing_results_file_is_refused_unless_the_run_resumes(tmp_path):
     with pytest.raises(ValueError, match="exists: pick another name"):
         results_path({**CFG, "results-file": str(existing)}, "fedlowrank")
     assert results_path({**CFG, "results-file": str(existing), "resume-from": "ckpt"}, "fedlowrank") == existing
+
+
+class Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(range(self.nodes))
+
+
+def test_a_federation_of_another_size_is_an_error_that_says_how_to_fix_it():
+    from adult_married.server_app import wait_for_sites
+
+    assert wait_for_sites(Grid(5), 5) == 5 and wait_for_sites(Grid(2), 0) == 2
+    with pytest.raises(ValueError, match="2 SuperNodes but the run config says num-sites = 5.*num-supernodes=5"):
+        wait_for_sites(Grid(2), 5, timeout=0.1)

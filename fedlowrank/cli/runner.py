@@ -123,11 +123,16 @@ def parse_run_config(text: str) -> dict:
     return tomllib.loads("\n".join(f"{k} = {v}" for k, v in RUN_CONFIG_PAIR.findall(text)))
 
 
+def declared_config(app: Path) -> dict:
+    """The app's ``[tool.flwr.app.config]`` (its run-config keys and defaults)."""
+    return tomllib.loads((app / "pyproject.toml").read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+
+
 def check_run_config(app: Path, overrides: str) -> None:
     """Name any run-config key the app does not declare (Flower only says "Invalid run configuration.")."""
     if not overrides.strip():
         return
-    declared = tomllib.loads((app / "pyproject.toml").read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    declared = declared_config(app)
     try:
         given = parse_run_config(overrides)
     except Exception as err:  # noqa: BLE001
@@ -157,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (app / "pyproject.toml").exists():
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
     check_run_config(app, args.run_config)
+    sites = args.deployment or args.supernodes
+    if "num-sites" in declared_config(app) and "num-sites" not in parse_run_config(args.run_config):
+        args.run_config = f"num-sites={sites} {args.run_config}".strip()  # the app checks it got them all
     env = {**os.environ, **QUIET_ENV}
     own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
+    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     if args.deployment:
         from .deploy import deploy
 

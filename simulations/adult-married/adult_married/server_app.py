@@ -127,6 +127,26 @@ def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
     }
 
 
+def wait_for_sites(grid: Grid, expected: int, timeout: float = 120.0) -> int:
+    """The number of connected SuperNodes, once it is ``expected`` (0: whatever is there).
+
+    The sites are the data split: a federation of another size would silently be another
+    experiment (plain ``flwr run`` simulates 2 SuperNodes by default), so it is an error.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = len(list(grid.get_node_ids()))
+        if not expected or found == expected:
+            return found
+        if found > expected or time.monotonic() > deadline:
+            raise ValueError(
+                f"the federation has {found} SuperNodes but the run config says num-sites = {expected}: "
+                f"run `fedlowrank run adult-married --supernodes {expected}`, or `flwr run ... --federation-config "
+                f"\"num-supernodes={expected}\"`, or set num-sites = {found}"
+            )
+        time.sleep(1.0)
+
+
 def results_path(cfg, strategy: str) -> Path:
     """Where this run's results go: ``results-file``, or a name of its own per run.
 
@@ -197,7 +217,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
     torch.manual_seed(int(cfg["seed"]))
     initial = to_record(exchange_state(global_model(rank, groups)))
-    num_partitions = len(list(grid.get_node_ids()))
+    num_partitions = wait_for_sites(grid, int(cfg.get("num-sites", 0)))
     test_rows = pooled_test_rows(num_partitions, int(cfg["seed"]))
     strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
     started = time.time()
