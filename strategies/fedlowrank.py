@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import logging
 from contextlib import contextmanager
-from logging import DEBUG, INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -331,8 +331,18 @@ class FedLowRank(FedAvg):
                 kept.append((msg, *self.read_reply(msg, accs, expected)))
             except Exception as err:  # noqa: BLE001  (no reply may crash the round)
                 log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
+        try:
+            return self.combine(server_round, accs, kept, seen, sent, plain_keys)
+        except Exception as err:  # noqa: BLE001  (a numerical failure must not end the run)
+            log(ERROR, "aggregate_train: aggregation failed (%s: %s); the global model is kept", type(err).__name__, err)
+            return None, None
+
+    def combine(
+        self, server_round: int, accs: dict[str, Accumulator], kept: list, seen: int,
+        sent: dict[str, np.ndarray], plain_keys: list[str],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Pass 2 of :meth:`aggregate_train`: the accepted replies folded in, one at a time."""
         kept, shrinks = self.robust_filter(kept, accs, plain_keys)
-        # Pass 2: fold the accepted replies in, one at a time.
         sums: dict[str, np.ndarray] = {}
         total = 0.0
         for (msg, arrays, weight, extra), shrink in zip(kept, shrinks):

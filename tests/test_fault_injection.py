@@ -322,3 +322,16 @@ def test_flowers_server_side_dp_clipping_wraps_fedlowrank():
     assert arrays is not None and metrics["agg-clients-dropped"] == 0
     moved = np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - glob[k]) ** 2) for k in ("head.weight", "fc.lora_S")))
     assert moved <= 0.05 * (1 + 1e-4)  # every client's update was clipped to norm 0.05 first
+
+
+def test_a_numerical_failure_in_aggregation_keeps_the_global_instead_of_ending_the_run(monkeypatch, caplog):
+    from fedlowrank.aggregation.rules.exact import ExactAccumulator
+
+    def broken(self, rank):
+        raise np.linalg.LinAlgError("eigh did not converge")
+
+    monkeypatch.setattr(ExactAccumulator, "result", broken)
+    with caplog.at_level(logging.ERROR):
+        arrays, metrics = aggregate("fedlowrank", lambda config: [good_reply("fedlowrank", 1, config)])
+    assert arrays is None and metrics is None  # Strategy.start / checkpoint.run keep the previous global
+    assert "aggregation failed (LinAlgError: eigh did not converge)" in caplog.text
