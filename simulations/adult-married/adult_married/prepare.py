@@ -20,15 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ASSETS, CATEGORICAL, NUMERIC, encode_features
+from .data import ASSETS, CATEGORICAL, NUMERIC, RAW_COLUMNS, encode_features
 from .model import IncomeMLP
 
 RAW = Path(__file__).resolve().parents[1] / "data"
-COLUMNS = [
-    "age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
-    "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week",
-    "native_country", "income",
-]
+COLUMNS = RAW_COLUMNS
 MARRIED = "Married-civ-spouse"
 
 
