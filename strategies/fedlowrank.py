@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 import logging
+import re
 from contextlib import contextmanager
 from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any
@@ -34,6 +35,8 @@ from .replies import (
 from .state import LowRankState
 
 RESIDUAL_MODES = ("drop", "carry", "fold")
+PEFT_FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$|\.lora_embedding_[AB]")
+"""PEFT's LoRA parameter names (``...q_proj.lora_A.default.weight``)."""
 
 
 @contextmanager
@@ -251,6 +254,14 @@ class FedLowRank(FedAvg):
 
     def check_rule_fits(self) -> None:
         """Refuse, before any client trains, a global adapter the rule cannot aggregate."""
+        peft = sorted(k for k in self.state.global_arrays if PEFT_FACTOR.search(k))
+        if peft:
+            raise ValueError(
+                f"PEFT LoRA factors ({peft[0]}, ...) reached FedLowRank: averaging lora_A and lora_B "
+                "separately is not the average of B A, and FedLowRank does not do that silently. Exchange "
+                "fedlowrank adapters instead (inject_adapters + exchange_state); reading PEFT models "
+                "directly is not supported yet"
+            )
         for module in factor_modules(self.state.global_arrays):
             rows = np.shape(self.state.global_arrays[f"{module}.lora_S"])[0]
             if rows > 1 and not self.rule.grouped:

@@ -40,7 +40,8 @@ def test_loopback_deployment_runs_saves_and_stops_every_process(tmp_path, secure
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert all(r["clients_train"]["agg-clients-kept"] == 3 for r in rounds[1:])
     if secure:
-        assert "TLS + SuperNode auth" in out and "Sampled 3 nodes (out of 3)" in out
+        # Four SuperNodes started, three registered: three sites train (num-sites = 3 holds).
+        assert "TLS + SuperNode auth" in out and "sites 3 kept, 0 dropped" in out
         # The fourth SuperNode's key was never registered: the SuperLink does not let it in.
         refused = (home / "deployment" / "supernode-3.log").read_text()
         assert "Failed to activate SuperNode" in refused, refused[-2000:]

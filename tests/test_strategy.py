@@ -149,3 +149,17 @@ def test_grouped_factors_are_refused_with_a_pointer_to_fairlora():
     strategy._global_arrays = array_record(arrays)
     with pytest.raises(ValueError, match="use FairLoRA"):
         strategy.check_rule_fits()  # configure_train runs it before any client trains
+
+
+def test_peft_lora_factors_are_refused_not_averaged_factor_by_factor():
+    """A PEFT model's lora_A/lora_B reaching FedLowRank: a clear error before any client trains."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items() if "lora_" in k}
+    strategy = FedLowRank()
+    strategy._global_arrays = array_record(arrays)
+    with pytest.raises(ValueError, match="PEFT LoRA factors .* not the average of B A"):
+        strategy.check_rule_fits()
