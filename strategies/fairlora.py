@@ -42,7 +42,7 @@ from fedlowrank.aggregation.rules import Accumulator, RuleResult
 from fedlowrank.wire import GROUP_SHARE_KEY
 
 from .fedlowrank import FedLowRank, factor_modules
-from .replies import finite_number, reply_metrics, reply_weight
+from .replies import finite_number, reply_metrics
 
 COUNT_PREFIX = "group-count-g"
 SHARE_KEY = GROUP_SHARE_KEY
@@ -209,14 +209,13 @@ class FairLoRA(FedLowRank):
             raise ValueError(f"global adapter layers disagree on the number of groups: {sorted(rows)}")
         return rows.pop()
 
-    def reply_extra(self, msg: Message) -> np.ndarray:
+    def reply_extra(self, msg: Message, weight: float) -> np.ndarray:
         """The reply's per-group sample counts (its weights in each group's sum).
 
         Each count is capped like the weight, and together they cannot exceed the reply's
         weight (samples of unknown group are in the weight but in no count).
         """
         counts = reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
-        weight = reply_weight(msg.content, self.weighted_by_key, self.max_weight)
         if np.any(counts > self.max_weight):
             raise ValueError(f"group counts {counts.tolist()} exceed the cap {self.max_weight:g}")
         if counts.sum() > weight + 0.5:

@@ -311,9 +311,9 @@ class FedLowRank(FedAvg):
                 self.rule.check(layer_factors(arrays, module), acc.reference)
             except ValueError as err:
                 raise ValueError(f"'{module}': {err}") from None
-        return arrays, weight, self.reply_extra(msg)
+        return arrays, weight, self.reply_extra(msg, weight)
 
-    def reply_extra(self, msg: Message) -> Any:
+    def reply_extra(self, msg: Message, weight: float) -> Any:
         """Per-reply data a subclass needs (FairLoRA: per-group counts); None here."""
         return None
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .ranks import Factors
-from .svd import orthonormal_range, small_lapack
+from .svd import complete_basis, orthonormal_range, small_lapack
 
 
 class WeightedSum:
@@ -270,8 +270,6 @@ def _pad(f: Factors, rank: int) -> Factors:
     missing = rank - f.u.shape[1]
     if missing <= 0:
         return f.columns(slice(0, rank))
-    from .svd import complete_basis
-
     u = complete_basis(f.u, rank)
     v = complete_basis(f.v, rank)
     s = torch.cat([f.s, f.s.new_zeros(f.s.shape[0], missing)], dim=1)
