@@ -102,7 +102,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="rank 9 must be between 1 and min"):
         SVDLinear(nn.Linear(8, 5), rank=9)
     model = tiny_model()
-    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+    with pytest.raises(ValueError, match="no adaptable module matches"):
         inject_adapters(model, r"encoder\..*", rank=2)
     inject_adapters(model, r"0", rank=2, groups=2)
     with pytest.raises(ValueError, match="group ids must be in 0..1"):

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .layer import UNKNOWN_GROUP, SVDLinear
+from .base import UNKNOWN_GROUP, SVDAdapter
 
 
 def group_weights_from_ids(
@@ -69,10 +69,10 @@ def group_context(
 ) -> Iterator[None]:
     """Run forwards (and backwards) of ``model`` with per-sample group routing.
 
-    Every :class:`SVDLinear` inside ``model`` uses the rows of ``S`` selected by
+    Every adapter layer (:class:`SVDAdapter`) inside ``model`` uses the rows of ``S`` selected by
     ``group_ids`` (see :func:`group_weights_from_ids`) until the context exits.
     """
-    layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
+    layers = [m for m in model.modules() if isinstance(m, SVDAdapter)]
     try:
         for layer in layers:
             weights = group_weights_from_ids(

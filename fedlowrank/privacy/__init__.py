@@ -1,6 +1,6 @@
-"""Adapter-only DP-SGD with Opacus: per-sample gradients of SVDLinear, setup, accounting.
+"""Adapter-only DP-SGD with Opacus: per-sample gradients of the adapters, setup, accounting.
 
-Importing this package registers the ``SVDLinear`` grad sampler with Opacus. Opacus
+Importing this package registers the adapters' grad samplers with Opacus. Opacus
 is needed here only; the rest of fedlowrank does not import it.
 """
 
@@ -20,7 +20,7 @@ from .dp import (
     validate_model,
     wrap_model,
 )
-from .grad_sampler import compute_svd_linear_grad_sample, forward_group_weights, track_group_weights
+from .grad_sampler import compute_svd_conv_grad_sample, compute_svd_linear_grad_sample, forward_group_weights, track_group_weights
 
 __all__ = [
     "ACCOUNTANTS",
@@ -29,6 +29,7 @@ __all__ = [
     "PrivateTraining",
     "calibrate_noise",
     "check_budget",
+    "compute_svd_conv_grad_sample",
     "compute_svd_linear_grad_sample",
     "epsilon_spent",
     "export_accountant_state",

@@ -34,7 +34,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedlowrank.adapters import SVDLinear
+from fedlowrank.adapters import SVDAdapter
 
 from .grad_sampler import _PENDING, track_group_weights
 
@@ -51,11 +51,11 @@ _MAX_SIGMA = 1e6
 
 
 def _public_buffer(module: nn.Module, name: str) -> bool:
-    # SVDLinear.group_share is a fixed mixing weight for rows of unknown group, and
+    # An adapter's group_share is a fixed mixing weight for rows of unknown group, and
     # fold_U/fold_V the server's base correction, all set from outside and never updated
     # by forward. Opacus forbids buffers on trainable layers because BatchNorm-style
     # running statistics would leak data unnoised; a constant does not.
-    return isinstance(module, SVDLinear) and name in ("group_share", "fold_U", "fold_V")
+    return isinstance(module, SVDAdapter) and name in ("group_share", "fold_U", "fold_V")
 
 
 def validate_model(model: nn.Module) -> None:
@@ -63,7 +63,7 @@ def validate_model(model: nn.Module) -> None:
 
     Runs Opacus' :class:`~opacus.validators.ModuleValidator` (BatchNorm and other
     layers that mix samples are refused) and Opacus' rule that trainable layers hold
-    no buffers, with one exception: ``SVDLinear.group_share``, a constant.
+    no buffers, with one exception: the adapters' constant buffers (``group_share``, folds).
 
     Raises
     ------
@@ -98,7 +98,7 @@ def wrap_model(
     """Wrap ``model`` in Opacus' hooks-mode ``GradSampleModule``.
 
     After each backward every trainable parameter holds ``grad_sample``, its
-    per-sample gradient (batch, *shape). ``SVDLinear`` layers use
+    per-sample gradient (batch, *shape). Adapter layers use
     :func:`~fedlowrank.privacy.grad_sampler.compute_svd_linear_grad_sample`, with the
     group weights of each forward recorded (:func:`track_group_weights`), so
     ``loss.backward()`` may run after the ``group_context`` has exited.
