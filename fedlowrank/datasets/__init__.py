@@ -1,0 +1,18 @@
+"""Loaders for the medical image formats users bring: MedMNIST ``.npz`` and FairFedMed.
+
+Core package: numpy and the standard library only, never imports flwr or pandas.
+Every loader returns an :class:`ImageSet` (channels-first float32 images in [0, 1],
+int64 labels and group ids, ``-1`` = unknown group).
+"""
+
+from .fairfedmed import FairFedMedSet, fairfedmed_sites, load_fairfedmed
+from .images import ImageSet
+from .medmnist import load_medmnist
+
+__all__ = [
+    "FairFedMedSet",
+    "ImageSet",
+    "fairfedmed_sites",
+    "load_fairfedmed",
+    "load_medmnist",
+]
