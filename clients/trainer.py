@@ -7,16 +7,52 @@ its row of singular values when the adapters are grouped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fedlowrank.adapters import adapter_layers, group_context
 from fedlowrank.kernels import kernel_backend
+
+
+PROGRESS_ENV = "FEDLOWRANK_PROGRESS"
+
+
+def show_progress(stream=None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether local training draws a progress bar.
+
+    A bar helps a person watching a terminal and only clutters logs, so it is on when
+    ``stream`` is a terminal, unless ``FEDLOWRANK_PROGRESS=0``; ``FEDLOWRANK_PROGRESS=1``
+    forces it on (e.g. where the terminal is behind a pipe).
+
+    Parameters
+    ----------
+    stream : file-like, optional
+        Where the bar would go (default: ``sys.stderr``, tqdm's stream).
+    environ : mapping, optional
+        The environment (default: ``os.environ``).
+
+    Returns
+    -------
+    bool
+        True to show the bar.
+    """
+    environ = os.environ if environ is None else environ
+    setting = environ.get(PROGRESS_ENV, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream: not a terminal
+        return False
 
 
 def pick_device() -> torch.device:
@@ -110,7 +146,8 @@ def train_local(
     The optimiser starts fresh each round, as usual in federated learning: its state
     belongs to the previous global model. A caller that needs its own optimiser (DP-SGD
     wraps it) passes it in, with ``on_empty_batch`` for the empty batches that Poisson
-    sampling draws (they still count as a noisy step).
+    sampling draws (they still count as a noisy step). A progress bar goes to stderr
+    where :func:`show_progress` says a person watches it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -120,22 +157,30 @@ def train_local(
     model.train()
     total, count, steps = 0.0, 0, 0
     seen: dict[int, int] = {}
-    for _ in range(epochs):
-        for x, y, groups in batches:
-            if len(y) == 0 and on_empty_batch is not None:
-                on_empty_batch()
-                continue
-            x, y, groups = x.to(device), y.to(device), groups.to(device)
-            with routed(model, groups), precision(device):
-                loss = task_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            count += len(y)
-            steps += 1
-            for g, n in zip(*torch.unique(groups[groups >= 0], return_counts=True)):
-                seen[int(g)] = seen.get(int(g), 0) + int(n)
+    try:
+        length = epochs * len(batches)
+    except TypeError:  # a plain iterable: a bar without a total
+        length = None
+    # leave=False: one bar per round would otherwise pile up in the terminal.
+    with tqdm(total=length, desc="local training", unit="batch", leave=False, disable=not show_progress()) as bar:
+        for _ in range(epochs):
+            for x, y, groups in batches:
+                bar.update(1)
+                if len(y) == 0 and on_empty_batch is not None:
+                    on_empty_batch()
+                    continue
+                x, y, groups = x.to(device), y.to(device), groups.to(device)
+                with routed(model, groups), precision(device):
+                    loss = task_loss(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(y)
+                count += len(y)
+                steps += 1
+                bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+                for g, n in zip(*torch.unique(groups[groups >= 0], return_counts=True)):
+                    seen[int(g)] = seen.get(int(g), 0) + int(n)
     if count == 0:
         raise ValueError("no training data on this client")
     per_epoch = {g: n // max(epochs, 1) for g, n in sorted(seen.items())}

@@ -1,6 +1,6 @@
 """``python simulations/plot_results.py RESULTS ...`` is ``fedlowrank report RESULTS ...``."""
 
-from fedlowrank.cli.plot import main
+from fedlowrank.cli.report import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

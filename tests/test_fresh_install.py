@@ -17,7 +17,7 @@ def readme_first_command() -> str:
 
 
 @pytest.mark.slow
-def test_readme_first_command_and_the_plot_work_on_a_fresh_venv(tmp_path):
+def test_readme_first_command_and_the_report_work_on_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     command = readme_first_command()
@@ -31,9 +31,10 @@ def test_readme_first_command_and_the_plot_work_on_a_fresh_venv(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 2/2: central AUC" in done.stdout
     written = re.search(r"results written to (\S+\.json)", done.stdout).group(1)
-    plot = subprocess.run(["bash", "-c", f"fedlowrank report {written} --out {tmp_path / 'plot.png'}"], cwd=ROOT, env=env,
+    plot = subprocess.run(["bash", "-c", f"fedlowrank report {written} --out {tmp_path / 'report'}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert plot.returncode == 0, plot.stdout + plot.stderr
-    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    assert plot.stdout.strip() == str(tmp_path / "report" / "report.md")
+    assert (tmp_path / "report" / "auc_acc.png").stat().st_size > 10_000
     Path(written).unlink()
     Path(written).with_suffix(".adapter.safetensors").unlink()

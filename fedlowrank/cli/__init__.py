@@ -1,7 +1,7 @@
-"""fedlowrank: run an app (simulation or loopback deployment), plot results, make certificates.
+"""fedlowrank: run an app (simulation or loopback deployment), report on results, make certificates.
 
     fedlowrank run adult-married [--supernodes 5 | --deployment 3 [--secure]] [--run-config "..."]
-    fedlowrank report results/adult_married.json --out results/adult_married.png
+    fedlowrank report results/adult_married-*.json [--out DIR] [--format md|html]
     fedlowrank certs docker --sites 3
 
 Tooling around Flower's own CLI (``flwr run``, ``flower-superlink``, ``flower-supernode``): it
@@ -14,7 +14,7 @@ import sys
 
 COMMANDS = {
     "run": ("fedlowrank.cli.runner", "run an app with flwr run on a SuperLink this command owns (simulation or --deployment)"),
-    "report": ("fedlowrank.cli.plot", "plot one or more results files (needs the [plot] extra)"),
+    "report": ("fedlowrank.cli.report", "a Markdown/HTML report with plots of results files (needs the [plot] extra)"),
     "certs": ("fedlowrank.cli.deploy", "make TLS certificates and SuperNode keys for docker/"),
 }
 

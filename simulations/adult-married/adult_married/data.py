@@ -51,6 +51,34 @@ GROUP_ATTRIBUTES = {
     "sex": ("sex", "Female"),
     "race": ("race", "White"),
 }
+
+
+def group_names(attribute: str = "sex") -> tuple[str, str]:
+    """Readable names of groups 0 and 1 for a group attribute, e.g. ``("male", "female")``.
+
+    Parameters
+    ----------
+    attribute : str (default: "sex")
+        A key of :data:`GROUP_ATTRIBUTES`.
+
+    Returns
+    -------
+    tuple of str
+        Group 0's name, then group 1's (the attribute's marked category).
+
+    Raises
+    ------
+    ValueError
+        If the attribute is unknown, naming the choices.
+    """
+    if attribute not in GROUP_ATTRIBUTES:
+        raise ValueError(f"group attribute {attribute!r} is not one of {sorted(GROUP_ATTRIBUTES)}")
+    if attribute == "sex":
+        return GROUP_NAMES  # two categories: "everyone else" is exactly the men
+    marked = GROUP_ATTRIBUTES[attribute][1]
+    return (f"non-{marked}", marked)
+
+
 RAW_COLUMNS = [
     "age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
     "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week",

@@ -20,8 +20,12 @@ from fedlowrank.fairness import group_fairness_report
 from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo
 from fedlowrank.strategies.checkpoint import run
 
-from .data import GROUP_NAMES, loader, pooled_test_rows
+from .data import group_names, loader, pooled_test_rows
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
+
+# The server's central evaluation groups the pooled test rows by sex; a site's own choice
+# (node config group-attribute) is not visible to the server.
+GROUP_ATTRIBUTE = "sex"
 
 
 def fairness_metrics() -> FederatedFairnessMetrics:
@@ -174,7 +178,7 @@ def round_line(server_round: int, num_rounds: int, result) -> str:
     parts = [f"round {server_round}/{num_rounds}:"]
     for label, figures in (("central", central), ("federated", {} if central else federated)):
         if "auc" in figures:
-            groups = ", ".join(f"{name} {figures[f'auc_g{g}']:.4f}" for g, name in enumerate(GROUP_NAMES) if f"auc_g{g}" in figures)
+            groups = ", ".join(f"{name} {figures[f'auc_g{g}']:.4f}" for g, name in enumerate(group_names(GROUP_ATTRIBUTE)) if f"auc_g{g}" in figures)
             parts.append(f"{label} AUC {figures['auc']:.4f} ({groups}) ES-AUC {figures['es_auc']:.4f}")
     if server_round:
         if "agg-clients-kept" in train:
@@ -191,7 +195,7 @@ def round_line(server_round: int, num_rounds: int, result) -> str:
 def make_central_evaluation(rank: int, test_rows, device, groups: int = 1):
     """Server-side evaluation on the pooled test rows (a simulation-only view)."""
     model = global_model(rank, groups).to(device)
-    batches = loader(test_rows, 2048, shuffle=False)
+    batches = loader(test_rows, 2048, shuffle=False, group_attribute=GROUP_ATTRIBUTE)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_exchange_state(model, from_record(arrays))
@@ -233,6 +237,8 @@ def main(grid: Grid, context: Context) -> None:
             "strategy": name,
             "run_config": {k: v for k, v in cfg.items()},
             "num_sites": num_partitions,
+            # Names of groups 0 and 1 (the metrics' _g0/_g1 suffixes), for reports.
+            "group_names": list(group_names(GROUP_ATTRIBUTE)),
             "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
             "seconds": time.time() - started,
             "rounds": [
