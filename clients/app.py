@@ -14,6 +14,7 @@ from flwr.common import log
 from torch import nn
 
 from fedlowrank.adapters import FACTOR_SUFFIXES, adapter_layers, exchange_state, inject_adapters, load_exchange_state
+from fedlowrank.adapters.peft import freeze_factor, is_peft_model, lora_layers
 from fedlowrank.fairness import group_fairness_report, local_statistics
 from fedlowrank.wire import FROZEN_KEY, GROUP_SHARE_KEY, TRUNCATION_KEY
 
@@ -73,8 +74,21 @@ def client_rank(context: Context, default: int) -> int:
 
 
 def build_model(model_fn: Callable[[Context], nn.Module], adapter: AdapterConfig, context: Context) -> nn.Module:
-    """The frozen base from ``model_fn`` with adapters injected at this node's rank."""
+    """The frozen base from ``model_fn`` with adapters injected at this node's rank.
+
+    A PEFT LoRA model from ``model_fn`` is used as it is (its LoRA layers are the
+    adapters, read and written exactly by :mod:`fedlowrank.adapters.peft`); a node rank
+    or a group count it cannot honour is an error, not ignored.
+    """
     model = model_fn(context)
+    if is_peft_model(model):
+        if adapter.groups != 1:
+            raise ValueError(f"a PEFT LoRA model holds one group; AdapterConfig(groups={adapter.groups}) needs fedlowrank adapters")
+        ranks = {layer.r[next(iter(layer.r))] for layer in lora_layers(model).values()}
+        wanted = client_rank(context, adapter.rank)
+        if "rank" in context.node_config and ranks != {wanted}:
+            raise ValueError(f"node config rank = {wanted}, but the PEFT model's LoRA ranks are {sorted(ranks)}: set r in its LoraConfig")
+        return model
     inject_adapters(
         model,
         adapter.target_modules,
@@ -129,6 +143,8 @@ def freeze_factors(model: nn.Module, names) -> None:
     for name in names:
         if name not in FACTOR_SUFFIXES:
             raise ValueError(f"server asked to freeze {name!r}; factors are {FACTOR_SUFFIXES}")
+        if is_peft_model(model):
+            freeze_factor(model, name)
         for layer in adapter_layers(model).values():
             getattr(layer, name).requires_grad_(False)
 

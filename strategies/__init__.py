@@ -3,6 +3,7 @@
 from .fairlora import FairLoRA
 from .federated_fairness import FederatedFairnessMetrics
 from .fedlowrank import FedLowRank
+from .initial import initial_arrays
 from .lgreco import LGreCo
 
-__all__ = ["FairLoRA", "FederatedFairnessMetrics", "FedLowRank", "LGreCo"]
+__all__ = ["FairLoRA", "FederatedFairnessMetrics", "FedLowRank", "LGreCo", "initial_arrays"]

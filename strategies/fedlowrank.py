@@ -258,9 +258,9 @@ class FedLowRank(FedAvg):
         if peft:
             raise ValueError(
                 f"PEFT LoRA factors ({peft[0]}, ...) reached FedLowRank: averaging lora_A and lora_B "
-                "separately is not the average of B A, and FedLowRank does not do that silently. Exchange "
-                "fedlowrank adapters instead (inject_adapters + exchange_state); reading PEFT models "
-                "directly is not supported yet"
+                "separately is not the average of B A, and FedLowRank does not do that silently. Send "
+                "fedlowrank.adapters.exchange_state(peft_model) instead: it reads each layer's (B, A, "
+                "scaling) as exact factors, and load_exchange_state writes the aggregate back into PEFT"
             )
         for module in factor_modules(self.state.global_arrays):
             rows = np.shape(self.state.global_arrays[f"{module}.lora_S"])[0]

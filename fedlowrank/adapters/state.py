@@ -6,6 +6,9 @@ Wire convention (both directions): for each adapted module ``m`` the tensors
 between ``U`` and ``V`` so that ``S`` keeps the magnitude the optimiser saw. Each
 client may use its own rank and scale; loading fits the factors to the local rank.
 All other trainable parameters (heads, norms) travel under their own names.
+
+A PEFT LoRA model exchanges the same way: these functions hand it to
+:mod:`fedlowrank.adapters.peft`, which reads and writes its ``(B, A, scaling)``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import peft as peft_interop
 from .inject import adapter_layers
 
 FACTOR_SUFFIXES = ("lora_U", "lora_S", "lora_V")
@@ -38,6 +42,8 @@ def split_factor_key(key: str) -> tuple[str, str] | None:
 
 def exchange_keys(model: nn.Module) -> list[str]:
     """Names of the tensors :func:`exchange_state` returns, without copying any."""
+    if peft_interop.is_peft_model(model):
+        return peft_interop.exchange_keys(model)
     layers = adapter_layers(model)
     factors = [f"{name}.{leaf}" for name in layers for leaf in FACTOR_SUFFIXES]
     taken = set(factors)
@@ -46,6 +52,8 @@ def exchange_keys(model: nn.Module) -> list[str]:
 
 def exchange_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything a client sends: factors with scale folded in, plus trainable tensors."""
+    if peft_interop.is_peft_model(model):
+        return peft_interop.exchange_state(model)
     state: dict[str, torch.Tensor] = {}
     factor_params = set()
     for name, layer in adapter_layers(model).items():
@@ -138,6 +146,9 @@ def load_exchange_state(model: nn.Module, state: dict[str, torch.Tensor], trunca
     ValueError
         If a tensor's shape does not fit the model.
     """
+    if peft_interop.is_peft_model(model):
+        peft_interop.load_exchange_state(model, state, truncation=truncation)
+        return
     layers = adapter_layers(model)
     expected = exchange_keys(model)
     missing = set(expected) - set(state)
