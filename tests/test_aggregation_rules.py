@@ -51,7 +51,7 @@ def rel(a, b):
 
 
 def test_registry_lists_every_documented_rule_and_refuses_clashes():
-    assert registered_rules() == ["exact", "fairfedmed", "fairlora-exact", "fedit", "ffa", "flexlora-dense", "flora"]
+    assert registered_rules() == ["exact", "fairfedmed", "fairlora-exact", "fedit", "ffa", "flexlora-dense", "flora", "zero-pad"]
     with pytest.raises(ValueError, match="already registered"):
         register_rule("exact")(type("Other", (AggregationRule,), {"accumulator": lambda *a, **k: None}))
     with pytest.raises(ValueError, match="rule 'exact'"):
@@ -81,6 +81,31 @@ def test_exact_rules_equal_the_dense_svd_of_the_completed_sum(rule_name, dense_a
         assert rel(dense(res.factors) + residual, target) < 1e-10
         # Orientation: the transpose of the answer is not the answer.
         assert res.factors.u.shape[0] != res.factors.v.shape[0]
+
+
+def test_zero_pad_averages_zero_padded_factors_of_mixed_ranks():
+    gen = torch.Generator().manual_seed(5)
+    reference = rand_factors(gen, 4)
+    clients = [rand_factors(gen, r) for r in (2, 4, 3)]
+    weights = [1.0, 2.0, 3.0]
+    p = torch.tensor(weights, dtype=F64) / 6
+
+    def padded(c, leaf, fill):
+        t = getattr(c, leaf)
+        return torch.cat([t, torch.full((t.shape[0], 4 - c.rank), fill, dtype=F64)], 1)
+
+    res = run(get_rule("zero-pad"), reference, clients, weights, 4)
+    for leaf, fill in (("u", 0.0), ("s", 1.0), ("v", 0.0)):
+        want = sum(w * padded(c, leaf, fill) for w, c in zip(p, clients))
+        assert torch.allclose(getattr(res.factors, leaf), want, atol=1e-12), leaf
+    # Not the mean of the products: the error against the exact sum is reported, each client
+    # completed by the global columns it did not hold (HetLoRA's clients take the first r_k).
+    def columns_tail(r):
+        return (reference.u[:, r:] * reference.s[0, r:]) @ reference.v[:, r:].T
+
+    target = sum(w * (dense(c) + columns_tail(c.rank)) for w, c in zip(p, clients))
+    assert rel(dense(res.factors), target) > 0.05
+    assert torch.allclose(res.error_norms[0], (target - dense(res.factors)).norm(), rtol=1e-8)
 
 
 def test_fedit_is_the_mean_of_each_factor_and_reports_its_error_against_the_products():

@@ -1,4 +1,4 @@
-"""Rules that average factors entry by entry: ``fedit``, ``fairfedmed`` and ``ffa``.
+"""Rules that average factors entry by entry: ``fedit``, ``fairfedmed``, ``ffa`` and ``zero-pad``.
 
 They keep running weighted sums of the factors themselves (one client in memory at a
 time); their error against the exact weighted sum of products is measured on the same
@@ -155,3 +155,36 @@ class FFAAccumulator(Accumulator):
         factors = Factors(b, torch.ones(1, b.shape[1], dtype=b.dtype), self.reference.v)
         error, target = self.sum.distance(factors)
         return RuleResult(factors, False, error, target)
+
+
+@register_rule("zero-pad")
+class ZeroPadRule(AggregationRule):
+    """HetLoRA-style mixed ranks: zero-pad each client's factors to the global rank, then average.
+
+    A client of rank ``r_k`` holds the first ``r_k`` columns of the global adapter and its
+    factors are padded with zero columns (``S`` with ones, which the zero columns ignore)
+    before ``U``, ``S`` and ``V`` are averaged entry by entry. The baseline the exact rule
+    is compared with on heterogeneous ranks; at equal ranks it is FedIT.
+    """
+
+    source = "HetLoRA (Cho et al., 2024) / HeteroLoRA: zero-padded factors averaged entry by entry"
+    truncation = "columns"
+
+    def accumulator(self, reference, shares=None, **kwargs):
+        return ZeroPadAccumulator(self, reference, shares, **kwargs)
+
+
+class ZeroPadAccumulator(_FactorMeans):
+    def collect(self, client, weight, product_weights):
+        missing = self.reference.rank - client.rank
+        if missing:
+            u, s, v = client
+            client = Factors(
+                torch.cat([u, u.new_zeros(u.shape[0], missing)], 1),
+                torch.cat([s, s.new_ones(s.shape[0], missing)], 1),
+                torch.cat([v, v.new_zeros(v.shape[0], missing)], 1),
+            )
+        super().collect(client, weight, product_weights)
+
+    def result(self, rank: int) -> RuleResult:
+        return self.measured(self.means())
