@@ -456,6 +456,23 @@ def print_table(name: str, combined: dict, seeds: int) -> None:
         print(f"| {method} | " + " | ".join(cols) + " |")
 
 
+def record_tables(path: Path) -> None:
+    """Record what every L-GreCo allocation decided from: the recorded-table tests replay it."""
+    import fedlowrank.strategies.lgreco as lgreco_module
+
+    inner = lgreco_module.allocate_or_uniform
+    records: list[dict] = []
+
+    def recording(errors, sizes, budget, table_cost=0.0, num_bins=1000):
+        records.append({"errors": np.asarray(errors).tolist(), "sizes": np.asarray(sizes).tolist(),
+                        "budget": float(budget), "table_cost": float(table_cost), "candidates": list(CANDIDATES)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records))
+        return inner(errors, sizes, budget, table_cost=table_cost, num_bins=num_bins)
+
+    lgreco_module.allocate_or_uniform = recording
+
+
 def main() -> None:
     global CANDIDATES, FINAL_WINDOW  # noqa: PLW0603 (CLI choices read by wrap() and summarise())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -472,7 +489,11 @@ def main() -> None:
         "--max-interval-factor", type=int, default=4, help="interval cap (x reallocate-every) while unchanged; 1 = fixed"
     )
     parser.add_argument("--out", default="results/communication.json")
+    parser.add_argument("--record-tables", default=None,
+                        help="also write every allocation's pooled tables, budget and table cost here (JSON)")
     args = parser.parse_args()
+    if args.record_tables:
+        record_tables(ROOT / args.record_tables)
     CANDIDATES = GRIDS[args.grid]
     if args.final_window < 1:
         parser.error("--final-window must be >= 1")

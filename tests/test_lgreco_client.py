@@ -261,7 +261,8 @@ def test_lgreco_around_fedlowrank_trains_over_rounds_with_a_silent_client():
     nodes = {n: context(node=n, partition=n - 1) for n in (1, 2, 3)}
     # Fixed schedule (no back-off): this test is about the silent client.
     strategy = LGreCo(
-        FedLowRank(rank=2), candidates=CANDS, default="powersgd:1", reallocate_every=2, max_interval_factor=1
+        FedLowRank(rank=2), candidates=CANDS, default="powersgd:1", reallocate_every=2, max_interval_factor=1,
+        fallback_to_uniform=False,
     )
     arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays().items()})
     start_acc, start_loss = accuracy({k: a.numpy() for k, a in arrays.items()})
@@ -303,7 +304,8 @@ def test_lgreco_composes_with_fairlora(mode):
 
     app = build_client_app(model_fn, grouped_data_fn, GROUPED, lr=0.02)
     nodes = {n: context(node=n, partition=n - 1) for n in (1, 2, 3)}
-    strategy = LGreCo(FairLoRA(mode=mode, rank=2), default="sq:3", reallocate_every=2, max_interval_factor=1)
+    strategy = LGreCo(FairLoRA(mode=mode, rank=2), default="sq:3", reallocate_every=2, max_interval_factor=1,
+                      fallback_to_uniform=False)
     init = {k: a.numpy() for k, a in to_record(exchange_state(build_model(model_fn, GROUPED, context()))).items()}
     arrays = ArrayRecord({k: Array(v) for k, v in init.items()})
 

@@ -312,10 +312,10 @@ def _fixed_allocator(monkeypatch, picks):
     """Make the allocator return ``picks[i]`` (one candidate for every tensor) on its i-th call."""
     calls = iter(picks)
 
-    def allocate(errors, sizes, budget, num_bins):
-        return np.full(errors.shape[0], CANDS.index(next(calls)))
+    def allocate(errors, sizes, budget, table_cost, num_bins):
+        return np.full(errors.shape[0], CANDS.index(next(calls))), None
 
-    monkeypatch.setattr("fedlowrank.strategies.lgreco.lgreco_allocate", allocate)
+    monkeypatch.setattr("fedlowrank.strategies.lgreco.allocate_or_uniform", allocate)
 
 
 def _drive(strat, glob, rounds, silent=()):
@@ -403,3 +403,28 @@ def test_budget_stays_anchored_to_the_warmup_default(anchor):
 def test_budget_anchor_is_validated():
     with pytest.raises(ValueError, match="budget_anchor"):
         _strategy(budget_anchor="later")
+
+
+def test_a_uniform_fallback_stops_the_tables_and_survives_a_checkpoint(task_identity):
+    """When the best allocation costs no less than a uniform candidate within budget, the
+    tables are pure overhead: the uniform candidate is taken, for good."""
+    glob = _global()
+    strat = _strategy(reallocate_every=1, max_interval_factor=1)
+    energy = np.array([4.0, 3.0, 2.0, 1.0])
+    # Columns: none, powersgd:1, powersgd:4 (default), topk:0.1, qsgd:8. Only "none" and
+    # qsgd:8 are within the default's error, and qsgd:8 is the smaller one for every tensor.
+    rel = np.tile([0.0, 0.9, 0.1, 0.9, 0.01], (4, 1))
+    reply = _with_tables(_encoded(glob, _locals(glob, 1)[0], strat.settings), rel, energy)
+    strat.aggregate_train(1, [_reply(1, reply, 10)])
+    assert strat.uniform_fallback == "qsgd:8" and set(strat.settings.values()) == {"qsgd:8"}
+    assert strat.allocation_details[1]["table_bytes_per_client"] > 0
+    arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    cfg = list(strat.configure_train(2, arrays, ConfigRecord({}), FakeGrid()))[0].content["config"]
+    assert settings_from_config(cfg)[1] is None  # no more tables asked for
+    restored = LGreCo(FedAvg(), candidates=CANDS, default="powersgd:4", reallocate_every=1, max_interval_factor=1)
+    restored.load_state_dict(strat.state_dict())
+    assert restored.uniform_fallback == "qsgd:8" and not restored.tables_wanted(7)
+    # The paper's L-GreCo (no fallback) keeps asking.
+    plain = _strategy(reallocate_every=1, max_interval_factor=1, fallback_to_uniform=False)
+    plain.aggregate_train(1, [_reply(1, reply, 10)])
+    assert plain.uniform_fallback is None and plain.tables_wanted(2)

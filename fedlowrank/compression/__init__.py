@@ -4,7 +4,7 @@ Torch/numpy only (no Flower). Importing this package registers the built-in
 codecs: ``"none"``, ``"powersgd"``, ``"topk"``, ``"qsgd"``, ``"sq"``.
 """
 
-from .allocate import DEFAULT_NUM_BINS, feedback_errors, lgreco_allocate, lgreco_budget
+from .allocate import DEFAULT_NUM_BINS, allocate_or_uniform, feedback_errors, lgreco_allocate, lgreco_budget
 from .codec import (
     Codec,
     RawCodec,
@@ -41,6 +41,7 @@ from .update import (
 __all__ = [
     "CANDIDATES_KEY",
     "DEFAULT_NUM_BINS",
+    "allocate_or_uniform",
     "ERRORS_KEY",
     "ENERGY_KEY",
     "PAYLOAD_KEY",

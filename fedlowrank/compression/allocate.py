@@ -153,6 +153,40 @@ def lgreco_allocate(
     return choice
 
 
+def allocate_or_uniform(
+    errors: np.ndarray,
+    sizes: np.ndarray,
+    budget: float,
+    table_cost: float = 0.0,
+    num_bins: int = DEFAULT_NUM_BINS,
+) -> tuple[np.ndarray, int | None]:
+    """The allocation, unless a uniform candidate within budget costs less once tables are paid.
+
+    Per-layer settings need error tables, which clients send on top of their update;
+    a uniform setting chosen once needs none. ``table_cost`` is what keeping the
+    per-layer allocation costs in tables per round (e.g. one table's bytes divided by
+    the rounds between allocations). The result never sends more than the best uniform
+    candidate whose total error meets ``budget``: if that candidate's size is below the
+    allocation's size plus ``table_cost``, it is returned instead.
+
+    Returns
+    -------
+    (choice, uniform)
+        The candidate index per layer, and the uniform candidate's index when the
+        fallback was taken (``None`` otherwise).
+    """
+    choice = lgreco_allocate(errors, sizes, budget, num_bins)
+    errors, sizes = np.asarray(errors, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+    cost = float(sizes[np.arange(len(choice)), choice].sum()) + float(table_cost)
+    feasible = [c for c in range(errors.shape[1]) if errors[:, c].sum() <= budget]
+    if not feasible:
+        return choice, None
+    best = min(feasible, key=lambda c: sizes[:, c].sum())
+    if sizes[:, best].sum() < cost:
+        return np.full(len(choice), best, dtype=np.int64), best
+    return choice, None
+
+
 def _check_table(label: str, table: np.ndarray) -> np.ndarray:
     table = np.asarray(table, dtype=np.float64)
     if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] == 0:
