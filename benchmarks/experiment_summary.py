@@ -1,0 +1,219 @@
+"""Paired summaries of ``benchmarks/experiment.py`` results: intervals, headroom, curves.
+
+For every rule and seed: the final-round metric, the rounds and bytes to 90% of the
+headroom (frozen base -> central fine-tuning of the same adapters), and the paired
+difference against a reference rule on the same seed, with its 95% t-interval, how many
+seeds agree, and a two-sided sign test. A run that never reaches 90% of the headroom
+counts as ``rounds + 1`` rounds in the paired difference (censored) and is reported as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def t_interval(diffs: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences."""
+    from scipy import stats
+
+    n = len(diffs)
+    mean = float(np.mean(diffs))
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half
+
+
+def sign_test(diffs: np.ndarray) -> float:
+    """Two-sided sign test p-value (ties dropped)."""
+    from scipy import stats
+
+    wins, losses = int((diffs > 0).sum()), int((diffs < 0).sum())
+    if wins + losses == 0:
+        return 1.0
+    return float(stats.binomtest(wins, wins + losses, 0.5).pvalue)
+
+
+def primary_metric(results: dict) -> str:
+    first = next(iter(results["seeds"].values()))
+    curve = next(iter(first["runs"].values()))
+    return "auc" if "auc" in curve[0] else "acc"
+
+
+def per_seed(results: dict, rule: str, metric: str) -> dict:
+    """Final value, base, central, rounds and bytes to 90% headroom per seed."""
+    rounds = results["regime"]["rounds"]
+    out = {}
+    for seed, data in results["seeds"].items():
+        curve = data["runs"][rule]
+        base = curve[0][metric]
+        top = data["central"]["G1"][metric]
+        target = base + 0.9 * (top - base)
+        reached = next((p["round"] for p in curve if p["round"] > 0 and p[metric] >= target), None)
+        spent = np.cumsum([p["bytes"] for p in curve])
+        out[seed] = {
+            "final": curve[-1][metric],
+            "base": base,
+            "central": top,
+            "central_g2": data["central"].get("G2", {}).get(metric),
+            "rounds90": reached,
+            "rounds90_censored": reached if reached is not None else rounds + 1,
+            "bytes90": float(spent[reached]) if reached is not None else None,
+            "norm": curve[-1]["product_norm_max"],
+            "norm_peak": max(p["product_norm_max"] for p in curve),
+            "worst": curve[-1].get("worst_group_auc"),
+            "es_auc": curve[-1].get("es_auc"),
+            "agg_error": np.nanmean([p["agg_error"] for p in curve if p.get("agg_error") is not None] or [np.nan]),
+            "bytes_round": float(np.mean([p["bytes"] for p in curve[1:]])) if len(curve) > 1 else 0.0,
+        }
+    return out
+
+
+def summarise(results: dict, reference: str | None = None) -> dict:
+    metric = primary_metric(results)
+    rules = results["rules"]
+    reference = reference if reference in rules else rules[0]
+    seeds = sorted(results["seeds"], key=int)
+    table = {rule: per_seed(results, rule, metric) for rule in rules}
+    ref = table[reference]
+    base = np.array([ref[s]["base"] for s in seeds])
+    top = np.array([ref[s]["central"] for s in seeds])
+    summary = {
+        "metric": metric, "reference": reference, "seeds": len(seeds), "regime": results["regime"],
+        "setting": results["setting"], "command": results.get("command", ""),
+        "base": t_interval(base), "central": t_interval(top), "headroom": t_interval(top - base), "rules": {},
+    }
+    g2 = [ref[s]["central_g2"] for s in seeds]
+    if all(v is not None for v in g2):
+        summary["central_g2"] = t_interval(np.array(g2, dtype=float))
+        summary["g2_minus_g1"] = t_interval(np.array(g2, dtype=float) - top)
+    for rule in rules:
+        rows = table[rule]
+        final = np.array([rows[s]["final"] for s in seeds])
+        entry = {
+            "final": t_interval(final),
+            "rounds90_reached": sum(rows[s]["rounds90"] is not None for s in seeds),
+            "rounds90_median": float(np.median([rows[s]["rounds90_censored"] for s in seeds])),
+            "bytes90_median": (float(np.median([rows[s]["bytes90"] for s in seeds if rows[s]["bytes90"] is not None]))
+                               if any(rows[s]["bytes90"] is not None for s in seeds) else None),
+            "bytes_round": float(np.mean([rows[s]["bytes_round"] for s in seeds])),
+            "norm_final": float(np.mean([rows[s]["norm"] for s in seeds])),
+            "norm_peak": float(np.max([rows[s]["norm_peak"] for s in seeds])),
+            "agg_error": float(np.nanmean([rows[s]["agg_error"] for s in seeds])),
+        }
+        for key in ("worst", "es_auc"):
+            values = [rows[s][key] for s in seeds]
+            if all(v is not None for v in values):
+                entry[key] = t_interval(np.array(values, dtype=float))
+        if rule != reference:
+            diff = final - np.array([ref[s]["final"] for s in seeds])
+            entry["vs_reference"] = {
+                "diff": t_interval(diff), "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
+                "sign_p": sign_test(diff),
+                "rounds90_diff": t_interval(np.array([rows[s]["rounds90_censored"] - ref[s]["rounds90_censored"] for s in seeds], float)),
+            }
+            if "worst" in entry:
+                wd = np.array([rows[s]["worst"] - ref[s]["worst"] for s in seeds])
+                entry["vs_reference"]["worst_diff"] = t_interval(wd)
+                entry["vs_reference"]["worst_wins"] = int((wd > 0).sum())
+        summary["rules"][rule] = entry
+    return summary
+
+
+def _ci(t, scale=100.0, digits=2) -> str:
+    mean, lo, hi = t
+    if math.isnan(lo):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+
+
+def _val(t, scale=100.0, digits=2) -> str:
+    mean, lo, hi = t
+    return f"{mean * scale:.{digits}f} ± {(hi - lo) / 2 * scale:.{digits}f}" if not math.isnan(lo) else f"{mean * scale:.{digits}f}"
+
+
+def markdown(summary: dict, title: str, plot: str | None = None) -> str:
+    m = summary["metric"].upper()
+    lines = [f"### {title}", "", f"`{summary['command']}`", ""]
+    lines.append(
+        f"{summary['seeds']} paired seeds. {m} (x100, mean ± 95% half-width): frozen base {_val(summary['base'])}, "
+        f"central fine-tuning {_val(summary['central'])}, **headroom {_ci(summary['headroom'])}**."
+    )
+    if "g2_minus_g1" in summary:
+        lines[-1] += f" Central G = 2 minus G = 1: {_ci(summary['g2_minus_g1'])}."
+    lines += ["", f"| rule | final {m} | vs {summary['reference']} (paired, 95% CI) | wins/losses | "
+              "rounds to 90% (median; reached) | KB sent per round | KB to 90% (median) | product norm (final; peak) | agg. error |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rule, e in summary["rules"].items():
+        vs = e.get("vs_reference")
+        versus = _ci(vs["diff"]) if vs else "reference"
+        wl = f"{vs['wins']}/{vs['losses']} (p={vs['sign_p']:.2g})" if vs else ""
+        b90 = f"{e['bytes90_median'] / 1024:,.0f}" if e["bytes90_median"] is not None else "never"
+        lines.append(
+            f"| {rule} | {_val(e['final'])} | {versus} | {wl} | {e['rounds90_median']:g}; {e['rounds90_reached']}/{summary['seeds']} "
+            f"| {e['bytes_round'] / 1024:,.1f} | {b90} | {e['norm_final']:.2f}; {e['norm_peak']:.2f} | {e['agg_error']:.3f} |"
+        )
+    if any("worst" in e for e in summary["rules"].values()):
+        lines += ["", f"| rule | worst-group AUC | ES-AUC | worst-group vs {summary['reference']} | wins |", "|---|---:|---:|---:|---:|"]
+        for rule, e in summary["rules"].items():
+            vs = e.get("vs_reference", {})
+            lines.append(f"| {rule} | {_val(e['worst'])} | {_val(e['es_auc'])} | "
+                         f"{_ci(vs['worst_diff']) if 'worst_diff' in vs else 'reference'} | {vs.get('worst_wins', '')} |")
+    if plot:
+        lines += ["", f"![{title}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = primary_metric(results)
+    seeds = sorted(results["seeds"], key=int)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for rule in results["rules"]:
+        curves = np.array([[p[metric] for p in results["seeds"][s]["runs"][rule]] for s in seeds])
+        mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(seeds) > 1 else np.zeros(curves.shape[1])
+        x = np.arange(curves.shape[1])
+        ax.plot(x, mean, label=rule)
+        ax.fill_between(x, mean - 1.96 * sd / math.sqrt(len(seeds)), mean + 1.96 * sd / math.sqrt(len(seeds)), alpha=0.2)
+    top = np.mean([results["seeds"][s]["central"]["G1"][metric] for s in seeds])
+    ax.axhline(top, color="k", ls="--", lw=1, label="central fine-tuning")
+    ax.set(xlabel="round", ylabel=f"{metric.upper()} (central test set)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_main(args) -> None:
+    chunks = []
+    for name in args.results:
+        results = json.loads(Path(name).read_text())
+        summary = summarise(results, args.reference)
+        regime = results["regime"]
+        label = (f"{results['setting']}: lr {regime['lr']:g}, {regime['local_epochs']} local epoch(s), init {regime['init']}, "
+                 f"rank {regime['rank']}" + (f", client ranks {regime['client_ranks']}" if regime["client_ranks"] else "")
+                 + (f", {regime['sites']} sites x {regime['fraction']:g} sampled" if regime["sites"] != 5 else ""))
+        plot = None
+        if args.plots:
+            folder = Path(args.plots)
+            folder.mkdir(parents=True, exist_ok=True)
+            plot_path = folder / (Path(name).stem + ".png")
+            plot_curves(results, plot_path, label)
+            plot = str(plot_path)
+        chunks.append(markdown(summary, label, plot))
+        Path(name).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    text = "\n".join(chunks)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+        print(f"wrote {args.markdown}")
+    else:
+        print(text)

@@ -1,0 +1,84 @@
+"""The experiment runner: paired seeds, headroom, rounds/bytes to 90%, paired intervals."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from experiment_summary import markdown, sign_test, summarise, t_interval  # noqa: E402
+
+
+def synthetic(finals_a, finals_b, rounds=4):
+    """Results where rule a climbs to finals_a and b to finals_b; base 0.5, central 0.9."""
+    seeds = {}
+    for i, (fa, fb) in enumerate(zip(finals_a, finals_b)):
+        def curve(final):
+            values = np.linspace(0.5, final, rounds + 1)
+            return [{"round": r, "acc": float(v), "bytes": 0 if r == 0 else 1000, "product_norm_max": 1.0, "agg_error": None}
+                    for r, v in enumerate(values)]
+        seeds[str(i)] = {"central": {"G1": {"acc": 0.9}}, "runs": {"a": curve(fa), "b": curve(fb)}}
+    return {"setting": "toy", "regime": {"rounds": rounds, "lr": 0.01, "local_epochs": 1, "init": "lora", "rank": 4,
+                                         "client_ranks": [], "sites": 5, "fraction": 1.0},
+            "rules": ["a", "b"], "seeds": seeds}
+
+
+def test_paired_interval_and_sign_test_match_an_independent_computation():
+    diffs = np.array([0.02, 0.01, 0.03, -0.005, 0.015, 0.02, 0.01, 0.0, 0.025, 0.012])
+    mean, lo, hi = t_interval(diffs)
+    n, sd = len(diffs), diffs.std(ddof=1)
+    half = 2.2621571627409915 * sd / math.sqrt(n)  # t_{0.975, 9}
+    assert mean == pytest.approx(diffs.mean()) and lo == pytest.approx(mean - half) and hi == pytest.approx(mean + half)
+    # 8 wins, 1 loss, 1 tie: two-sided binomial p = 2 * P(X <= 1 | n=9) = 2 * 10 / 512.
+    assert sign_test(diffs) == pytest.approx(20 / 512)
+
+
+def test_summary_pairs_rules_and_finds_rounds_and_bytes_to_90_percent_of_headroom():
+    results = synthetic([0.9, 0.9, 0.9], [0.8, 0.82, 0.84])
+    summary = summarise(results, reference="a")
+    assert summary["headroom"][0] == pytest.approx(0.4)
+    a, b = summary["rules"]["a"], summary["rules"]["b"]
+    # a: 0.5, 0.6, 0.7, 0.8, 0.9 -> target 0.86 reached at round 4, 4 rounds x 1000 bytes.
+    assert a["rounds90_reached"] == 3 and a["rounds90_median"] == 4 and a["bytes90_median"] == 4000
+    assert b["rounds90_reached"] == 0 and b["bytes90_median"] is None  # censored at rounds + 1
+    assert b["vs_reference"]["wins"] == 0 and b["vs_reference"]["losses"] == 3
+    assert b["vs_reference"]["diff"][0] == pytest.approx(-0.08)
+    assert b["vs_reference"]["rounds90_diff"][0] == pytest.approx(1.0)
+    text = markdown(summary, "toy")
+    assert "headroom +40.00" in text and "| b |" in text and "0/3" in text
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_runner_writes_paired_per_round_results(tmp_path):
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "run", "--setting", "digits", "--rules", "fedit,exact",
+         "--seeds", "0-1", "--rounds", "1", "--workers", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert sorted(results["seeds"]) == ["0", "1"]
+    for seed in results["seeds"].values():
+        runs = seed["runs"]
+        # Paired: both rules start from the same frozen base and the same adapters.
+        assert runs["fedit"][0]["acc"] == runs["exact"][0]["acc"]
+        assert [p["round"] for p in runs["exact"]] == [0, 1]
+        assert runs["exact"][1]["bytes"] > 0 and runs["exact"][0]["product_norm_max"] == 0.0
+        assert runs["exact"][1]["product_norm_max"] > 0.0 and seed["central"]["G1"]["acc"] > runs["exact"][0]["acc"]
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "summary", str(out), "--reference", "exact",
+         "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert "| fedit |" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "plots" / "run.png").read_bytes()[:4] == b"\x89PNG"
