@@ -19,7 +19,8 @@ rule's aggregation error against the exact weighted sum. Runs are spread over wo
 
 Rules: any registered aggregation rule (``exact``, ``fedit``, ``ffa``, ``flora``,
 ``flexlora-dense``, ``zero-pad``), ``fedex`` (``exact`` with the residual folded into the
-base, FedEx-LoRA), ``fairlora-exact`` and ``fairlora-paper`` (G = 2; per-group settings).
+base, FedEx-LoRA), ``fairlora-exact`` and ``fairlora-paper`` (G = 2; per-group settings);
+strategy options after a slash, e.g. ``exact/gauge=lora`` or ``exact/align=false``.
 """
 
 from __future__ import annotations
@@ -121,10 +122,22 @@ def central(setting: Setting, regime: Regime) -> dict:
     return best
 
 
+def parse_rule(rule: str) -> tuple[str, dict]:
+    """``"exact/gauge=lora,align=false"`` -> ``("exact", {"gauge": "lora", "align": False})``."""
+    name, _, options = rule.partition("/")
+    parsed: dict = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        parsed[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return name, parsed
+
+
 def make_strategy(rule: str, regime: Regime):
     from fedlowrank.strategies import FairLoRA, FedLowRank
 
-    common = {"fraction_evaluate": 0.0, "fraction_train": regime.fraction, "min_train_nodes": 2, "min_available_nodes": 2}
+    rule, options = parse_rule(rule)
+    common = {"fraction_evaluate": 0.0, "fraction_train": regime.fraction, "min_train_nodes": 2, "min_available_nodes": 2,
+              **options}
     if rule in GROUPED_RULES:
         return FairLoRA(mode=GROUPED_RULES[rule], rank=regime.rank, **common)
     if rule == "fedex":
@@ -141,7 +154,7 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, to_record
     from fedlowrank.strategies.inprocess import InProcessGrid
 
-    groups = setting.groups if rule in GROUPED_RULES else 1
+    groups = setting.groups if parse_rule(rule)[0] in GROUPED_RULES else 1
 
     def data_fn(context):
         site = int(context.node_config["partition-id"])

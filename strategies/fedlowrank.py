@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlowrank.adapters import is_fold_key, split_factor_key
-from fedlowrank.aggregation import balance_factors, procrustes_align
+from fedlowrank.aggregation import balance_factors, lora_gauge_factors, procrustes_align
 from fedlowrank.aggregation.accumulate import WeightedSum, compact
 from fedlowrank.aggregation.ranks import Factors
 from fedlowrank.aggregation.rules import Accumulator, AggregationRule, RuleResult, get_rule
@@ -108,6 +108,12 @@ class FedLowRank(FedAvg):
         factors sent last round (orthogonal Procrustes), so clients' parameters move
         smoothly instead of jumping to a new SVD basis. Measured on the two-scanner digits
         setting (5 paired seeds, 20 rounds): final AUC 0.956 aligned vs 0.942 unaligned.
+    gauge : {"balanced", "lora"} (default: "balanced")
+        How an orthonormal G = 1 aggregate ``u diag(s) v^T`` is split for clients (the
+        product is the same): ``"balanced"``, ``U = u sqrt(s)``, ``V = v sqrt(s)``; or
+        ``"lora"``, ``V = v / sqrt(3)`` (LoRA's init size for every column) and
+        ``U = u s sqrt(3)``, the gauge FedIT's clients keep. Measured in
+        ``docs/results.md``.
     dense_above : int, optional
         Stacked width beyond which a layer's sum is accumulated densely (default half the
         layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
@@ -149,6 +155,7 @@ class FedLowRank(FedAvg):
         residual: str | None = None,
         rank: int | None = None,
         align: bool = True,
+        gauge: str = "balanced",
         dense_above: int | None = None,
         max_reply_bytes: int | None = None,
         max_weight: float = MAX_WEIGHT,
@@ -162,6 +169,9 @@ class FedLowRank(FedAvg):
         kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
         super().__init__(**kwargs)
+        if gauge not in ("balanced", "lora"):
+            raise ValueError(f"gauge must be 'balanced' or 'lora', got {gauge!r}")
+        self.gauge = gauge
         if robust not in (None, "clip", "reject"):
             raise ValueError(f"robust must be None, 'clip' or 'reject', got {robust!r}")
         if not robust_factor > 0 or not max_weight > 0 or min_valid_replies < 1:
@@ -452,7 +462,7 @@ class FedLowRank(FedAvg):
         """The layer's factors as sent to clients: balanced and aligned if orthonormal."""
         u, s, v = result.factors
         if result.magnitude_in_s:
-            u, s, v = balance_factors(u, s[0], v)
+            u, s, v = (lora_gauge_factors if self.gauge == "lora" else balance_factors)(u, s[0], v)
             prev_u, prev_v = self.previous_factors(module)
             if self.align and prev_u.shape == u.shape:
                 u, v = procrustes_align(u, v, prev_u, prev_v)

@@ -80,6 +80,17 @@ def test_balance_keeps_product_and_equalises_columns():
     assert torch.all(big_s == 1)
 
 
+def test_lora_gauge_keeps_product_with_v_at_lora_init_size():
+    from fedlowrank.aggregation import lora_gauge_factors
+
+    us, ss, vs, weights = random_clients(7, 30, 20, [4, 4])
+    agg = aggregate_svd(us, ss, vs, weights, rank=6)
+    big_u, big_s, big_v = lora_gauge_factors(agg.u, agg.s, agg.v)
+    assert torch.allclose((big_u * big_s[0]) @ big_v.T, (agg.u * agg.s) @ agg.v.T, atol=1e-10)
+    assert torch.allclose(big_v.norm(dim=0), torch.full((6,), 3.0 ** -0.5, dtype=torch.float64))
+    assert torch.allclose(big_u.norm(dim=0), agg.s * 3.0 ** 0.5) and torch.all(big_s == 1)
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [

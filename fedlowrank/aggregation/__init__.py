@@ -1,7 +1,7 @@
 """Exact factored aggregation of low-rank adapters (docs/design.md, "Exact factored aggregation")."""
 
 from .align import procrustes_align, signed_permutation_align
-from .balance import balance_factors
+from .balance import balance_factors, lora_gauge_factors
 from .grouped import (
     GroupedSVDAggregate,
     aggregate_grouped_svd,
@@ -20,6 +20,7 @@ __all__ = [
     "aggregate_svd",
     "average_factors",
     "balance_factors",
+    "lora_gauge_factors",
     "balance_grouped_factors",
     "check_client_factors",
     "dense_weighted_sum",

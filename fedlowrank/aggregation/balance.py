@@ -45,3 +45,20 @@ def balance_factors(
     big_v = torch.where(dead, v * DEAD_COLUMN_NORM, v * root)
     big_u = torch.where(dead, torch.zeros_like(big_u), big_u)
     return big_u, torch.ones(1, s.shape[0], dtype=s.dtype, device=s.device), big_v
+
+
+def lora_gauge_factors(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, column_norm: float = DEAD_COLUMN_NORM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``u diag(s) v^T`` as LoRA holds it: ``V`` at init size, the magnitude in ``U``.
+
+    ``V = v * column_norm`` (every column the norm of LoRA's Kaiming-initialised ``A``
+    rows), ``U = u * s / column_norm``, ``S = 1``: the same product, in the gauge that
+    FedIT's clients keep (their ``V`` stays near its init, ``U`` grows), so that Adam's
+    per-parameter steps move the product as they do under plain LoRA. Balanced factors
+    (:func:`balance_factors`) instead give a component of singular value ``s`` columns of
+    norm ``sqrt(s)`` on both sides, tiny for small ``s``.
+    """
+    if bool((s < 0).any()):
+        raise ValueError("singular values must be non-negative")
+    return u * (s / column_norm), torch.ones(1, s.shape[0], dtype=s.dtype, device=s.device), v * column_norm
