@@ -120,6 +120,37 @@ def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, y.long())
 
 
+def freeze_frozen_norms(model: nn.Module) -> list[str]:
+    """Put normalisation layers whose parameters are all frozen into eval mode.
+
+    ``model.train()`` turns every BatchNorm back to batch statistics and lets it update
+    its running mean and variance, even where its weights are frozen: the frozen base
+    would then drift with every client's data (and differ between clients) although no
+    parameter of it trains. Called right after ``model.train()``, this keeps such layers
+    on the base's stored statistics. A norm with a trainable parameter (the user chose to
+    adapt it) stays in training mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, already in training mode.
+
+    Returns
+    -------
+    list of str
+        Names of the layers put into eval mode (BatchNorm, SyncBatchNorm, InstanceNorm).
+    """
+    frozen = []
+    for name, module in model.named_modules():
+        # _NormBase: the norms with running statistics (BatchNorm*, SyncBatchNorm, InstanceNorm*).
+        if isinstance(module, nn.modules.batchnorm._NormBase) and not any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            module.eval()
+            frozen.append(name)
+    return frozen
+
+
 @dataclass
 class TrainResult:
     """What a round of local training reports."""
@@ -143,6 +174,7 @@ def train_local(
 ) -> TrainResult:
     """Train the trainable parameters with Adam for ``epochs`` passes over ``batches``.
 
+    Normalisation layers of the frozen base stay in eval mode (:func:`freeze_frozen_norms`).
     The optimiser starts fresh each round, as usual in federated learning: its state
     belongs to the previous global model. A caller that needs its own optimiser (DP-SGD
     wraps it) passes it in, with ``on_empty_batch`` for the empty batches that Poisson
@@ -155,6 +187,7 @@ def train_local(
     if optimizer is None:
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     model.train()
+    freeze_frozen_norms(model)  # the frozen base keeps its running statistics
     total, count, steps = 0.0, 0, 0
     seen: dict[int, int] = {}
     try:

@@ -1,0 +1,1 @@
+"""Fashion-MNIST with a group-dependent label rule: FairLoRA on a frozen MONAI DenseNet."""
