@@ -61,10 +61,14 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_settings import DigitsTransformer  # noqa: E402
+
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, predict, to_record
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY
 from fedlowrank.strategies import FedLowRank, LGreCo
+from fedlowrank.strategies.serverapp import central_evaluation, with_compression
 from fedlowrank.strategies.lgreco import DEFAULT_CANDIDATES
 from fedlowrank.strategies.inprocess import InProcessGrid
 
@@ -73,7 +77,6 @@ SIM = ROOT / "simulations" / "adult-married"
 sys.path.insert(0, str(SIM))
 from adult_married import client_app as adult_client  # noqa: E402
 from adult_married import server_app as adult_server  # noqa: E402
-from adult_married.data import pooled_test_rows  # noqa: E402
 
 # The uniform baselines, each also an L-GreCo budget reference: a lossier and a more
 # faithful setting for PowerSGD and Top-K, QSGD's 4 bits and sq's 3 bits (about the same
@@ -208,7 +211,7 @@ def wrap(inner, method: str):
     if method == "none":
         return inner
     if method.startswith("uniform:"):
-        return adult_server.with_compression(inner, {"compression": method})
+        return with_compression(inner, {"compression": method})
     default = method.split(":", 1)[1]
     return LGreCo(inner, candidates=CANDIDATES, default=default, alpha=1.0, **LGRECO_OPTIONS)
 
@@ -226,7 +229,7 @@ def adult_setting(rounds: int | None, seed: int = 0):
     cfg["seed"] = int(cfg["seed"]) + seed
     rounds = rounds or int(cfg["num-server-rounds"])
     rank, seed, sites = int(cfg["rank"]), int(cfg["seed"]), 5
-    evaluate = adult_server.make_central_evaluation(rank, pooled_test_rows(sites, seed), torch.device("cpu"))
+    evaluate = central_evaluation(adult_server.global_model(rank), adult_server.central_test(cfg, sites), torch.device("cpu"))
 
     def accuracy(arrays) -> float:
         return float(evaluate(0, arrays)["acc"])
@@ -247,41 +250,7 @@ def adult_setting(rounds: int | None, seed: int = 0):
 # --------------------------------------------------------------------------- digits transformer
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with separate q/k/v/out projections (adaptable Linears)."""
-
-    def __init__(self, d: int, heads: int, ff: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        h = self.n1(x)
-        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
-        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.o(att)
-        return x + self.ff2(F.gelu(self.ff1(self.n2(x))))
-
-
-class DigitsTransformer(nn.Module):
-    """8x8 digit -> 8 row tokens -> 2 blocks -> mean pool -> 10 logits."""
-
-    def __init__(self, d: int = 64, heads: int = 4, ff: int = 128, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, d)
-        self.pos = nn.Parameter(torch.zeros(1, 8, d))
-        self.blocks = nn.ModuleList(Block(d, heads, ff) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x.view(-1, 8, 8)) + self.pos
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h).mean(1))
+# The digits transformer is the experiment runner's (one definition for both benchmarks).
 
 
 DIGITS_TARGETS = r"blocks\.\d+\.(q|k|v|o|ff1|ff2)"

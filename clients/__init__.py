@@ -3,6 +3,7 @@
 from .app import AdapterConfig, ClientData, build_client_app, build_model, client_rank, from_record, to_record
 from .compression import EF_STATE_KEY, compress_arrays, compress_reply, compression_requested
 from .private import ACCOUNTANT_KEY, DPConfig, train_private
+from .runconfig import build_run_config_client_app, dp_from_run_config
 from .trainer import Predictions, TrainResult, pick_device, predict, train_local
 
 __all__ = [
@@ -15,10 +16,12 @@ __all__ = [
     "TrainResult",
     "build_client_app",
     "build_model",
+    "build_run_config_client_app",
     "client_rank",
     "compress_arrays",
     "compress_reply",
     "compression_requested",
+    "dp_from_run_config",
     "from_record",
     "pick_device",
     "predict",

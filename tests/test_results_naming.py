@@ -1,22 +1,18 @@
 """Results files: one per run by default, and an existing one is never overwritten silently."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations" / "adult-married"))
-from adult_married.server_app import results_path  # noqa: E402
+from fedlowrank.strategies.serverapp import results_path, wait_for_sites
 
 CFG = {"rank": 4, "seed": 0, "rule": "exact", "compression": "none"}
 
 
 def test_default_name_carries_the_configuration_and_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = results_path({**CFG, "results-file": ""}, "fedlowrank")
+    path = results_path({**CFG, "results-file": ""}, "fedlowrank", "adult-married")
     assert path.parent == tmp_path / "results"
     assert path.name.startswith("adult_married-fedlowrank-exact-r4-seed0-") and path.suffix == ".json"
-    other = results_path({**CFG, "results-file": "", "compression": "uniform:sq:3"}, "fairlora-exact")
+    other = results_path({**CFG, "results-file": "", "compression": "uniform:sq:3"}, "fairlora-exact", "adult-married")
     assert "fairlora-exact-r4-uniform-sq-3-seed0" in other.name
 
 
@@ -24,8 +20,8 @@ def test_an_existing_results_file_is_refused_unless_the_run_resumes(tmp_path):
     existing = tmp_path / "r.json"
     existing.write_text("{}")
     with pytest.raises(ValueError, match="exists: pick another name"):
-        results_path({**CFG, "results-file": str(existing)}, "fedlowrank")
-    assert results_path({**CFG, "results-file": str(existing), "resume-from": "ckpt"}, "fedlowrank") == existing
+        results_path({**CFG, "results-file": str(existing)}, "fedlowrank", "adult-married")
+    assert results_path({**CFG, "results-file": str(existing), "resume-from": "ckpt"}, "fedlowrank", "adult-married") == existing
 
 
 class Grid:
@@ -37,8 +33,6 @@ class Grid:
 
 
 def test_a_federation_of_another_size_is_an_error_that_says_how_to_fix_it():
-    from adult_married.server_app import wait_for_sites
-
-    assert wait_for_sites(Grid(5), 5) == 5 and wait_for_sites(Grid(2), 0) == 2
-    with pytest.raises(ValueError, match="2 SuperNodes but the run config says num-sites = 5.*num-supernodes=5"):
-        wait_for_sites(Grid(2), 5, timeout=0.1)
+    assert wait_for_sites(Grid(5), 5, "adult-married") == 5 and wait_for_sites(Grid(2), 0, "adult-married") == 2
+    with pytest.raises(ValueError, match="2 SuperNodes but the run config says num-sites = 5.*adult-married --supernodes 5.*num-supernodes=5"):
+        wait_for_sites(Grid(2), 5, "adult-married", timeout=0.1)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 
-from fedlowrank.clients import AdapterConfig, ClientData, DPConfig, build_client_app
+from fedlowrank.clients import ClientData, build_run_config_client_app
 from fedlowrank.datasets.fashion_mnist import DEFAULT_ROOT
 
 from .data import check_dataset, load_site_file, loader, site_task
@@ -66,40 +65,11 @@ def site_data(context: Context) -> ClientData:
     )
 
 
-def site_privacy(context: Context) -> DPConfig | None:
-    """Adapter-only DP-SGD when the run config sets ``dp-noise-multiplier`` > 0."""
-    noise = float(context.run_config.get("dp-noise-multiplier", 0.0))
-    if noise <= 0:
-        return None
-    return DPConfig(
-        noise_multiplier=noise,
-        max_grad_norm=float(context.run_config["dp-max-grad-norm"]),
-        delta=float(context.run_config["dp-delta"]),
-        target_epsilon=float(context.run_config["dp-target-epsilon"]),
-    )
-
-
-# One builder per adapter group count (run config ``groups``: 1, or 2 = one row of S per group).
-APPS = {
-    groups: build_client_app(
-        model_fn=lambda context: load_base_model(),
-        data_fn=site_data,
-        adapter=AdapterConfig(target_modules=ADAPTER_TARGETS, rank=4, groups=groups, trainable=TRAINABLE),
-        dp=site_privacy,
-    )
-    for groups in (1, 2)
-}
-
-app = ClientApp()
-
-
-def dispatch(msg: Message, context: Context) -> Message:
-    """Hand the message to the ClientApp built for the run's group count."""
-    groups = int(context.run_config.get("groups", 2))
-    if groups not in APPS:
-        raise ValueError(f"groups = {groups}; this app supports {sorted(APPS)}")
-    return APPS[groups](msg, context)
-
-
-app.train()(dispatch)
-app.evaluate()(dispatch)
+app = build_run_config_client_app(
+    model_fn=lambda context: load_base_model(),
+    data_fn=site_data,
+    target_modules=ADAPTER_TARGETS,
+    trainable=TRAINABLE,
+    rank=4,
+    default_groups=2,
+)

@@ -1,107 +1,24 @@
-"""ServerApp: federated fine-tuning of the DenseNet's adapters, results to JSON.
+"""ServerApp: the shared fedlowrank server (:mod:`fedlowrank.strategies.serverapp`) on the DenseNet.
 
-The strategy set, sampling, compression wrapper, results file and round line are those
-of the adult-married app (duplicated here, see the README: they are app code there, not
-library code yet), so the two apps take the same run-config keys and write results in
-the same format, read by ``fedlowrank report``.
+Strategy, sampling, compression, results file and final adapter come from the run config
+(``pyproject.toml``), the same keys and results format as every fedlowrank app; this file
+says what is the app's own: its model, its group names and, in simulation, the pooled
+test images the server evaluates on.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from logging import INFO
-from pathlib import Path
-
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.common import log
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
 
-from fedlowrank.adapters import adapter_layers, inject_adapters, load_exchange_state, save_adapter
-from fedlowrank.clients import from_record, pick_device, predict
-from fedlowrank.clients.app import parse_ranks
+from fedlowrank.adapters import inject_adapters
 from fedlowrank.datasets.fashion_mnist import DEFAULT_ROOT
-from fedlowrank.fairness import group_fairness_report
-from fedlowrank.strategies import FairLoRA, FederatedFairnessMetrics, FedLowRank, LGreCo, initial_arrays
-from fedlowrank.strategies.checkpoint import run
+from fedlowrank.strategies.serverapp import AppSpec, serve
 
 from .client_app import DEFAULT_SITE_IMAGES
 from .data import GROUP_NAMES, check_dataset, loader, pooled
 from .model import ADAPTER_TARGETS, TRAINABLE, load_base_model
-
-APP_NAME = "fairlora-images"
-
-
-def fairness_metrics() -> FederatedFairnessMetrics:
-    """Every strategy merges the clients' fairness statistics into federation-wide metrics."""
-    return FederatedFairnessMetrics(num_groups=2)
-
-
-def sampling(cfg) -> dict:
-    """Flower's client sampling and the update bound from the run config."""
-    return {
-        "fraction_train": float(cfg.get("fraction-train", 1.0)),
-        "min_train_nodes": int(cfg.get("min-train-nodes", 2)),
-        "min_available_nodes": int(cfg.get("min-train-nodes", 2)),
-        "fraction_evaluate": float(cfg.get("fraction-evaluate", 1.0)),
-        "min_evaluate_nodes": int(cfg.get("min-train-nodes", 2)),
-        "evaluate_metrics_aggr_fn": fairness_metrics(),
-        # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
-        "robust": str(cfg.get("robust", "")).strip() or None,
-        "robust_factor": float(cfg.get("robust-factor", 3.0)),
-    }
-
-
-STRATEGIES = {
-    # FedIT: U, S and V averaged separately (rule 'fedit'; needs equal client ranks).
-    "fedit": lambda rank, cfg: FedLowRank(rule="fedit", rank=rank, **sampling(cfg)),
-    # Any registered rule by run config ``rule``; ``residual`` 'drop', 'carry' or 'fold'.
-    "fedlowrank": lambda rank, cfg: FedLowRank(
-        rule=str(cfg.get("rule", "exact")), residual=str(cfg.get("residual", "")) or None, rank=rank, **sampling(cfg)
-    ),
-    # FairLoRA: one row of singular values per group (groups = 2).
-    "fairlora-paper": lambda rank, cfg: FairLoRA(mode="paper", rank=rank, **sampling(cfg)),
-    "fairlora-exact": lambda rank, cfg: FairLoRA(mode="exact", rank=rank, **sampling(cfg)),
-}
-
-
-def check_client_ranks(cfg, rank: int, name: str) -> None:
-    """Refuse, before any client trains, client ranks the strategy cannot take."""
-    ranks = parse_ranks(cfg.get("client-ranks", ""))
-    above = sorted({r for r in ranks if r > rank})
-    if above:
-        raise ValueError(f"client-ranks {cfg['client-ranks']!r}: ranks {above} are above the global rank {rank}")
-    if len(set(ranks) | {rank}) > 1 and name in ("fedit", "fairlora-paper"):
-        raise ValueError(
-            f"strategy {name!r} averages factors entry by entry and cannot mix client ranks "
-            f"(client-ranks {cfg['client-ranks']!r}, rank {rank}); use 'fedlowrank' or 'fairlora-exact'"
-        )
-
-
-def with_compression(strategy: Strategy, cfg) -> Strategy:
-    """Wrap ``strategy`` in :class:`LGreCo` as the run config's ``compression`` asks.
-
-    ``"none"``: unchanged. ``"lgreco"``: adaptive per-tensor settings.
-    ``"uniform:<codec>:<setting>"``: that setting for every tensor.
-    """
-    mode = str(cfg.get("compression", "none")).strip()
-    if mode == "none":
-        return strategy
-    if mode == "lgreco":
-        return LGreCo(
-            strategy,
-            default=str(cfg.get("compression-default", "powersgd:2")),
-            alpha=float(cfg.get("compression-alpha", 1.0)),
-            warmup_rounds=int(cfg.get("compression-warmup", 1)),
-            reallocate_every=int(cfg.get("compression-reallocate-every", 5)),
-        )
-    if mode.startswith("uniform:"):
-        setting = mode[len("uniform:") :]
-        # One candidate and tables never asked for: a fixed setting, same wire format.
-        return LGreCo(strategy, candidates=[setting], default=setting, warmup_rounds=10**9)
-    raise ValueError(f"unknown compression {mode!r}; use 'none', 'lgreco' or 'uniform:<codec>:<setting>'")
 
 
 def global_model(rank: int, groups: int) -> torch.nn.Module:
@@ -109,97 +26,6 @@ def global_model(rank: int, groups: int) -> torch.nn.Module:
     model = load_base_model()
     inject_adapters(model, ADAPTER_TARGETS, rank=rank, groups=groups, trainable=TRAINABLE)
     return model
-
-
-@torch.no_grad()
-def adapter_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Largest factor norm ``||U||`` and largest product norm ``||scale U diag(S[g]) V^T||`` over layers."""
-    layers = adapter_layers(model).values()
-    products = [
-        float(torch.linalg.matrix_norm(layer.scale * (layer.lora_U * row) @ layer.lora_V.T))
-        for layer in layers
-        for row in layer.lora_S
-    ]
-    return {
-        "adapter-norm-max": max(float(layer.lora_U.norm()) for layer in layers),
-        "adapter-product-norm-max": max(products),
-    }
-
-
-def wait_for_sites(grid: Grid, expected: int, timeout: float = 120.0) -> int:
-    """The number of connected SuperNodes, once it is ``expected`` (0: whatever is there).
-
-    The sites are the data split: a federation of another size would silently be another
-    experiment, so it is an error.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        found = len(list(grid.get_node_ids()))
-        if not expected or found == expected:
-            return found
-        if found > expected or time.monotonic() > deadline:
-            raise ValueError(
-                f"the federation has {found} SuperNodes but the run config says num-sites = {expected}: "
-                f"run `fedlowrank run {APP_NAME} --supernodes {expected}`, or `flwr run ... --federation-config "
-                f"\"num-supernodes={expected}\"`, or set num-sites = {found}"
-            )
-        time.sleep(1.0)
-
-
-def results_path(cfg, strategy: str) -> Path:
-    """Where this run's results go: ``results-file``, or a name of its own per run.
-
-    An explicit file that exists is overwritten only when the run resumes (``resume-from``).
-    """
-    given = str(cfg.get("results-file", "")).strip()
-    if not given:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        rule = str(cfg.get("rule", "exact")) if strategy == "fedlowrank" else ""
-        parts = ["fairlora_images", strategy, rule, f"r{cfg['rank']}", str(cfg.get("compression", "none")).replace(":", "-"),
-                 f"seed{cfg['seed']}", stamp]
-        return (Path("results") / ("-".join(p for p in parts if p and p != "none") + ".json")).resolve()
-    path = Path(given).expanduser().resolve()
-    if path.exists() and not str(cfg.get("resume-from", "")).strip():
-        raise ValueError(f"results-file {path} exists: pick another name (or leave results-file empty for one per run)")
-    return path
-
-
-def round_line(server_round: int, num_rounds: int, result) -> str:
-    """The one line per round an operator reads; the rest is in the results file."""
-    central = result.evaluate_metrics_serverapp.get(server_round, {})
-    federated = {k[len("fed-"):]: v for k, v in result.evaluate_metrics_clientapp.get(server_round, {}).items() if k.startswith("fed-")}
-    train = result.train_metrics_clientapp.get(server_round, {})
-    parts = [f"round {server_round}/{num_rounds}:"]
-    for label, figures in (("central", central), ("federated", {} if central else federated)):
-        if "auc" in figures:
-            groups = ", ".join(f"{name} {figures[f'auc_g{g}']:.4f}" for g, name in enumerate(GROUP_NAMES) if f"auc_g{g}" in figures)
-            parts.append(f"{label} AUC {figures['auc']:.4f} ({groups}) ES-AUC {figures['es_auc']:.4f}")
-    if server_round:
-        if "agg-clients-kept" in train:
-            parts.append(f"| sites {int(train['agg-clients-kept'])} kept, {int(train['agg-clients-dropped'])} dropped")
-        elif not train:
-            parts.append("| no valid reply: global kept")
-        if "lgreco-bytes" in train:
-            parts.append(f"| {int(train['lgreco-bytes']):,} B sent")
-        if "dp_epsilon" in train:
-            parts.append(f"| epsilon {train['dp_epsilon']:.2f} (worst site)")
-    return " ".join(parts)
-
-
-def make_central_evaluation(rank: int, groups: int, test, device):
-    """Server-side evaluation on the pooled test images (a simulation-only view)."""
-    model = global_model(rank, groups).to(device)
-    batches = loader(test, 1024, shuffle=False)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_exchange_state(model, from_record(arrays))
-        pred = predict(model, batches, device)
-        report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=2)
-        metrics = {k: float(v) for k, v in report.items() if k != "n"}
-        metrics.update({"loss": pred.loss, **adapter_norms(model)})
-        return MetricRecord(metrics)
-
-    return evaluate
 
 
 def central_test_images(cfg, num_partitions: int):
@@ -212,79 +38,15 @@ def central_test_images(cfg, num_partitions: int):
         )
     per_site = int(cfg.get("site-images", DEFAULT_SITE_IMAGES))
     root = str(cfg.get("data-root", "")).strip() or DEFAULT_ROOT
-    return pooled(dataset, num_partitions, per_site, int(cfg["seed"]), "test", root)
+    return loader(pooled(dataset, num_partitions, per_site, int(cfg["seed"]), "test", root), 1024, shuffle=False)
 
+
+SPEC = AppSpec(name="fairlora-images", global_model=global_model, group_names=GROUP_NAMES,
+               central_test=central_test_images, default_groups=2)
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    name = str(cfg["strategy"])
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    rank = int(cfg["rank"])
-    check_client_ranks(cfg, rank, name)
-    groups = int(cfg.get("groups", 2))
-    if name.startswith("fairlora") != (groups > 1):
-        raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
-    torch.manual_seed(int(cfg["seed"]))  # the new head's initial values, sent to every site
-    initial = initial_arrays(global_model(rank, groups))
-    num_partitions = wait_for_sites(grid, int(cfg.get("num-sites", 0)))
-    # The server's view of every site's test images exists only in simulation; a deployment
-    # sets central-evaluation = false and reads the federated figures the sites send.
-    central = bool(cfg.get("central-evaluation", True))
-    evaluate_fn = make_central_evaluation(rank, groups, central_test_images(cfg, num_partitions), pick_device()) if central else None
-    strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
-    started = time.time()
-    path = results_path(cfg, name)
-    stop_after = int(cfg.get("stop-after-round", 0))
-
-    def write_results(server_round: int, result) -> None:
-        """Results so far, every round: a run that stops loses nothing already measured."""
-        results = {
-            "strategy": name,
-            "run_config": {k: v for k, v in cfg.items()},
-            "num_sites": num_partitions,
-            # Names of groups 0 and 1 (the metrics' _g0/_g1 suffixes), for reports.
-            "group_names": list(GROUP_NAMES),
-            "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
-            "seconds": time.time() - started,
-            "rounds": [
-                {
-                    "round": rnd,
-                    "central": dict(result.evaluate_metrics_serverapp.get(rnd, {})),
-                    "clients_eval": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
-                    "clients_train": dict(result.train_metrics_clientapp.get(rnd, {})),
-                }
-                for rnd in range(server_round + 1)
-            ],
-        }
-        line = round_line(server_round, int(cfg["num-server-rounds"]), result)
-        if line.partition(":")[2].strip():  # round 0 without central evaluation has nothing to say
-            log(INFO, "%s", line)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
-        if server_round and server_round == stop_after:
-            # A drill: stop as a crash would, after the round's checkpoint is on disk.
-            raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp")
-
-    result = run(
-        strategy,
-        grid,
-        initial,
-        num_rounds=int(cfg["num-server-rounds"]),
-        timeout=float(cfg.get("round-timeout", 3600)),
-        train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}),
-        evaluate_fn=evaluate_fn,
-        checkpoint_dir=str(cfg.get("checkpoint-dir", "")).strip() or None,
-        resume_from=str(cfg.get("resume-from", "")).strip() or None,
-        on_round=write_results,
-    )
-    adapter_path = Path(str(cfg.get("save-adapter", "")).strip() or path.with_suffix(".adapter.safetensors"))
-    save_adapter(adapter_path, {k: a.numpy() for k, a in result.arrays.items()},
-                 {"rank": rank, "groups": groups, "run_config": {k: v for k, v in cfg.items()}})
-    log(INFO, "results written to %s, final adapter to %s", path, adapter_path)
+    serve(grid, context, SPEC)
