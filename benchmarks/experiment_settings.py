@@ -15,9 +15,9 @@ Fashion-MNIST (``apt-get install dataset-fashion-mnist``).
     uses 100) fine-tune on all ten classes of the other 50,000. Metric: accuracy.
 ``fmnist-groups``
     The per-group setting: the same images, a binary task whose label rule depends on a
-    group attribute drawn at random per image (so no pixel tells it): group 0 calls
-    upper-body garments positive, group 1 warm clothes and footwear
-    (:data:`GROUP_RULES`). A G = 1 model cannot fit both rules on the classes where they
+    group attribute drawn at random per image (so no pixel tells it): group A calls
+    upper-body garments positive, group B outerwear and footwear
+    (:data:`fedlowrank.datasets.fashion_mnist.GROUP_RULES`, the imaging app's rules). A G = 1 model cannot fit both rules on the classes where they
     disagree; FairLoRA's per-group singular values can. Metric: AUC, worst-group AUC.
 """
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.adapters import adapter_layers, inject_adapters
+from fedlowrank.datasets.fashion_mnist import GROUP_NAMES, relabel_by_group
 
 
 @dataclass(frozen=True)
@@ -225,16 +226,6 @@ class FashionMLP(nn.Module):
         return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
-GROUP_RULES = {
-    # Fashion-MNIST labels: 0 T-shirt, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal,
-    # 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot. They agree on 2, 4 (positive) and 1, 3, 8
-    # (negative) and disagree on 0, 6 (only group 0) and 5, 7, 9 (only group 1).
-    0: (0, 2, 4, 6),  # "upper-body garment"
-    1: (2, 4, 5, 7, 9),  # "warm clothes and footwear"
-}
-GROUP_NAMES = ("group A (upper body)", "group B (warm/footwear)")
-
-
 @lru_cache(maxsize=1)
 def _fashion():
     from fedlowrank.datasets import load_fashion_mnist
@@ -280,8 +271,7 @@ def fmnist_groups(seed: int, regime: Regime) -> Setting:
     for site, rows in enumerate(sites):
         group[rows] = rng.random(len(rows)) < share[site]
     group[test] = rng.random(len(test)) < 0.5
-    positive = np.stack([np.isin(labels, GROUP_RULES[g]) for g in (0, 1)])
-    target = torch.from_numpy(positive[group, np.arange(len(labels))].astype(np.int64))
+    target = torch.from_numpy(relabel_by_group(labels, group))
     base = _fashion_base(x, y, pre, seed)
     base.head = nn.Linear(128, 1)  # a new binary head, trained in full
     torch.manual_seed(seed)

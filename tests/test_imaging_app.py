@@ -9,6 +9,8 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+
+from fedlowrank.datasets.fashion_mnist import rule_table
 import pytest
 import torch
 from flwr.app import Context, RecordDict
@@ -51,7 +53,7 @@ def test_the_groups_agree_on_five_classes_and_disagree_on_five():
     assert a.tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 0, 0]
     assert b.tolist() == [0, 0, 1, 0, 1, 1, 0, 1, 0, 1]
     assert np.flatnonzero(a != b).tolist() == [0, 5, 6, 7, 9]
-    disputed = [row[0] for row in data.rule_table() if row[1] != row[2]]
+    disputed = [row[0] for row in rule_table() if row[1] != row[2]]
     assert disputed == ["T-shirt/top", "Sandal", "Shirt", "Sneaker", "Ankle boot"]
 
 

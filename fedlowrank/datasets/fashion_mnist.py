@@ -28,6 +28,19 @@ CLASS_NAMES = (
 )
 """Fashion-MNIST's label ``i`` is ``CLASS_NAMES[i]``."""
 
+# A binary task whose rule depends on a group no pixel shows (the per-group setting of
+# the imaging app and of benchmarks/experiment.py): class ``c`` is positive for group
+# ``g`` when ``c in GROUP_RULES[g]``. The groups agree on five classes (Pullover and Coat
+# positive; Trouser, Dress and Bag negative) and disagree on five (T-shirt/top and Shirt:
+# A only; Sandal, Sneaker and Ankle boot: B only), so one shared model must compromise.
+GROUP_RULES: dict[int, frozenset[int]] = {
+    0: frozenset({0, 2, 4, 6}),  # group A, upper body: T-shirt/top, Pullover, Coat, Shirt
+    1: frozenset({2, 4, 5, 7, 9}),  # group B, outerwear or footwear: Pullover, Coat, Sandal, Sneaker, Ankle boot
+}
+GROUP_NAMES = ("A (upper body)", "B (outerwear/footwear)")
+"""Names of groups 0 and 1 of :data:`GROUP_RULES`."""
+
+
 # IDX header: two zero bytes, the element type (0x08 = unsigned byte), the number of
 # dimensions, then one big-endian int32 per dimension.
 _UBYTE = 0x08
@@ -154,3 +167,30 @@ def load_digits_images() -> ImageSet:
     images = (np.asarray(digits.images, dtype=np.float32) / np.float32(16.0))[:, None]
     labels = np.asarray(digits.target, dtype=np.int64)
     return ImageSet(np.ascontiguousarray(images), labels, np.full(len(labels), UNKNOWN_GROUP, dtype=np.int64))
+
+
+def rule_table() -> list[tuple[str, bool, bool]]:
+    """``(class name, positive for A, positive for B)`` for each Fashion-MNIST class."""
+    return [(name, c in GROUP_RULES[0], c in GROUP_RULES[1]) for c, name in enumerate(CLASS_NAMES)]
+
+
+def relabel_by_group(classes: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Binary labels (int64 0/1) from 10-class labels and group ids by :data:`GROUP_RULES`.
+
+    Raises
+    ------
+    ValueError
+        If a group id is not 0 or 1 (the rule is defined for both groups only), or a
+        class is outside 0..9; the message names the values.
+    """
+    classes, groups = np.asarray(classes), np.asarray(groups)
+    if classes.shape != groups.shape:
+        raise ValueError(f"classes {classes.shape} and groups {groups.shape} must have the same shape")
+    bad = sorted(set(groups[(groups != 0) & (groups != 1)].tolist()))
+    if bad:
+        raise ValueError(f"group ids must be 0 or 1 to pick a labelling rule; got {bad[:5]}")
+    bad = sorted(set(classes[(classes < 0) | (classes > 9)].tolist()))
+    if bad:
+        raise ValueError(f"classes must be in 0..9; got {bad[:5]}")
+    positive = np.where(groups == 0, np.isin(classes, sorted(GROUP_RULES[0])), np.isin(classes, sorted(GROUP_RULES[1])))
+    return positive.astype(np.int64)

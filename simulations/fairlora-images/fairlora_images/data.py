@@ -3,7 +3,8 @@
 Every image carries a group id (0 = group A, 1 = group B) drawn at random with the
 site's own group mix, independently of the image: like a patient's sex recorded next to
 a scan, the site knows it, the pixels do not tell it. The binary label of an image of
-class ``c`` is ``c in RULES[group]``:
+class ``c`` is ``c in GROUP_RULES[group]`` (:mod:`fedlowrank.datasets.fashion_mnist`, shared
+with benchmarks/experiment.py):
 
 - group A (upper body): T-shirt/top, Pullover, Coat, Shirt are positive;
 - group B (outerwear or footwear): Pullover, Coat, Sandal, Sneaker, Ankle boot are positive.
@@ -40,47 +41,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.datasets import ImageSet, load_digits_images, load_fashion_mnist, load_medmnist
-from fedlowrank.datasets.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT
+from fedlowrank.datasets.fashion_mnist import DEFAULT_ROOT, GROUP_NAMES
+from fedlowrank.datasets.fashion_mnist import relabel_by_group as relabel
 
 from .model import IMAGE_SIZE
 
 DATASETS = ("fashion-mnist", "digits", "medmnist")
-RULES: dict[int, frozenset[int]] = {
-    0: frozenset({0, 2, 4, 6}),  # group A, upper body: T-shirt/top, Pullover, Coat, Shirt
-    1: frozenset({2, 4, 5, 7, 9}),  # group B, outerwear or footwear: Pullover, Coat, Sandal, Sneaker, Ankle boot
-}
-GROUP_NAMES = ("A (upper body)", "B (outerwear/footwear)")
 PRETRAIN_IMAGES = 10_000
 PRETRAIN_SEED = 0  # fixed: the shipped base was trained on this slice, whatever a run's seed
 TEST_FRACTION = 0.25  # a site's test images per training image
 SOURCE_SIZE = 28  # images are brought to 28x28, then padded to IMAGE_SIZE
-
-
-def rule_table() -> list[tuple[str, bool, bool]]:
-    """``(class name, positive for A, positive for B)`` for each Fashion-MNIST class."""
-    return [(name, c in RULES[0], c in RULES[1]) for c, name in enumerate(CLASS_NAMES)]
-
-
-def relabel(classes: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Binary labels (int64 0/1) from 10-class labels and group ids by :data:`RULES`.
-
-    Raises
-    ------
-    ValueError
-        If a group id is not 0 or 1 (the rule is defined for both groups only), or a
-        class is outside 0..9; the message names the values.
-    """
-    classes, groups = np.asarray(classes), np.asarray(groups)
-    if classes.shape != groups.shape:
-        raise ValueError(f"classes {classes.shape} and groups {groups.shape} must have the same shape")
-    bad = sorted(set(groups[(groups != 0) & (groups != 1)].tolist()))
-    if bad:
-        raise ValueError(f"group ids must be 0 or 1 to pick a labelling rule; got {bad[:5]}")
-    bad = sorted(set(classes[(classes < 0) | (classes > 9)].tolist()))
-    if bad:
-        raise ValueError(f"classes must be in 0..9; got {bad[:5]}")
-    positive = np.where(groups == 0, np.isin(classes, sorted(RULES[0])), np.isin(classes, sorted(RULES[1])))
-    return positive.astype(np.int64)
 
 
 def group_share(partition: int, num_partitions: int) -> float:
