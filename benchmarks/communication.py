@@ -207,13 +207,17 @@ def method_list(setting: str) -> list[str]:
 
 
 def wrap(inner, method: str):
-    """The inner strategy under the method's compression (``lgreco:<default>`` at alpha = 1)."""
+    """The inner strategy under the method's compression.
+
+    ``none``; ``uniform:<codec>:<setting>``; ``lgreco:<default>`` (alpha = 1) or
+    ``lgreco:<default>@<alpha>`` (the budget is alpha times the default's error).
+    """
     if method == "none":
         return inner
     if method.startswith("uniform:"):
         return with_compression(inner, {"compression": method})
-    default = method.split(":", 1)[1]
-    return LGreCo(inner, candidates=CANDIDATES, default=default, alpha=1.0, **LGRECO_OPTIONS)
+    default, _, alpha = method.split(":", 1)[1].partition("@")
+    return LGreCo(inner, candidates=CANDIDATES, default=default, alpha=float(alpha or 1.0), **LGRECO_OPTIONS)
 
 
 # --------------------------------------------------------------------------- adult

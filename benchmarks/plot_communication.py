@@ -72,12 +72,56 @@ def plot(settings: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both: fewer bytes and higher accuracy."""
+    front = []
+    for i, (bytes_i, acc_i) in enumerate(points):
+        dominated = any(
+            (b <= bytes_i and a >= acc_i) and (b < bytes_i or a > acc_i) for j, (b, a) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(settings: dict[str, dict], out: Path) -> None:
+    """Every method's bytes per round (tables included) against its final accuracy, front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
+    for ax, (name, combined) in zip(axes[0], settings.items()):
+        methods = [m for m in combined if m != "headroom" and "bytes_per_round" in combined[m]]
+        points = [(combined[m]["bytes_per_round"]["mean"], 100 * combined[m]["accuracy_gap_vs_none"]["mean"]) for m in methods]
+        for method, (x, y) in zip(methods, points):
+            family = method.split(":")[1] if method.startswith(("uniform:", "lgreco:")) else "none"
+            colour = FAMILY_COLOURS.get(family, "black")
+            marker = "s" if method.startswith("lgreco:") else ("*" if method == "none" else "o")
+            ax.plot([x], [y], marker, color=colour, ms=9 if marker != "*" else 13, mfc=colour if marker != "o" else "white")
+            ax.annotate(method.replace("uniform:", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = pareto_front(points)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="grey", lw=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per round, all clients, tables included (log)")
+        ax.set_ylabel("final accuracy minus no compression (points, paired)")
+        ax.set_title(f"{name}: uniform (hollow), L-GreCo (squares)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="benchmarks/communication.py --out files")
     parser.add_argument("--out", type=Path, default=Path("results/communication.png"))
+    parser.add_argument("--pareto", action="store_true", help="every method on one bytes-accuracy plane, with the front")
     args = parser.parse_args()
-    plot(settings_of(args.reports), args.out)
+    (plot_pareto if args.pareto else plot)(settings_of(args.reports), args.out)
     print(f"written {args.out}")
 
 

@@ -54,3 +54,12 @@ def test_communication_benchmark_smoke(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_keeps_exactly_the_undominated_methods():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from plot_communication import pareto_front
+
+    # (bytes, accuracy): b dominates c (fewer bytes, higher accuracy); a and d trade off.
+    points = [(100.0, 0.0), (200.0, 1.0), (300.0, 0.5), (50.0, -2.0), (200.0, 1.0)]
+    assert pareto_front(points) == [3, 0, 1, 4]
