@@ -68,6 +68,11 @@ def per_seed(results: dict, rule: str, metric: str) -> dict:
             "worst": curve[-1].get("worst_group_auc"),
             "es_auc": curve[-1].get("es_auc"),
             "agg_error": np.nanmean([p["agg_error"] for p in curve if p.get("agg_error") is not None] or [np.nan]),
+            # Diverged: a non-finite metric or norm in any round, or a final metric below the frozen base.
+            "diverged": bool(
+                any(not np.isfinite(p[metric]) or not np.isfinite(p["product_norm_max"]) for p in curve)
+                or curve[-1][metric] < base
+            ),
             "bytes_round": float(np.mean([p["bytes"] for p in curve[1:]])) if len(curve) > 1 else 0.0,
         }
     return out
@@ -104,6 +109,7 @@ def summarise(results: dict, reference: str | None = None) -> dict:
             "norm_final": float(np.mean([rows[s]["norm"] for s in seeds])),
             "norm_peak": float(np.max([rows[s]["norm_peak"] for s in seeds])),
             "agg_error": float(np.nanmean([rows[s]["agg_error"] for s in seeds])),
+            "diverged": sum(rows[s]["diverged"] for s in seeds),
         }
         for key in ("worst", "es_auc"):
             values = [rows[s][key] for s in seeds]
@@ -146,8 +152,8 @@ def markdown(summary: dict, title: str, plot: str | None = None) -> str:
     if "g2_minus_g1" in summary:
         lines[-1] += f" Central G = 2 minus G = 1: {_ci(summary['g2_minus_g1'])}."
     lines += ["", f"| rule | final {m} | vs {summary['reference']} (paired, 95% CI) | wins/losses | "
-              "rounds to 90% (median; reached) | KB sent per round | KB to 90% (median) | product norm (final; peak) | agg. error |"]
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "rounds to 90% (median; reached) | KB sent per round | KB to 90% (median) | product norm (final; peak) | agg. error | diverged |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rule, e in summary["rules"].items():
         vs = e.get("vs_reference")
         versus = _ci(vs["diff"]) if vs else "reference"
@@ -155,7 +161,8 @@ def markdown(summary: dict, title: str, plot: str | None = None) -> str:
         b90 = f"{e['bytes90_median'] / 1024:,.0f}" if e["bytes90_median"] is not None else "never"
         lines.append(
             f"| {rule} | {_val(e['final'])} | {versus} | {wl} | {e['rounds90_median']:g}; {e['rounds90_reached']}/{summary['seeds']} "
-            f"| {e['bytes_round'] / 1024:,.1f} | {b90} | {e['norm_final']:.2f}; {e['norm_peak']:.2f} | {e['agg_error']:.3f} |"
+            f"| {e['bytes_round'] / 1024:,.1f} | {b90} | {e['norm_final']:.2f}; {e['norm_peak']:.2f} | {e['agg_error']:.3f} "
+            f"| {e['diverged']}/{summary['seeds']} |"
         )
     if any("worst" in e for e in summary["rules"].values()):
         lines += ["", f"| rule | worst-group AUC | ES-AUC | worst-group vs {summary['reference']} | wins |", "|---|---:|---:|---:|---:|"]
