@@ -192,7 +192,7 @@ class FairLoRA(FedLowRank):
     def summary(self) -> None:
         """Log the configuration."""
         super().summary()
-        log(INFO, "\t└──> FairLoRA mode '%s', global rank %s, |S| cap %s", self.mode, self.global_rank or "rank", self.balance_cap)
+        log(INFO, "\t└──> FairLoRA mode '%s', global rank %s, |S| cap %s", self.mode, self.global_rank or "= adapter rank", self.balance_cap)
 
     def client_config(self, config: ConfigRecord) -> ConfigRecord:
         """FedLowRank's, plus the group shares for unknown-group inference and column order."""
