@@ -128,8 +128,19 @@ def parse_rule(rule: str) -> tuple[str, dict]:
     parsed: dict = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        parsed[key] = {"true": True, "false": False}.get(value.lower(), value)
+        parsed[key] = _option_value(value)
     return name, parsed
+
+
+def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def make_strategy(rule: str, regime: Regime):

@@ -200,10 +200,33 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def merged(paths: list[str]) -> list[tuple[str, dict]]:
+    """Files of the same setting and regime merged into one (their rules side by side).
+
+    Runs are deterministic given the seed (same split, init, batches, sampling), so rules
+    run in separate files on the same seeds pair exactly as if run together; seeds that
+    are not in every file are left out.
+    """
+    groups: dict[str, tuple[str, dict]] = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        key = json.dumps([results["setting"], results["regime"]], sort_keys=True)
+        if key not in groups:
+            groups[key] = (path, results)
+            continue
+        first = groups[key][1]
+        common = sorted(set(first["seeds"]) & set(results["seeds"]), key=int)
+        first["seeds"] = {s: first["seeds"][s] for s in common}
+        for seed in common:
+            first["seeds"][seed]["runs"].update(results["seeds"][seed]["runs"])
+        first["rules"] += [r for r in results["rules"] if r not in first["rules"]]
+        first["command"] = first.get("command", "") + "` and `" + results.get("command", "")
+    return list(groups.values())
+
+
 def summary_main(args) -> None:
     chunks = []
-    for name in args.results:
-        results = json.loads(Path(name).read_text())
+    for name, results in merged(args.results):
         summary = summarise(results, args.reference)
         regime = results["regime"]
         label = (f"{results['setting']}: lr {regime['lr']:g}, {regime['local_epochs']} local epoch(s), init {regime['init']}, "

@@ -82,3 +82,20 @@ def test_the_runner_writes_paired_per_round_results(tmp_path):
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert "| fedit |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "plots" / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_files_of_the_same_setting_and_regime_merge_on_their_common_seeds(tmp_path):
+    from experiment_summary import merged
+
+    first = synthetic([0.9, 0.9, 0.9], [0.8, 0.8, 0.8])
+    second = synthetic([0.9, 0.9], [0.85, 0.86])
+    second["rules"] = ["c"]
+    for seed in second["seeds"].values():
+        seed["runs"] = {"c": seed["runs"]["b"]}
+    paths = [tmp_path / "one.json", tmp_path / "two.json"]
+    for path, results in zip(paths, (first, second)):
+        path.write_text(json.dumps(results))
+    [(name, results)] = merged([str(p) for p in paths])
+    assert name == str(paths[0]) and results["rules"] == ["a", "b", "c"] and sorted(results["seeds"]) == ["0", "1"]
+    summary = summarise(results, reference="a")
+    assert summary["rules"]["c"]["vs_reference"]["diff"][0] == pytest.approx((-0.05 - 0.04) / 2)
