@@ -61,7 +61,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_settings import DigitsTransformer  # noqa: E402
 
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state

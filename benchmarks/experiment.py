@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_settings import SETTINGS, Regime, Setting, start_factors  # noqa: E402
 

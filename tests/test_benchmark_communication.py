@@ -26,6 +26,8 @@ def test_communication_benchmark_smoke(tmp_path):
     # kernels.py shadow the `kernels` package PEFT imports, silently skipping the PEFT tests.
     import importlib.util  # noqa: PLC0415
 
+    sys.path.append(str(ROOT / "benchmarks"))  # for its `experiment_settings` import; appended, see above
+
     spec = importlib.util.spec_from_file_location("benchmarks_communication", ROOT / "benchmarks" / "communication.py")
     communication = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(communication)
@@ -57,7 +59,7 @@ def test_communication_benchmark_smoke(tmp_path):
 
 
 def test_pareto_front_keeps_exactly_the_undominated_methods():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.append(str(ROOT / "benchmarks"))  # appended: its kernels.py must not shadow PEFT's `kernels`
     from plot_communication import pareto_front
 
     # (bytes, accuracy): b dominates c (fewer bytes, higher accuracy); a and d trade off.

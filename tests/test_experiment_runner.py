@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# Appended, not prepended: benchmarks/kernels.py must not shadow the `kernels` package PEFT imports.
+sys.path.append(str(ROOT / "benchmarks"))
 
 from experiment_summary import markdown, sign_test, summarise, t_interval  # noqa: E402
 
