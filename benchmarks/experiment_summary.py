@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,9 @@ def summary_main(args) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             plot_path = folder / (Path(name).stem + ".png")
             plot_curves(results, plot_path, label)
-            plot = str(plot_path)
+            # Linked relative to the Markdown file, so the page renders where it is written.
+            base = Path(args.markdown).resolve().parent if args.markdown else Path.cwd()
+            plot = os.path.relpath(plot_path.resolve(), base)
         chunks.append(markdown(summary, label, plot))
         Path(name).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
     text = "\n".join(chunks)
