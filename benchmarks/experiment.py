@@ -101,7 +101,7 @@ def evaluate(model, setting: Setting) -> dict:
     return out
 
 
-def central(setting: Setting, regime: Regime) -> dict:
+def central(setting: Setting, regime: Regime, seed: int) -> dict:
     """Central fine-tuning of the same adapters on the pooled site data: the headroom's top."""
     import torch
 
@@ -110,6 +110,7 @@ def central(setting: Setting, regime: Regime) -> dict:
     groups = setting.groups if setting.groups > 1 else 1
     best = {}
     for g in sorted({1, groups}):
+        torch.manual_seed(seed)  # the federated runs' adapter start, whatever ran before in this process
         model = adapted(setting, regime, g)
         pooled = [b for site in setting.site_train for b in site]
         optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=regime.lr)
@@ -182,6 +183,9 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
         run_config["client-ranks"] = ",".join(map(str, regime.client_ranks))
     nodes = [{"partition-id": i, "num-partitions": regime.sites} for i in range(regime.sites)]
     grid = InProcessGrid(app, nodes, run_config)
+    # Seeded before the adapters exist: every rule of a seed starts from the same V (and head).
+    random.seed(seed)  # Flower samples clients with the random module: same draws for every rule
+    torch.manual_seed(seed)
     model = adapted(setting, regime, groups)
     curve: list[dict] = []
     sent: dict[int, int] = {}
@@ -210,8 +214,6 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
         curve.append(point)
         return None
 
-    random.seed(seed)  # Flower samples clients with the random module: same draws for every rule
-    torch.manual_seed(seed)
     initial = to_record(exchange_state(model))
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=regime.rounds,
                    train_config=ConfigRecord({"lr": regime.lr, "local-epochs": regime.local_epochs}),
@@ -236,7 +238,7 @@ def run_seed(setting_name: str, regime: Regime, rules: list[str], seed: int) -> 
     quiet()
     started = time.time()
     setting = SETTINGS[setting_name](seed, regime)
-    out = {"seed": seed, "central": central(setting, regime), "runs": {}}
+    out = {"seed": seed, "central": central(setting, regime, seed), "runs": {}}
     for rule in rules:
         out["runs"][rule] = federated(setting, regime, rule, seed)
     out["seconds"] = time.time() - started

@@ -206,8 +206,8 @@ def digits(seed: int, regime: Regime) -> Setting:
     cut = int(0.4 * len(pool))
     pre = pool[:cut][labels[pool[:cut]] <= 5]
     sites = dirichlet_sites(labels, pool[cut:], regime.sites, regime.alpha, rng)
-    base = DigitsTransformer()
     torch.manual_seed(seed)
+    base = DigitsTransformer()
     base.load_state_dict(pretrain(DigitsTransformer(), x, y, pre, epochs=40, lr=3e-3, seed=seed))
     zeros = torch.zeros(len(labels), dtype=torch.long)
     return _finish("digits", base, r"blocks\.\d+\.(q|k|v|o|ff1|ff2)", r"head\..*", x, y, zeros, sites, test, regime, seed,
@@ -237,6 +237,9 @@ def _fashion():
 
 
 def _fashion_base(x, y, pre, seed: int) -> nn.Module:
+    # Seeded before the network exists: its initial weights, hence the pretrained base,
+    # must not depend on what ran before in the process.
+    torch.manual_seed(seed)
     base = FashionMLP()
     base.load_state_dict(pretrain(FashionMLP(), x, y, pre, epochs=3, lr=1e-3, seed=seed))
     return base
@@ -273,8 +276,8 @@ def fmnist_groups(seed: int, regime: Regime) -> Setting:
     group[test] = rng.random(len(test)) < 0.5
     target = torch.from_numpy(relabel_by_group(labels, group))
     base = _fashion_base(x, y, pre, seed)
-    base.head = nn.Linear(128, 1)  # a new binary head, trained in full
     torch.manual_seed(seed)
+    base.head = nn.Linear(128, 1)  # a new binary head, trained in full
     return _finish("fmnist-groups", base, r"fc[12]", r"head\..*", x, target, torch.from_numpy(group), sites, test, regime,
                    seed, binary=True, groups=2, group_names=GROUP_NAMES)
 

@@ -61,7 +61,7 @@ def test_summary_pairs_rules_and_finds_rounds_and_bytes_to_90_percent_of_headroo
 def test_the_runner_writes_paired_per_round_results(tmp_path):
     out = tmp_path / "run.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "run", "--setting", "digits", "--rules", "fedit,exact",
+        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "run", "--setting", "digits", "--rules", "fedit,exact,exact/align=true",
          "--seeds", "0-1", "--rounds", "1", "--workers", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -75,6 +75,9 @@ def test_the_runner_writes_paired_per_round_results(tmp_path):
         assert [p["round"] for p in runs["exact"]] == [0, 1]
         assert runs["exact"][1]["bytes"] > 0 and runs["exact"][0]["product_norm_max"] == 0.0
         assert runs["exact"][1]["product_norm_max"] > 0.0 and seed["central"]["G1"]["acc"] > runs["exact"][0]["acc"]
+        # The same rule under another name: identical curves, so every rule of a seed starts
+        # from the same adapters, batches and sampling whatever ran before it.
+        assert runs["exact/align=true"] == runs["exact"]
     summary = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "summary", str(out), "--reference", "exact",
          "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")],
