@@ -80,12 +80,17 @@ def test_exact_recovers_per_group_weighted_sum_when_clients_share_a_basis():
     rng = np.random.default_rng(0)
     u, v = _orthonormal(rng, D_OUT, R), _orthonormal(rng, D_IN, R)
     clients = [_client(rng, u, v) for _ in range(3)]
-    strategy = FairLoRA(mode="exact", rank=R)
-    arrays, metrics = _round(strategy, _global(rng), [_reply(k + 1, c, COUNTS[k]) for k, c in enumerate(clients)])
+    start = _global(rng)
+    # Default: |S| capped at 1, the rest of the magnitude in U and V; the same products.
+    capped, _ = _round(FairLoRA(mode="exact", rank=R), start, [_reply(k + 1, c, COUNTS[k]) for k, c in enumerate(clients)])
+    assert np.abs(capped["fc.lora_S"].numpy()).max() <= 1.0 + 1e-6
+    strategy = FairLoRA(mode="exact", rank=R, balance_cap=None)
+    arrays, metrics = _round(strategy, start, [_reply(k + 1, c, COUNTS[k]) for k, c in enumerate(clients)])
     targets = _dense_targets(clients, COUNTS)
     for g in range(G):
         np.testing.assert_allclose(_product(arrays, g), targets[g], atol=2e-5)
-    # Balanced (default, no cap): each column's group-share-weighted mean |S| is 1.
+        np.testing.assert_allclose(_product(capped, g), targets[g], atol=2e-5)
+    # Balanced without a cap: each column's group-share-weighted mean |S| is 1.
     shares = COUNTS.sum(axis=0) / COUNTS.sum()
     np.testing.assert_allclose(shares @ np.abs(arrays["fc.lora_S"].numpy()), 1.0, rtol=1e-5)
     assert metrics["agg-error-rel"] < 1e-5
