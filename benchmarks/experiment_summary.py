@@ -198,6 +198,9 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
         ax.fill_between(x, mean - 1.96 * sd / math.sqrt(len(seeds)), mean + 1.96 * sd / math.sqrt(len(seeds)), alpha=0.2)
     top = np.mean([results["seeds"][s]["central"]["G1"][metric] for s in seeds])
     ax.axhline(top, color="k", ls="--", lw=1, label="central fine-tuning")
+    if all("G2" in results["seeds"][s]["central"] for s in seeds):
+        top2 = np.mean([results["seeds"][s]["central"]["G2"][metric] for s in seeds])
+        ax.axhline(top2, color="k", ls=":", lw=1, label="central fine-tuning, G = 2")
     ax.set(xlabel="round", ylabel=f"{metric.upper()} (central test set)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
