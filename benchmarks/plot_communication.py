@@ -60,12 +60,21 @@ def plot(settings: dict[str, dict], out: Path) -> None:
                 ax.errorbar([lx], [ly], yerr=[[ly - llo], [lhi - ly]], fmt="o", color=colour, ms=8)
                 ax.annotate("", (lx, ly), (ux, uy), arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
         ax.axhline(-1.0, color="grey", ls="--", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes sent per round, all clients (log)")
-        ax.set_ylabel("final accuracy minus no compression (points)")
-        ax.set_title(f"{name}: uniform (hollow) -> L-GreCo (filled)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        _style(ax, "bytes sent per round, all clients (log)", "final accuracy minus no compression (points)",
+               f"{name}: uniform (hollow) -> L-GreCo (filled)")
+    _save(fig, out)
+
+
+def _style(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _save(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -103,16 +112,9 @@ def plot_pareto(settings: dict[str, dict], out: Path) -> None:
             ax.annotate(method.replace("uniform:", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="grey", lw=1, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes sent per round, all clients, tables included (log)")
-        ax.set_ylabel("final accuracy minus no compression (points, paired)")
-        ax.set_title(f"{name}: uniform (hollow), L-GreCo (squares)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+        _style(ax, "bytes sent per round, all clients, tables included (log)",
+               "final accuracy minus no compression (points, paired)", f"{name}: uniform (hollow), L-GreCo (squares)")
+    _save(fig, out)
 
 
 def main() -> None:
