@@ -172,8 +172,8 @@ class SVDAdapter(nn.Module):
         return dense + self.fold_U @ self.fold_V.T
 
     def delta_weight(self, group: int | None = None) -> torch.Tensor:
-        """``dW`` laid out like the base weight (what a merge adds to it)."""
-        raise NotImplementedError
+        """``dW`` laid out like the base weight (what a merge adds to it); each layer type says how."""
+        raise NotImplementedError(f"{type(self).__name__} must define delta_weight: the layout of dW in its base weight")
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, groups={self.groups}, scale={self.scale:g}"
