@@ -20,7 +20,8 @@ rule's aggregation error against the exact weighted sum. Runs are spread over wo
 Rules: any registered aggregation rule (``exact``, ``fedit``, ``ffa``, ``flora``,
 ``flexlora-dense``, ``zero-pad``), ``fedex`` (``exact`` with the residual folded into the
 base, FedEx-LoRA), ``fairlora-exact`` and ``fairlora-paper`` (G = 2; per-group settings);
-strategy options after a slash, e.g. ``exact/gauge=lora`` or ``exact/align=false``.
+strategy options after a slash, e.g. ``exact/gauge=lora`` or ``exact/align=false``;
+``fedavg-full``: full-model FedAvg (every weight trains, Flower's ``FedAvg`` averages them).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +74,12 @@ def adapted(setting: Setting, regime: Regime, groups: int, rank: int | None = No
     return model
 
 
-def evaluate(model, setting: Setting) -> dict:
-    """Central test metrics of an adapted model (and its largest adapter product norm)."""
+def evaluate(model, setting: Setting, start=None) -> dict:
+    """Central test metrics of an adapted model (and its largest adapter product norm).
+
+    A model without adapters (the full-model baseline) reports instead the largest
+    ``||W - W_start||`` over the adapter targets, ``start`` being the model it started from.
+    """
     import torch
 
     from fedlowrank.adapters import adapter_layers
@@ -86,9 +93,16 @@ def evaluate(model, setting: Setting) -> dict:
         out["worst_group_auc"] = min(out["auc_g0"], out["auc_g1"])
     else:
         out = {"acc": float(np.mean(pred.scores.argmax(1) == pred.labels))}
+    layers = adapter_layers(model)
+    if not layers:  # the full-model baseline: how far the adapted layers moved from the base
+        with torch.no_grad():
+            out["product_norm_max"] = max(
+                float(torch.linalg.matrix_norm(module.weight.double() - start.get_submodule(name).weight.double()))
+                for name, module in model.named_modules() if re.fullmatch(setting.targets, name))
+        return out
     norms = []
     with torch.no_grad():
-        for layer in adapter_layers(model).values():
+        for layer in layers.values():
             for row in layer.lora_S:
                 # ||scale U diag(s) V^T + fold_U fold_V^T||_F from the small QR cores (never
                 # d_out x d_in); the fold is what fedex and flora moved into the base.
@@ -161,37 +175,27 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     import torch
     from flwr.app import ConfigRecord
 
-    from fedlowrank.adapters import exchange_state, load_exchange_state
-    from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, to_record
     from fedlowrank.strategies.inprocess import InProcessGrid
 
-    groups = setting.groups if parse_rule(rule)[0] in GROUPED_RULES else 1
-
-    def data_fn(context):
-        site = int(context.node_config["partition-id"])
-        return ClientData(setting.site_train[site], setting.site_test[site], max(groups, 2) if setting.binary else 1)
-
-    def model_fn(_context):
-        import copy
-
-        return copy.deepcopy(setting.base)
-
-    adapter = AdapterConfig(setting.targets, rank=regime.rank, groups=groups, trainable=setting.trainable)
-    app = build_client_app(model_fn, data_fn, adapter, lr=regime.lr, local_epochs=regime.local_epochs)
     run_config = {"seed": seed}
     if regime.client_ranks:
         run_config["client-ranks"] = ",".join(map(str, regime.client_ranks))
     nodes = [{"partition-id": i, "num-partitions": regime.sites} for i in range(regime.sites)]
-    grid = InProcessGrid(app, nodes, run_config)
-    # Seeded before the adapters exist: every rule of a seed starts from the same V (and head).
+    # Seeded before the model exists: every rule of a seed starts from the same V (and head).
     random.seed(seed)  # Flower samples clients with the random module: same draws for every rule
     torch.manual_seed(seed)
-    model = adapted(setting, regime, groups)
+    name, options = parse_rule(rule)
+    if name == FULL_MODEL_RULE:
+        if options:
+            raise ValueError(f"{FULL_MODEL_RULE} takes no options, got {options}")
+        run = full_model_run(setting, regime)
+    else:
+        run = adapter_run(setting, regime, rule)
+    grid = InProcessGrid(run.app, nodes, run_config)
     curve: list[dict] = []
     sent: dict[int, int] = {}
     errors: dict[int, float] = {}
-
-    strategy = make_strategy(rule, regime)
+    strategy = run.strategy
     inner_aggregate = strategy.aggregate_train
 
     def aggregate_train(server_round, replies):
@@ -208,17 +212,106 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     strategy.aggregate_train = aggregate_train
 
     def evaluate_fn(server_round, arrays):
-        load_exchange_state(model, from_record(arrays))
-        point = evaluate(model, setting)
+        run.load(arrays)
+        point = evaluate(run.model, setting, run.start)
         point.update(round=server_round, bytes=sent.get(server_round, 0), agg_error=errors.get(server_round))
         curve.append(point)
         return None
 
-    initial = to_record(exchange_state(model))
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=regime.rounds,
+    strategy.start(grid=grid, initial_arrays=run.initial, num_rounds=regime.rounds,
                    train_config=ConfigRecord({"lr": regime.lr, "local-epochs": regime.local_epochs}),
                    evaluate_fn=evaluate_fn)
     return curve
+
+
+@dataclass
+class Run:
+    """What one rule needs for a federated run: client code, strategy, the server's model."""
+
+    app: object  # flwr ClientApp
+    strategy: object  # flwr Strategy
+    model: object  # the server-side model the global arrays load into for evaluation
+    initial: object  # ArrayRecord
+    load: Callable  # ArrayRecord -> None (into model)
+    start: object = None  # the full-model baseline's starting model (its norms are distances to it)
+
+
+def adapter_run(setting: Setting, regime: Regime, rule: str) -> Run:
+    """Adapters exchanged with fedlowrank's client app and a fedlowrank strategy."""
+    import copy
+
+    from fedlowrank.adapters import exchange_state, load_exchange_state
+    from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, to_record
+
+    groups = setting.groups if parse_rule(rule)[0] in GROUPED_RULES else 1
+
+    def data_fn(context):
+        site = int(context.node_config["partition-id"])
+        return ClientData(setting.site_train[site], setting.site_test[site], max(groups, 2) if setting.binary else 1)
+
+    adapter = AdapterConfig(setting.targets, rank=regime.rank, groups=groups, trainable=setting.trainable)
+    app = build_client_app(lambda _context: copy.deepcopy(setting.base), data_fn, adapter, lr=regime.lr,
+                           local_epochs=regime.local_epochs)
+    model = adapted(setting, regime, groups)
+    return Run(app, make_strategy(rule, regime), model, to_record(exchange_state(model)),
+               lambda arrays: load_exchange_state(model, from_record(arrays)))
+
+
+# --------------------------------------------------------------------------- full-model FedAvg
+
+
+FULL_MODEL_RULE = "fedavg-full"
+
+
+def full_model_run(setting: Setting, regime: Regime) -> Run:
+    """The full-model baseline: every weight trains locally, Flower's own ``FedAvg`` averages.
+
+    Same data, batches, optimiser (Adam), learning rate, epochs and client sampling as the
+    adapter rules; what differs is what trains and what is sent (the whole model). Under a
+    PiSSA start it starts from the pretrained weights (the residual plus the adapter part).
+    """
+    import copy
+
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedlowrank.clients import train_local
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        model = copy.deepcopy(start)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        config = msg.content["config"]
+        site = int(context.node_config["partition-id"])
+        result = train_local(model, setting.site_train[site], int(config["local-epochs"]), float(config["lr"]),
+                             torch.device("cpu"))
+        metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.num_examples})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+    start = pretrained(setting)
+    model = copy.deepcopy(start)
+    strategy = FedAvg(fraction_train=regime.fraction, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    initial = ArrayRecord(copy.deepcopy(model.state_dict()))
+    return Run(app, strategy, model, initial, lambda arrays: model.load_state_dict(arrays.to_torch_state_dict()), start)
+
+
+def pretrained(setting: Setting):
+    """The base with every weight trainable and any PiSSA part added back: ``W = W_res + U V^T``."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(setting.base)
+    with torch.no_grad():
+        for name, (u, v) in setting.init_factors.items():
+            model.get_submodule(name).weight.add_(u @ v.T)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def quiet() -> None:

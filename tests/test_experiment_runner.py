@@ -57,11 +57,18 @@ def test_summary_pairs_rules_and_finds_rounds_and_bytes_to_90_percent_of_headroo
     assert "headroom +40.00" in text and "| b |" in text and "0/3" in text
 
 
+# The digits transformer's weights: embed 8x64+64, pos 8x64, per block 4 (64x64+64) + 64x128+128
+# + 128x64+64 + 2 LayerNorms (2x64 each), final LayerNorm 2x64, head 64x10+10.
+# Each of its 39 tensors travels as a .npy buffer with a 128-byte header.
+DIGITS_TENSORS = 2 + 1 + 2 * 16 + 2 + 2
+DIGITS_WEIGHTS = 8 * 64 + 64 + 8 * 64 + 2 * (4 * (64 * 64 + 64) + 64 * 128 + 128 + 128 * 64 + 64 + 4 * 64) + 2 * 64 + 64 * 10 + 10
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_the_runner_writes_paired_per_round_results(tmp_path):
     out = tmp_path / "run.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "run", "--setting", "digits", "--rules", "fedit,exact,exact/align=true",
+        [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "run", "--setting", "digits", "--rules", "fedit,exact,exact/align=true,fedavg-full",
          "--seeds", "0-1", "--rounds", "1", "--workers", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -78,6 +85,10 @@ def test_the_runner_writes_paired_per_round_results(tmp_path):
         # The same rule under another name: identical curves, so every rule of a seed starts
         # from the same adapters, batches and sampling whatever ran before it.
         assert runs["exact/align=true"] == runs["exact"]
+        # Full-model FedAvg starts from the same model and sends every weight of it, 5 sites.
+        full = runs["fedavg-full"]
+        assert full[0]["acc"] == runs["exact"][0]["acc"] and full[0]["product_norm_max"] == 0.0
+        assert full[1]["bytes"] == 5 * (4 * DIGITS_WEIGHTS + 128 * DIGITS_TENSORS) and full[1]["product_norm_max"] > 0.0
     summary = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "experiment.py"), "summary", str(out), "--reference", "exact",
          "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")],
@@ -103,3 +114,16 @@ def test_files_of_the_same_setting_and_regime_merge_on_their_common_seeds(tmp_pa
     assert name == str(paths[0]) and results["rules"] == ["a", "b", "c"] and sorted(results["seeds"]) == ["0", "1"]
     summary = summarise(results, reference="a")
     assert summary["rules"]["c"]["vs_reference"]["diff"][0] == pytest.approx((-0.05 - 0.04) / 2)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_full_model_fedavg_starts_from_the_pretrained_weights_under_a_pissa_start():
+    from experiment import run_seed
+    from experiment_settings import Regime
+
+    result = run_seed("digits", Regime(rounds=1, init="pissa"), ["exact", "fedavg-full"], seed=3)
+    exact, full = result["runs"]["exact"], result["runs"]["fedavg-full"]
+    # PiSSA moves the top of each weight into the adapter; the full model gets it back, so
+    # both start where the pretrained base was (float32 rounding may flip one test digit).
+    assert abs(full[0]["acc"] - exact[0]["acc"]) <= 1 / 539 and exact[0]["product_norm_max"] > 1.0
+    assert full[0]["product_norm_max"] == 0.0 and full[1]["product_norm_max"] > 0.0
