@@ -72,7 +72,7 @@ def per_seed(results: dict, rule: str, metric: str) -> dict:
             "norm_peak": max(p["product_norm_max"] for p in curve),
             "worst": curve[-1].get("worst_group_auc"),
             "es_auc": curve[-1].get("es_auc"),
-            "agg_error": np.nanmean([p["agg_error"] for p in curve if p.get("agg_error") is not None] or [np.nan]),
+            "agg_error": agg_error_mean([p.get("agg_error") for p in curve]),
             # Diverged: a non-finite metric or norm in any round, or a final metric below the frozen base.
             "diverged": bool(
                 any(not np.isfinite(p[metric]) or not np.isfinite(p["product_norm_max"]) for p in curve)
@@ -81,6 +81,12 @@ def per_seed(results: dict, rule: str, metric: str) -> dict:
             "bytes_round": float(np.mean([p["bytes"] for p in curve[1:]])) if len(curve) > 1 else 0.0,
         }
     return out
+
+
+def agg_error_mean(values) -> float | None:
+    """Mean aggregation error over seeds; None for a rule that reports none (full-model FedAvg)."""
+    finite = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 def summarise(results: dict, reference: str | None = None) -> dict:
@@ -113,7 +119,7 @@ def summarise(results: dict, reference: str | None = None) -> dict:
             "bytes_round": float(np.mean([rows[s]["bytes_round"] for s in seeds])),
             "norm_final": float(np.mean([rows[s]["norm"] for s in seeds])),
             "norm_peak": float(np.max([rows[s]["norm_peak"] for s in seeds])),
-            "agg_error": float(np.nanmean([rows[s]["agg_error"] for s in seeds])),
+            "agg_error": agg_error_mean([rows[s]["agg_error"] for s in seeds]),
             "diverged": sum(rows[s]["diverged"] for s in seeds),
         }
         for key in ("worst", "es_auc"):
@@ -165,9 +171,10 @@ def markdown(summary: dict, title: str, plot: str | None = None) -> str:
         versus = _ci(vs["diff"]) if vs else "reference"
         wl = f"{vs['wins']}/{vs['losses']} (p={vs['sign_p']:.2g})" if vs else ""
         b90 = f"{e['bytes90_median'] / 1024:,.0f}" if e["bytes90_median"] is not None else "never"
+        error = f"{e['agg_error']:.3f}" if e["agg_error"] is not None else "—"  # full-model FedAvg: none
         lines.append(
             f"| {rule} | {_val(e['final'])} | {versus} | {wl} | {e['rounds90_median']:g}; {e['rounds90_reached']}/{summary['seeds']} "
-            f"| {e['bytes_round'] / 1024:,.1f} | {b90} | {e['norm_final']:.2f}; {e['norm_peak']:.2f} | {e['agg_error']:.3f} "
+            f"| {e['bytes_round'] / 1024:,.1f} | {b90} | {e['norm_final']:.2f}; {e['norm_peak']:.2f} | {error} "
             f"| {e['diverged']}/{summary['seeds']} |"
         )
     if any("worst" in e for e in summary["rules"].values()):
