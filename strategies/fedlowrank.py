@@ -132,6 +132,14 @@ class FedLowRank(FedAvg):
     robust_factor : float (default: 3.0)
     min_valid_replies : int (default: 1)
         Fewer valid replies than this keep the previous global (and the log says so).
+    server_learning_rate : float (default: 1.0)
+        The share of the round's aggregate change the global takes, in ``(0, 1]`` (as in
+        Flower's ``FedAvgM``, without momentum): every client's change is scaled by it
+        before aggregation (its completed product becomes ``G + lr (P + T - G)``, its other
+        arrays ``g + lr (a - g)``), so under an exact rule the new global is the best
+        rank-r approximation of ``G + lr (M - G)``, ``M`` the exact weighted mean.
+        Momentum is left out: its state would be a dense ``d_out x d_in`` matrix or
+        a rank growing every round.
     aggregation_method : {"gram", "qr"}, optional
         Deprecated: use ``rule_options={"method": ...}`` with rule ``"exact"``.
     **kwargs
@@ -162,6 +170,7 @@ class FedLowRank(FedAvg):
         robust: str | None = None,
         robust_factor: float = 3.0,
         min_valid_replies: int = 1,
+        server_learning_rate: float = 1.0,
         aggregation_method: str | None = None,
         **kwargs,
     ) -> None:
@@ -169,6 +178,9 @@ class FedLowRank(FedAvg):
         kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
         super().__init__(**kwargs)
+        if not 0.0 < server_learning_rate <= 1.0:
+            raise ValueError(f"server_learning_rate must be in (0, 1], got {server_learning_rate}")
+        self.server_learning_rate = float(server_learning_rate)
         if gauge not in ("balanced", "lora"):
             raise ValueError(f"gauge must be 'balanced' or 'lora', got {gauge!r}")
         self.gauge = gauge
@@ -233,8 +245,8 @@ class FedLowRank(FedAvg):
         super().summary()
         log(
             INFO,
-            "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s'",
-            self.rule.name, self.rank or "as sent", self.residual,
+            "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s', gauge '%s', server learning rate %g",
+            self.rule.name, self.rank or "as sent", self.residual, self.gauge, self.server_learning_rate,
         )
 
     # -- configure ------------------------------------------------------------
@@ -364,6 +376,7 @@ class FedLowRank(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Pass 2 of :meth:`aggregate_train`: the accepted replies folded in, one at a time."""
         kept, shrinks = self.robust_filter(kept, accs, plain_keys)
+        shrinks = [self.server_learning_rate * shrink for shrink in shrinks]
         sums: dict[str, np.ndarray] = {}
         total = 0.0
         for (msg, arrays, weight, extra), shrink in zip(kept, shrinks):

@@ -163,3 +163,44 @@ def test_peft_lora_factors_are_refused_not_averaged_factor_by_factor():
     strategy._global_arrays = array_record(arrays)
     with pytest.raises(ValueError, match="PEFT LoRA factors .* not the average of B A"):
         strategy.check_rule_fits()
+
+
+def svd_arrays(matrix, rank, head):
+    """What a client of ``rank`` holds after loading ``matrix``: its best rank-r part, balanced."""
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return {"fc.lora_U": u[:, :rank] * root, "fc.lora_S": np.ones((1, rank)), "fc.lora_V": vt[:rank].T * root, **head}
+
+
+def test_server_learning_rate_moves_the_global_that_share_of_the_exact_change():
+    ranks, counts = [2, 4, 3], [10, 30, 60]
+    clients = [client_arrays(k, r) for k, r in enumerate(ranks)]
+    replies = [train_reply(k + 1, a, n) for k, (a, n) in enumerate(zip(clients, counts))]
+    global_arrays = client_arrays(99, 9)
+    arrays, _ = aggregate(FedLowRank(rank=9, server_learning_rate=0.25), replies, global_arrays)
+    got = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
+    g = product(global_arrays)
+    shares = np.array(counts) / sum(counts)
+    mean = sum(w * (product(c) + g - best_rank(g, c["fc.lora_U"].shape[1])) for w, c in zip(shares, clients))
+    want = best_rank(g + 0.25 * (mean - g), 9)  # dense reference
+    assert np.linalg.norm(product(got) - want) / np.linalg.norm(want) < 1e-5
+    for key in ("head.weight", "head.bias"):
+        plain_mean = sum(w * c[key] for w, c in zip(shares, clients))
+        assert np.allclose(got[key], global_arrays[key] + 0.25 * (plain_mean - global_arrays[key]), atol=1e-6)
+
+
+def test_server_learning_rate_leaves_an_unchanged_round_unchanged_at_mixed_ranks():
+    global_arrays = client_arrays(7, 6)
+    head = {k: global_arrays[k] for k in ("head.weight", "head.bias")}
+    g = product(global_arrays)
+    replies = [train_reply(k + 1, svd_arrays(g, r, head), 10 + k) for k, r in enumerate([2, 6, 4])]
+    arrays, _ = aggregate(FedLowRank(rank=6, server_learning_rate=0.5), replies, global_arrays)
+    got = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
+    assert np.linalg.norm(product(got) - g) / np.linalg.norm(g) < 1e-5
+    assert np.allclose(got["head.weight"], head["head.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.5, float("nan")])
+def test_server_learning_rate_outside_0_1_is_refused(rate):
+    with pytest.raises(ValueError, match="server_learning_rate must be in"):
+        FedLowRank(server_learning_rate=rate)
