@@ -97,7 +97,8 @@ def evaluate(model, setting: Setting, start=None) -> dict:
     if not layers:  # the full-model baseline: how far the adapted layers moved from the base
         with torch.no_grad():
             out["product_norm_max"] = max(
-                float(torch.linalg.matrix_norm(module.weight.double() - start.get_submodule(name).weight.double()))
+                # Frobenius over all entries: a conv kernel as its (out, in x k x k) matrix.
+                float(torch.linalg.vector_norm(module.weight.double() - start.get_submodule(name).weight.double()))
                 for name, module in model.named_modules() if re.fullmatch(setting.targets, name))
         return out
     norms = []

@@ -13,6 +13,12 @@ Fashion-MNIST (``apt-get install dataset-fashion-mnist``).
     An MLP on Fashion-MNIST (784-256-128, both hidden layers adapted), base pretrained on
     classes 0-5 of 10,000 held-out images; sites (any number: the many-clients setting
     uses 100) fine-tune on all ten classes of the other 50,000. Metric: accuracy.
+``fmnist-conv``
+    The imaging app's data and adapter type at a size 2 CPU cores can sweep: a small CNN
+    (:class:`FashionCNN`) on Fashion-MNIST, base pretrained on classes 0-5 of 10,000
+    held-out images, adapters on the second convolution (:class:`~fedlowrank.adapters.SVDConv`)
+    and the hidden linear layer; 5 sites of 800 images (all ten classes), 2,000 test
+    images. Metric: accuracy.
 ``fmnist-groups``
     The per-group setting: the same images, a binary task whose label rule depends on a
     group attribute drawn at random per image (so no pixel tells it): group A calls
@@ -300,4 +306,38 @@ def _finish(name, base, targets, trainable, x, y, g, sites, test, regime: Regime
                    binary, groups, tuple(group_names), init)
 
 
-SETTINGS = {"digits": digits, "fmnist": fmnist, "fmnist-groups": fmnist_groups}
+class FashionCNN(nn.Module):
+    """A small CNN: two 3x3 convolutions (8, 16 channels, each pooled), a 64-unit layer, the head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc, self.head = nn.Linear(16 * 7 * 7, 64), nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv1(x.view(-1, 1, 28, 28))), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return self.head(F.relu(self.fc(h.flatten(1))))
+
+
+CONV_SITE_IMAGES = 800  # per site: small sites, and a 10-seed lr x epochs sweep that 2 cores finish
+CONV_TEST_IMAGES = 2000
+
+
+def fmnist_conv(seed: int, regime: Regime) -> Setting:
+    x, y, n_train = _fashion()
+    labels = y.numpy()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_train)
+    pre = order[:10_000][labels[order[:10_000]] <= 5]
+    pool = order[10_000 : 10_000 + CONV_SITE_IMAGES * regime.sites]
+    test = n_train + rng.permutation(len(labels) - n_train)[:CONV_TEST_IMAGES]
+    sites = dirichlet_sites(labels, pool, regime.sites, regime.alpha, rng)
+    torch.manual_seed(seed)
+    base = FashionCNN()
+    base.load_state_dict(pretrain(FashionCNN(), x, y, pre, epochs=2, lr=1e-3, seed=seed))
+    zeros = torch.zeros(len(labels), dtype=torch.long)
+    return _finish("fmnist-conv", base, r"conv2|fc", r"head\..*", x, y, zeros, sites, test, regime, seed, binary=False)
+
+
+SETTINGS = {"digits": digits, "fmnist": fmnist, "fmnist-conv": fmnist_conv, "fmnist-groups": fmnist_groups}
