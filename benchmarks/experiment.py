@@ -196,6 +196,7 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     curve: list[dict] = []
     sent: dict[int, int] = {}
     errors: dict[int, float] = {}
+    refused: dict[int, int] = {}
     strategy = run.strategy
     inner_aggregate = strategy.aggregate_train
 
@@ -204,6 +205,8 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
         sent[server_round] = sum(
             len(a.data) for m in replies if not m.has_error() for a in m.content["arrays"].values()
         )
+        # A client refuses a global out of range (an entry above 1e6) with an error reply.
+        refused[server_round] = sum(m.has_error() for m in replies)
         arrays, metrics = inner_aggregate(server_round, replies)
         if metrics is not None:
             rel = [float(v) for k, v in metrics.items() if k.startswith("agg-error-rel")]
@@ -215,7 +218,8 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     def evaluate_fn(server_round, arrays):
         run.load(arrays)
         point = evaluate(run.model, setting, run.start)
-        point.update(round=server_round, bytes=sent.get(server_round, 0), agg_error=errors.get(server_round))
+        point.update(round=server_round, bytes=sent.get(server_round, 0), agg_error=errors.get(server_round),
+                     client_errors=refused.get(server_round, 0))
         curve.append(point)
         return None
 

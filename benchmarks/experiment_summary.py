@@ -73,9 +73,11 @@ def per_seed(results: dict, rule: str, metric: str) -> dict:
             "worst": curve[-1].get("worst_group_auc"),
             "es_auc": curve[-1].get("es_auc"),
             "agg_error": agg_error_mean([p.get("agg_error") for p in curve]),
-            # Diverged: a non-finite metric or norm in any round, or a final metric below the frozen base.
+            # Diverged: a non-finite metric or norm in any round, clients refusing the global (an
+            # entry above 1e6), or a final metric below the frozen base.
             "diverged": bool(
-                any(not np.isfinite(p[metric]) or not np.isfinite(p["product_norm_max"]) for p in curve)
+                any(not np.isfinite(p[metric]) or not np.isfinite(p["product_norm_max"]) or p.get("client_errors", 0)
+                    for p in curve)
                 or curve[-1][metric] < base
             ),
             "bytes_round": float(np.mean([p["bytes"] for p in curve[1:]])) if len(curve) > 1 else 0.0,

@@ -14,8 +14,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from logging import ERROR
+
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -38,6 +42,8 @@ class InProcessGrid(Grid):
 
     Notes
     -----
+    A ``ClientApp`` that raises replies with an error message (code
+    ``CLIENT_APP_RAISED_EXCEPTION``), as a SuperNode does, and the round goes on.
     Instruction messages read the run identity of the running ServerApp
     (``TaskIdentity``), which only ``flwr run`` sets; the constructor sets it for
     this process.
@@ -84,7 +90,12 @@ class InProcessGrid(Grid):
         for msg in messages:
             message_id = f"m{next(self._ids)}"
             delivered = Message(content=msg.content, metadata=self._delivered(msg.metadata, message_id))
-            reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
+            try:
+                reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001  (as a SuperNode does: the node replies with an error)
+                log(ERROR, "ClientApp of node %s raised an exception: %s", msg.metadata.dst_node_id, err)
+                reason = f"{type(err)}:<'{err}'>"  # the reason format Flower's runtime uses
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=delivered)
             self._replies[message_id] = reply
             ids.append(message_id)
         return ids

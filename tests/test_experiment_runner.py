@@ -127,3 +127,10 @@ def test_full_model_fedavg_starts_from_the_pretrained_weights_under_a_pissa_star
     # both start where the pretrained base was (float32 rounding may flip one test digit).
     assert abs(full[0]["acc"] - exact[0]["acc"]) <= 1 / 539 and exact[0]["product_norm_max"] > 1.0
     assert full[0]["product_norm_max"] == 0.0 and full[1]["product_norm_max"] > 0.0
+
+
+def test_a_run_whose_clients_refused_the_global_counts_as_diverged():
+    results = synthetic([0.9, 0.9], [0.88, 0.87])
+    results["seeds"]["1"]["runs"]["b"][2]["client_errors"] = 3  # clients refused an out-of-range global
+    summary = summarise(results, reference="a")
+    assert summary["rules"]["b"]["diverged"] == 1 and summary["rules"]["a"]["diverged"] == 0
