@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+import numpy as np
+
+sys.path.append(str(Path(__file__).resolve().parent))  # experiment_summary's paired intervals
 
 FAMILY_COLOURS = {"powersgd": "tab:blue", "topk": "tab:orange", "qsgd": "tab:green", "sq": "tab:purple"}
 
@@ -117,14 +122,50 @@ def plot_pareto(settings: dict[str, dict], out: Path) -> None:
     _save(fig, out)
 
 
+def markdown_table(path: Path, versus: str) -> str:
+    """Per method: bytes per round (tables counted), accuracy against no compression and
+    against ``versus``, as paired 95% t-intervals over the report's seeds (points)."""
+    from experiment_summary import t_interval
+
+    report = json.loads(path.read_text())
+    lines = []
+    for name, setting in report["settings"].items():
+        seeds = setting["per_seed"]
+        lines += [f"{name}: {len(seeds)} paired seeds, {setting['rounds']} rounds.", "",
+                  f"| method | bytes / round | of which tables | accuracy vs none (points, paired 95% CI) | vs {versus} | measured error |",
+                  "|---|---:|---:|---|---|---:|"]
+        for method in seeds[0]:
+            rows = [seed[method] for seed in seeds]
+            sent = sum(r["bytes_per_round"] for r in rows) / len(rows)
+            tables = sent - sum(r["bytes_per_round_without_tables"] for r in rows) / len(rows)
+            cells = []
+            for other in ("none", versus):
+                diff = [100 * (r["final_accuracy"] - seed[other]["final_accuracy"]) for r, seed in zip(rows, seeds)]
+                if method == other:
+                    cells.append("reference")
+                    continue
+                mean, lo, hi = t_interval(np.array(diff))
+                cells.append(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            error = sum(r["measured_error"] for r in rows) / len(rows)
+            lines.append(f"| {method} | {sent:,.0f} | {tables:,.0f} | {cells[0]} | {cells[1]} | {error:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="benchmarks/communication.py --out files")
     parser.add_argument("--out", type=Path, default=Path("results/communication.png"))
     parser.add_argument("--pareto", action="store_true", help="every method on one bytes-accuracy plane, with the front")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write a table with paired intervals (first report) to this file")
+    parser.add_argument("--versus", default="uniform:sq:3", help="second reference of the table's paired differences")
     args = parser.parse_args()
     (plot_pareto if args.pareto else plot)(settings_of(args.reports), args.out)
     print(f"written {args.out}")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(args.reports[0], args.versus))
+        print(f"written {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,20 @@ def test_pareto_front_keeps_exactly_the_undominated_methods():
     # (bytes, accuracy): b dominates c (fewer bytes, higher accuracy); a and d trade off.
     points = [(100.0, 0.0), (200.0, 1.0), (300.0, 0.5), (50.0, -2.0), (200.0, 1.0)]
     assert pareto_front(points) == [3, 0, 1, 4]
+
+
+def test_pareto_table_pairs_each_method_with_the_references_seed_by_seed(tmp_path):
+    sys.path.append(str(ROOT / "benchmarks"))
+    from plot_communication import markdown_table
+
+    def row(acc, sent, tables=0):
+        return {"bytes_per_round": sent, "bytes_per_round_without_tables": sent - tables, "measured_error": 0.1,
+                "final_accuracy": acc}
+
+    # b is 1 point above none on every seed (paired: zero spread) although the seeds differ by 10.
+    seeds = [{"none": row(0.5 + 0.1 * i, 100), "b": row(0.51 + 0.1 * i, 10, 4)} for i in range(3)]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"settings": {"toy": {"rounds": 2, "per_seed": seeds}}}))
+    text = markdown_table(path, versus="b")
+    assert "| b | 10 | 4 | +1.00 [+1.00, +1.00] | reference |" in text
+    assert "| none | 100 | 0 | reference | -1.00 [-1.00, -1.00] |" in text
