@@ -242,21 +242,28 @@ def _fashion():
     return x, y, len(train.labels)
 
 
-def _fashion_base(x, y, pre, seed: int) -> nn.Module:
+def _fashion_base(x, y, pre, seed: int, network=None, epochs: int = 3) -> nn.Module:
     # Seeded before the network exists: its initial weights, hence the pretrained base,
     # must not depend on what ran before in the process.
+    network = network or FashionMLP
     torch.manual_seed(seed)
-    base = FashionMLP()
-    base.load_state_dict(pretrain(FashionMLP(), x, y, pre, epochs=3, lr=1e-3, seed=seed))
+    base = network()
+    base.load_state_dict(pretrain(network(), x, y, pre, epochs=epochs, lr=1e-3, seed=seed))
     return base
 
 
-def fmnist(seed: int, regime: Regime) -> Setting:
+def _fashion_draw(seed: int):
+    """The seed's generator, its order of the training images and the base's rows (classes 0-5
+    of the first 10,000 in that order; the sites draw from the rest)."""
     x, y, n_train = _fashion()
     labels = y.numpy()
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_train)
-    pre = order[:10_000][labels[order[:10_000]] <= 5]
+    return x, y, labels, n_train, rng, order, order[:10_000][labels[order[:10_000]] <= 5]
+
+
+def fmnist(seed: int, regime: Regime) -> Setting:
+    x, y, labels, n_train, rng, order, pre = _fashion_draw(seed)
     pool = order[10_000:]
     test = np.arange(n_train, len(labels))
     sites = dirichlet_sites(labels, pool, regime.sites, regime.alpha, rng)
@@ -325,17 +332,11 @@ CONV_TEST_IMAGES = 2000
 
 
 def fmnist_conv(seed: int, regime: Regime) -> Setting:
-    x, y, n_train = _fashion()
-    labels = y.numpy()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_train)
-    pre = order[:10_000][labels[order[:10_000]] <= 5]
+    x, y, labels, n_train, rng, order, pre = _fashion_draw(seed)
     pool = order[10_000 : 10_000 + CONV_SITE_IMAGES * regime.sites]
     test = n_train + rng.permutation(len(labels) - n_train)[:CONV_TEST_IMAGES]
     sites = dirichlet_sites(labels, pool, regime.sites, regime.alpha, rng)
-    torch.manual_seed(seed)
-    base = FashionCNN()
-    base.load_state_dict(pretrain(FashionCNN(), x, y, pre, epochs=2, lr=1e-3, seed=seed))
+    base = _fashion_base(x, y, pre, seed, FashionCNN, epochs=2)
     zeros = torch.zeros(len(labels), dtype=torch.long)
     return _finish("fmnist-conv", base, r"conv2|fc", r"head\..*", x, y, zeros, sites, test, regime, seed, binary=False)
 
