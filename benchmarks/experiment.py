@@ -300,7 +300,7 @@ def full_model_run(setting: Setting, regime: Regime) -> Run:
     start = pretrained(setting)
     model = copy.deepcopy(start)
     strategy = FedAvg(fraction_train=regime.fraction, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
-    initial = ArrayRecord(copy.deepcopy(model.state_dict()))
+    initial = ArrayRecord(model.state_dict())  # ArrayRecord copies the tensors
     return Run(app, strategy, model, initial, lambda arrays: model.load_state_dict(arrays.to_torch_state_dict()), start)
 
 
