@@ -1,0 +1,72 @@
+"""The cross-round state of a server round (and so of a FedLowRank-family strategy), in one serialisable object.
+
+Like torch's ``PowerSGDState`` keeps a compressor's state in one place: the global arrays
+sent last (replies are checked and completed against them, and the next aggregate is
+aligned to them), the residual each layer carries into the next round (``carry``), the
+group shares sent (FairLoRA) and the round number. The residual modes keep their per-layer
+residual (``carry``) or fold (``fold``) here too. ``state_dict()`` gives plain numpy
+arrays and JSON-able values, never pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .ranks import Factors
+
+_META = "meta"
+
+
+@dataclass
+class LowRankState:
+    """What a FedLowRank-family strategy remembers between rounds."""
+
+    global_arrays: dict[str, np.ndarray] | None = None
+    """The arrays sent in the last ``configure_train``."""
+    residuals: dict[str, Factors | torch.Tensor] = field(default_factory=dict)
+    """Per adapted module: what the global rank could not hold last round (``carry``), or
+    the base correction folded so far (``fold``)."""
+    group_shares: list[float] | None = None
+    """Group shares sent to clients (grouped adapters)."""
+    server_round: int = 0
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat ``name -> np.ndarray``; metadata as a JSON string in a uint8 array."""
+        out: dict[str, np.ndarray] = {}
+        for key, value in (self.global_arrays or {}).items():
+            out[f"global/{key}"] = np.array(value)
+        for module, residual in self.residuals.items():
+            if isinstance(residual, Factors):
+                for leaf, t in zip("usv", residual):
+                    out[f"residual/{module}/{leaf}"] = t.detach().cpu().numpy()
+            else:
+                out[f"residual/{module}/dense"] = residual.detach().cpu().numpy()
+        meta = {
+            "server_round": self.server_round,
+            "group_shares": self.group_shares,
+            "has_global": self.global_arrays is not None,
+        }
+        out[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` wrote (replaces everything)."""
+        meta = json.loads(bytes(np.asarray(state[_META], dtype=np.uint8)).decode())
+        self.server_round = int(meta["server_round"])
+        self.group_shares = meta["group_shares"]
+        arrays = {k[len("global/"):]: np.array(v) for k, v in state.items() if k.startswith("global/")}
+        self.global_arrays = arrays if meta["has_global"] else None
+        residuals: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            if key.startswith("residual/"):
+                module, _, leaf = key[len("residual/"):].rpartition("/")
+                residuals.setdefault(module, {})[leaf] = value
+        self.residuals = {
+            module: torch.from_numpy(parts["dense"]) if "dense" in parts
+            else Factors(*(torch.from_numpy(parts[leaf]) for leaf in "usv"))
+            for module, parts in residuals.items()
+        }
