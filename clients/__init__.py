@@ -4,7 +4,7 @@ from .app import AdapterConfig, ClientData, build_client_app, build_model, clien
 from .compression import EF_STATE_KEY, compress_arrays, compress_reply, compression_requested
 from .private import ACCOUNTANT_KEY, DPConfig, train_private
 from .runconfig import build_run_config_client_app, dp_from_run_config
-from .trainer import Predictions, TrainResult, pick_device, predict, train_local
+from fedlowrank.training import Predictions, TrainResult, pick_device, predict, train_local
 
 __all__ = [
     "ACCOUNTANT_KEY",

@@ -16,12 +16,13 @@ from torch import nn
 from fedlowrank.adapters import FACTOR_SUFFIXES, adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.adapters.peft import freeze_factor, is_peft_model, lora_layers
 from fedlowrank.fairness import group_fairness_report, local_statistics
-from fedlowrank.wire import FROZEN_KEY, GROUP_SHARE_KEY, TRUNCATION_KEY
+from fedlowrank.wire import FROZEN_KEY, GROUP_COUNT_PREFIX, GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from .compression import compress_reply
 from .persist import persist_state, restore_state
 from .private import DPConfig, train_private
-from .trainer import TrainResult, describe_compute, pick_device, predict, train_local
+from fedlowrank.runconfig import parse_ranks  # noqa: F401  (re-exported)
+from fedlowrank.training import TrainResult, describe_compute, pick_device, predict, train_local
 
 
 @dataclass
@@ -47,17 +48,6 @@ class ClientData:
     train: Iterable
     test: Iterable
     num_groups: int = 1
-
-
-def parse_ranks(text: str) -> list[int]:
-    """``"2,4,8"`` -> ``[2, 4, 8]``; a clear error for anything but positive integers."""
-    try:
-        ranks = [int(r) for r in str(text).split(",") if r.strip()]
-    except ValueError:
-        raise ValueError(f"client-ranks {text!r} must be comma-separated integers, e.g. '2,4,8'") from None
-    if any(r < 1 for r in ranks):
-        raise ValueError(f"client-ranks {text!r}: every rank must be >= 1")
-    return ranks
 
 
 def client_rank(context: Context, default: int) -> int:
@@ -151,7 +141,7 @@ def freeze_factors(model: nn.Module, names) -> None:
 
 def group_count_metrics(counts: dict[int, int], groups: int) -> dict[str, int]:
     """``group-count-g{g}`` for every group of a grouped adapter (0 for groups not seen)."""
-    return {f"group-count-g{g}": int(counts.get(g, 0)) for g in range(groups)} if groups > 1 else {}
+    return {f"{GROUP_COUNT_PREFIX}{g}": int(counts.get(g, 0)) for g in range(groups)} if groups > 1 else {}
 
 
 def fairness_statistics(pred, num_groups: int) -> ArrayRecord | None:

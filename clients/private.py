@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from torch import nn
 
-from .trainer import TrainResult, train_local
+from fedlowrank.training import TrainResult, train_local
 
 ACCOUNTANT_KEY = "dp-accountant"
 

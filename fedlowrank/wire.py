@@ -1,8 +1,28 @@
-"""The message contract both sides import: config keys the server sets for clients.
+"""The message contract both sides import: array names, config keys the server sets for clients.
 
 Keys are spelled once, here, and imported by ``fedlowrank.strategies`` and
 ``fedlowrank.clients`` alike.
 """
+
+FACTOR_SUFFIXES = ("lora_U", "lora_S", "lora_V")
+"""An adapted layer ``m`` travels as ``m.lora_U`` (d_out x r), ``m.lora_S`` (G x r) and
+``m.lora_V`` (d_in x r): ``dW_g = U diag(S[g]) V^T`` with the layer's scale folded in."""
+FOLD_SUFFIXES = ("fold_U", "fold_V")
+"""Server -> client only: ``m.fold_U`` (d_out x f) and ``m.fold_V`` (d_in x f), the base
+correction ``fold_U fold_V^T`` that the residual mode ``fold`` and the rule ``flora``
+maintain. Clients load them into the layer and never send them back."""
+
+
+def is_fold_key(key: str) -> bool:
+    """Whether ``key`` names a fold factor (``"a.b.fold_U"``)."""
+    return key.rpartition(".")[2] in FOLD_SUFFIXES
+
+
+def split_factor_key(key: str) -> tuple[str, str] | None:
+    """``"a.b.lora_U"`` -> ``("a.b", "lora_U")``; None for a non-factor key."""
+    module, _, leaf = key.rpartition(".")
+    return (module, leaf) if leaf in FACTOR_SUFFIXES else None
+
 
 TRUNCATION_KEY = "fedlowrank-truncation"
 """Train/evaluate config: how a client of lower rank than the global adapter holds it
@@ -10,6 +30,10 @@ TRUNCATION_KEY = "fedlowrank-truncation"
 
 FROZEN_KEY = "fedlowrank-frozen"
 """Train config: factor names (e.g. ``["lora_V"]``) the client must not train (FFA-LoRA)."""
+
+GROUP_COUNT_PREFIX = "group-count-g"
+"""Train reply metrics ``group-count-g0`` .. ``group-count-g{G-1}``: the samples of each group
+a client trained on (FairLoRA weighs each group's sum by them)."""
 
 GROUP_SHARE_KEY = "group-share"
 """Train/evaluate config: the group shares (unknown-group mix of ``S`` rows, and the

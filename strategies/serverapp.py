@@ -26,8 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import adapter_layers, load_exchange_state, save_adapter
-from fedlowrank.clients.app import from_record, parse_ranks
-from fedlowrank.clients.trainer import pick_device, predict
+from fedlowrank.runconfig import parse_ranks
+from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
 
 from .checkpoint import run
@@ -219,7 +219,7 @@ def central_evaluation(model: torch.nn.Module, batches: Iterable, device: torch.
     batches = list(batches) if not hasattr(batches, "__len__") else batches
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_exchange_state(model, from_record(arrays))
+        load_exchange_state(model, arrays.to_torch_state_dict())
         pred = predict(model, batches, device)
         report = group_fairness_report(pred.labels, pred.scores, pred.groups, num_groups=2)
         metrics = {k: float(v) for k, v in report.items() if k != "n"}

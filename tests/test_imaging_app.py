@@ -18,9 +18,9 @@ from torch import nn
 
 from fedlowrank.adapters import inject_adapters, load_adapter
 from fedlowrank.clients import train_local
-from fedlowrank.clients.trainer import freeze_frozen_norms
+from fedlowrank.training import freeze_frozen_norms
 from fedlowrank.datasets.fashion_mnist import DEFAULT_ROOT
-from fedlowrank.strategies.inprocess import InProcessGrid
+from fedlowrank.strategies.testing import InProcessGrid
 
 pytest.importorskip("monai")  # the [imaging] extra: the app's base network and transforms
 

@@ -55,7 +55,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def run_epochs(private, epochs: int) -> None:
-    """The training loop a client runs (backward after the group context, as in clients.trainer)."""
+    """The training loop a client runs (backward after the group context, as in fedlowrank.training)."""
     for _ in range(epochs):
         for x, y, g in private.data_loader:
             if len(y) == 0:  # Poisson sampling drew nobody: noise-only step

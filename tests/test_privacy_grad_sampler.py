@@ -102,7 +102,7 @@ def dp_grads(model, x, y, mode, ids, weights, backward_inside: bool):
         if backward_inside:
             loss.backward()
     if not backward_inside:
-        # As clients.trainer does: the context has exited before backward.
+        # As fedlowrank.training does: the context has exited before backward.
         loss.backward()
     out = [p.grad_sample.detach().clone() for p in model.parameters() if p.requires_grad]
     gsm.to_standard_module()

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from fedlowrank.clients.trainer import show_progress
+from fedlowrank.training import show_progress
 
 
 class Terminal(io.StringIO):

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..aggregation.ranks import fit_rank
+
 FACTORS = ("lora_U", "lora_S", "lora_V")
 
 
@@ -132,7 +134,6 @@ def peft_state_dict(
         If factors do not fit a layer, carry more than one group, or come with fold
         factors (a PEFT base has nowhere to hold them).
     """
-    from .state import fit_rank
 
     adapter = _adapter_name(model, adapter_name)
     folds = sorted(k for k in state if k.rpartition(".")[2] in ("fold_U", "fold_V"))

@@ -20,25 +20,9 @@ import torch
 from torch import nn
 
 from . import peft as peft_interop
+from ..aggregation.ranks import fit_rank  # noqa: F401  (re-exported)
+from ..wire import FACTOR_SUFFIXES, FOLD_SUFFIXES, is_fold_key, split_factor_key  # noqa: F401  (re-exported)
 from .inject import adapter_layers
-
-FACTOR_SUFFIXES = ("lora_U", "lora_S", "lora_V")
-FOLD_SUFFIXES = ("fold_U", "fold_V")
-"""Server -> client only: ``m.fold_U`` (d_out x f) and ``m.fold_V`` (d_in x f), the base
-correction ``fold_U fold_V^T`` that the residual mode ``fold`` and the rule ``flora``
-maintain. Clients load them into the layer and never send them back."""
-
-
-def is_fold_key(key: str) -> bool:
-    """Whether ``key`` names a fold factor (``"a.b.fold_U"``)."""
-    return key.rpartition(".")[2] in FOLD_SUFFIXES
-
-
-def split_factor_key(key: str) -> tuple[str, str] | None:
-    """``"a.b.lora_U"`` -> ``("a.b", "lora_U")``; None for a non-factor key."""
-    module, _, leaf = key.rpartition(".")
-    return (module, leaf) if leaf in FACTOR_SUFFIXES else None
-
 
 def exchange_keys(model: nn.Module) -> list[str]:
     """Names of the tensors :func:`exchange_state` returns, without copying any."""
@@ -66,33 +50,6 @@ def exchange_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if param.requires_grad and name not in factor_params:
             state[name] = param.detach().clone()
     return state
-
-
-def fit_rank(
-    u: torch.Tensor,
-    s: torch.Tensor,
-    v: torch.Tensor,
-    rank: int,
-    truncation: str = "svd",
-    shares: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Factors in the wire convention fitted to ``rank`` columns.
-
-    Below the received rank: the head of :func:`fedlowrank.aggregation.ranks.split_at_rank`
-    (G = 1 ``"svd"``: the best rank-``rank`` approximation, handed over balanced as
-    ``u sqrt(s)``, ``S = 1``, ``v sqrt(s)``), the complement of the tail the server adds
-    for this client. Above it: padded with fresh adapter columns (``U = 0``, ``S = 1``,
-    ``V`` kept from the model) by the caller.
-    """
-    from fedlowrank.aggregation.balance import balance_factors
-    from fedlowrank.aggregation.ranks import Factors, split_at_rank
-
-    if u.shape[1] <= rank:
-        return u, s, v
-    head, _ = split_at_rank(Factors(u, s, v), rank, truncation, shares)
-    if truncation == "svd" and head.s.shape[0] == 1:
-        head = Factors(*balance_factors(head.u, head.s[0], head.v))
-    return head.u.to(u.dtype), head.s.to(s.dtype), head.v.to(v.dtype)
 
 
 def factor_ranks(arrays) -> dict[str, int]:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .ranks import Factors
-from .svd import complete_basis, orthonormal_range, small_lapack
+from .linalg import complete_basis, orthonormal_range, small_lapack
 
 
 class WeightedSum:

@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from .balance import balance_factors
+
 TRUNCATIONS = ("svd", "columns")
 
 
@@ -108,3 +110,27 @@ def split_at_rank(
         order = torch.argsort(column_magnitudes(factors, shares), descending=True, stable=True)
         ordered = factors.columns(order)
     return ordered.columns(slice(0, rank)), ordered.columns(slice(rank, width))
+
+
+def fit_rank(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    rank: int,
+    truncation: str = "svd",
+    shares: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factors in the wire convention fitted to ``rank`` columns.
+
+    Below the received rank: the head of :func:`fedlowrank.aggregation.ranks.split_at_rank`
+    (G = 1 ``"svd"``: the best rank-``rank`` approximation, handed over balanced as
+    ``u sqrt(s)``, ``S = 1``, ``v sqrt(s)``), the complement of the tail the server adds
+    for this client. Above it: padded with fresh adapter columns (``U = 0``, ``S = 1``,
+    ``V`` kept from the model) by the caller.
+    """
+    if u.shape[1] <= rank:
+        return u, s, v
+    head, _ = split_at_rank(Factors(u, s, v), rank, truncation, shares)
+    if truncation == "svd" and head.s.shape[0] == 1:
+        head = Factors(*balance_factors(head.u, head.s[0], head.v))
+    return head.u.to(u.dtype), head.s.to(s.dtype), head.v.to(v.dtype)
