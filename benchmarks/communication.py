@@ -11,7 +11,7 @@ over seeds; ratios against the uniform reference are paired per seed. L-GreCo
 ``lgreco:<default>`` is compared with ``uniform:<default>``, the setting its budget
 is taken from, bytes including its tables.
 
-Every run is ``strategy.start`` on an :class:`~fedlowrank.strategies.inprocess.InProcessGrid`:
+Every run is ``strategy.start`` on an :class:`~fedlowrank.strategies.testing.InProcessGrid`:
 the same ``LGreCo``/``FedLowRank`` methods and the same ``build_client_app`` client code
 (``clients/compression.py``) as ``flwr run``. Bytes are read from the train replies that
 really came back: the summed ``nbytes`` of every array in each reply's ArrayRecord (encoded
@@ -69,7 +69,7 @@ from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY
 from fedlowrank.strategies import FedLowRank, LGreCo
 from fedlowrank.strategies.serverapp import central_evaluation, with_compression
 from fedlowrank.strategies.lgreco import DEFAULT_CANDIDATES
-from fedlowrank.strategies.inprocess import InProcessGrid
+from fedlowrank.strategies.testing import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM = ROOT / "simulations" / "adult-married"

@@ -4,7 +4,7 @@
         --lr 1e-2 --local-epochs 5 --init pissa --out results/experiments/digits-lr1e-2-E5-pissa.json
     python benchmarks/experiment.py summary results/experiments/*.json --reference exact --markdown out.md
 
-Every federated run is ``strategy.start`` on an :class:`~fedlowrank.strategies.inprocess.InProcessGrid`
+Every federated run is ``strategy.start`` on an :class:`~fedlowrank.strategies.testing.InProcessGrid`
 (the strategies and ``build_client_app`` client code that ``flwr run`` runs, without a SuperLink
 per run). Paired seeds: for one seed every rule sees the same sites, split, batch order, base,
 adapter initialisation and client sampling. Per seed the runner also measures the headroom:
@@ -176,7 +176,7 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     import torch
     from flwr.app import ConfigRecord
 
-    from fedlowrank.strategies.inprocess import InProcessGrid
+    from fedlowrank.strategies.testing import InProcessGrid
 
     run_config = {"seed": seed}
     if regime.client_ranks:

@@ -29,23 +29,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from logging import INFO
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 
-from fedlowrank.aggregation import balance_grouped_factors, signed_permutation_align
-from fedlowrank.aggregation.ranks import Factors
-from fedlowrank.aggregation.rules import Accumulator, RuleResult
-from fedlowrank.wire import GROUP_SHARE_KEY
+from fedlowrank.aggregation.round import ServerRound
+from fedlowrank.wire import GROUP_COUNT_PREFIX, GROUP_SHARE_KEY
 
-from .fedlowrank import FedLowRank, factor_modules
+from .fedlowrank import FedLowRank
 from .replies import finite_number, reply_metrics
 
-COUNT_PREFIX = "group-count-g"
-SHARE_KEY = GROUP_SHARE_KEY
+COUNT_PREFIX = GROUP_COUNT_PREFIX
 MODES = ("exact", "paper")
 
 
@@ -176,80 +172,32 @@ class FairLoRA(FedLowRank):
             raise ValueError(f"unknown FairLoRA mode {mode!r}; choose one of {MODES}")
         if global_rank is not None and global_rank < 1:
             raise ValueError(f"global_rank must be >= 1, got {global_rank}")
-        if balance_cap is not None and not balance_cap >= 1.0:
-            raise ValueError(f"balance_cap {balance_cap} must be >= 1 (or None)")
         if mode == "exact":
             rule, options = "fairlora-exact", {"rank": rank, "iterations": als_iterations}
         else:
             rule, options = "fairfedmed", {"shared_fraction": shared_fraction, "server_momentum": server_momentum}
         kwargs.setdefault("rule", rule)
         kwargs.setdefault("rule_options", options)
-        super().__init__(rank=global_rank or rank, **kwargs)
+        super().__init__(rank=global_rank or rank, balance_cap=balance_cap, **kwargs)
         self.mode = mode
         self.global_rank = global_rank
-        self.balance_cap = balance_cap
         self.count_prefix = count_prefix
         self.state.group_shares = None if group_shares is None else [float(x) for x in group_shares]
 
     def summary(self) -> None:
         """Log the configuration."""
         super().summary()
-        log(INFO, "\t└──> FairLoRA mode '%s', global rank %s, |S| cap %s", self.mode, self.global_rank or "= adapter rank", self.balance_cap)
+        log(INFO, "\t└──> FairLoRA mode '%s', global rank %s, |S| cap %s", self.mode, self.global_rank or "= adapter rank", self.config.balance_cap)
 
     def client_config(self, config: ConfigRecord) -> ConfigRecord:
         """FedLowRank's, plus the group shares for unknown-group inference and column order."""
         config = super().client_config(config)
         if self.state.group_shares is not None:
-            config[SHARE_KEY] = list(self.state.group_shares)
+            config[GROUP_SHARE_KEY] = list(self.state.group_shares)
         return config
 
-    def num_groups(self) -> int:
-        """G: the rows of ``S`` in the global arrays (equal for every layer)."""
-        arrays = self.state.global_arrays
-        rows = {np.shape(arrays[f"{m}.lora_S"])[0] for m in factor_modules(arrays)}
-        if len(rows) != 1:
-            raise ValueError(f"global adapter layers disagree on the number of groups: {sorted(rows)}")
-        return rows.pop()
-
-    def reply_extra(self, msg: Message, weight: float) -> np.ndarray:
-        """The reply's per-group sample counts (its weights in each group's sum).
-
-        Each count is capped like the weight, and together they cannot exceed the reply's
-        weight (samples of unknown group are in the weight but in no count).
-        """
-        counts = reply_group_counts(msg.content, self.num_groups(), self.count_prefix)
-        if np.any(counts > self.max_weight):
-            raise ValueError(f"group counts {counts.tolist()} exceed the cap {self.max_weight:g}")
-        if counts.sum() > weight + 0.5:
-            raise ValueError(f"group counts sum to {counts.sum():g}, more than '{self.weighted_by_key}' = {weight:g}")
-        return counts
-
-    def group_weights(self, extra: Any) -> torch.Tensor:
-        """Each group's sum weighs the reply by its count in that group."""
-        return torch.as_tensor(extra, dtype=torch.float64)
-
-    def after_round(self, kept: list) -> None:
-        """This round's group shares go to the clients next round."""
-        counts = np.sum([extra for _, extra in kept], axis=0)
-        if float(counts.sum()) > 0:
-            self.state.group_shares = (counts / counts.sum()).tolist()
-
-    def aggregate_train(self, server_round: int, replies):
-        """As :class:`FedLowRank`, plus the group shares in the metrics."""
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if metrics is not None and self.state.group_shares is not None:
-            for g, share in enumerate(self.state.group_shares):
-                metrics[f"group-share-g{g}"] = share
-        return arrays, metrics
-
-    def hand_back(self, module: str, result: RuleResult, acc: Accumulator) -> dict[str, np.ndarray]:
-        """``exact``: balanced per column (``|S|`` capped) and aligned by signed permutation."""
-        if not result.magnitude_in_s:
-            return self.layer_arrays(module, result.factors)
-        total = acc.sum.total
-        shares = total / total.sum() if float(total.sum()) > 0 else None
-        u, s, v = balance_grouped_factors(*result.factors, shares, cap=self.balance_cap)
-        prev_u, prev_v = self.previous_factors(module)
-        if self.align and prev_u.shape == u.shape:
-            u, s, v = signed_permutation_align(u, s, v, prev_u, prev_v)
-        return self.layer_arrays(module, Factors(u, s, v))
+    def reply_counts(self, msg: Message, rnd: ServerRound) -> np.ndarray:
+        """The reply's per-group sample counts (its weights in each group's sum; the round
+        checks them against the cap and the reply's weight)."""
+        groups = int(np.shape(rnd.sent[f"{rnd.modules[0]}.lora_S"])[0]) if rnd.modules else 1
+        return reply_group_counts(msg.content, groups, self.count_prefix)

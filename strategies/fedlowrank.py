@@ -1,42 +1,32 @@
-"""FedLowRank: FedAvg whose adapter factors are aggregated by a registered rule."""
+"""FedLowRank: FedAvg whose adapter factors are aggregated by a registered rule.
+
+The round itself (rule, mixed-rank completion, residual modes, robust clipping, server
+learning rate, hand-back) is the core's :class:`fedlowrank.aggregation.round.ServerRound`;
+this class is message handling around it: screen each reply, hand its arrays to the
+round, build the ``ArrayRecord`` and ``MetricRecord``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import logging
-import re
+from collections.abc import Iterable
 from contextlib import contextmanager
-from logging import DEBUG, ERROR, INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlowrank.adapters import is_fold_key, split_factor_key
-from fedlowrank.aggregation import balance_factors, lora_gauge_factors, procrustes_align
-from fedlowrank.aggregation.accumulate import WeightedSum, compact
-from fedlowrank.aggregation.ranks import Factors
-from fedlowrank.aggregation.rules import Accumulator, AggregationRule, RuleResult, get_rule
-from fedlowrank.wire import FROZEN_KEY, REPLY_NODE_KEY, TRUNCATION_KEY
+from fedlowrank.aggregation.round import RoundConfig, ServerRound
+from fedlowrank.aggregation.rules import AggregationRule
+from fedlowrank.aggregation.state import LowRankState
+from fedlowrank.aggregation.validate import MAX_WEIGHT
+from fedlowrank.wire import FROZEN_KEY, REPLY_NODE_KEY, TRUNCATION_KEY, is_fold_key
 
-from .replies import (
-    MAX_WEIGHT,
-    consistent_metrics,
-    default_reply_bytes,
-    reply_arrays,
-    reply_weight,
-    screen_evaluate_replies,
-    weighted_metrics,
-)
-from .state import LowRankState
-
-RESIDUAL_MODES = ("drop", "carry", "fold")
-PEFT_FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$|\.lora_embedding_[AB]")
-"""PEFT's LoRA parameter names (``...q_proj.lora_A.default.weight``)."""
+from .replies import consistent_metrics, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
 
 
 @contextmanager
@@ -49,22 +39,6 @@ def flower_quiet():
         yield
     finally:
         logger.setLevel(level)
-
-
-def factor_modules(keys: Iterable[str]) -> list[str]:
-    """Names of the adapted modules among ArrayRecord keys, in first-seen order."""
-    seen: dict[str, None] = {}
-    for key in keys:
-        split = split_factor_key(key)
-        if split is not None:
-            seen.setdefault(split[0], None)
-    return list(seen)
-
-
-def layer_factors(arrays, module: str) -> Factors:
-    """``(U, S, V)`` of one module from a mapping of numpy arrays, as float64 tensors."""
-    u, s, v = (torch.from_numpy(np.array(arrays[f"{module}.{leaf}"], dtype=np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
-    return Factors(u, s.reshape(-1, u.shape[1]) if s.ndim != 2 else s, v)
 
 
 def as_array(value: np.ndarray) -> Array:
@@ -172,29 +146,13 @@ class FedLowRank(FedAvg):
         min_valid_replies: int = 1,
         server_learning_rate: float = 1.0,
         aggregation_method: str | None = None,
+        balance_cap: float | None = 1.0,
         **kwargs,
     ) -> None:
         # Per-metric normalisation: a metric left out of one reply does not bias the mean.
         kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
         super().__init__(**kwargs)
-        if not 0.0 < server_learning_rate <= 1.0:
-            raise ValueError(f"server_learning_rate must be in (0, 1], got {server_learning_rate}")
-        self.server_learning_rate = float(server_learning_rate)
-        if gauge not in ("balanced", "lora"):
-            raise ValueError(f"gauge must be 'balanced' or 'lora', got {gauge!r}")
-        self.gauge = gauge
-        if robust not in (None, "clip", "reject"):
-            raise ValueError(f"robust must be None, 'clip' or 'reject', got {robust!r}")
-        if not robust_factor > 0 or not max_weight > 0 or min_valid_replies < 1:
-            raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
-        self.max_reply_bytes = max_reply_bytes
-        self.max_weight = float(max_weight)
-        self.robust = robust
-        self.robust_factor = float(robust_factor)
-        self.min_valid_replies = int(min_valid_replies)
-        if rank is not None and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
         options = dict(rule_options or {})
         if aggregation_method is not None:
             import warnings
@@ -205,33 +163,21 @@ class FedLowRank(FedAvg):
                 stacklevel=2,
             )
             options.setdefault("method", aggregation_method)
-        self.rule = get_rule(rule, **options)
-        residual = self.rule.residual_modes[0] if residual is None else residual
-        if residual not in RESIDUAL_MODES:
-            raise ValueError(f"unknown residual mode {residual!r}; choose one of {RESIDUAL_MODES}")
-        if residual not in self.rule.residual_modes:
-            needs = "needs an exact rule" if not self.rule.residual else "is not available"
-            raise ValueError(
-                f"residual mode {residual!r} {needs}; rule '{self.rule.name}' supports {list(self.rule.residual_modes)}"
-            )
-        self.residual = residual
-        self.rank = rank
-        self.align = align
-        self.dense_above = dense_above
+        self.config = RoundConfig(
+            rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
+            balance_cap=balance_cap, dense_above=dense_above, max_weight=max_weight, robust=robust,
+            robust_factor=robust_factor, min_valid_replies=min_valid_replies,
+            server_learning_rate=server_learning_rate,
+        )
+        self.max_reply_bytes = max_reply_bytes
         self.state = LowRankState()
-        self._clamped: set[str] = set()
+
+    @property
+    def rule(self) -> AggregationRule:
+        """The aggregation rule (``config.rule``)."""
+        return self.config.rule
 
     # -- state ----------------------------------------------------------------
-    @property
-    def _global_arrays(self) -> ArrayRecord | None:
-        """The arrays sent this round, as an ArrayRecord (None before round 1)."""
-        arrays = self.state.global_arrays
-        return None if arrays is None else ArrayRecord({k: as_array(v) for k, v in arrays.items()})
-
-    @_global_arrays.setter
-    def _global_arrays(self, record: ArrayRecord) -> None:
-        self.state.global_arrays = {k: a.numpy() for k, a in record.items()}
-
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything this strategy carries across rounds (see :class:`LowRankState`)."""
         return self.state.state_dict()
@@ -243,10 +189,11 @@ class FedLowRank(FedAvg):
     def summary(self) -> None:
         """Log the configuration, FedAvg's and ours."""
         super().summary()
+        c = self.config
         log(
             INFO,
             "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s', gauge '%s', server learning rate %g",
-            self.rule.name, self.rank or "as sent", self.residual, self.gauge, self.server_learning_rate,
+            c.rule.name, c.rank or "as sent", c.residual, c.gauge, c.server_learning_rate,
         )
 
     # -- configure ------------------------------------------------------------
@@ -261,9 +208,10 @@ class FedLowRank(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global arrays (replies are checked against them), then as FedAvg."""
-        self.state.global_arrays = {k: a.numpy() for k, a in arrays.items()}
+        global_arrays = {k: a.numpy() for k, a in arrays.items()}
+        self.config.check_fits(global_arrays)
+        self.state.global_arrays = global_arrays
         self.state.server_round = server_round
-        self.check_rule_fits()
         with flower_quiet():
             return list(super().configure_train(server_round, arrays, self.client_config(config), grid))
 
@@ -274,222 +222,59 @@ class FedLowRank(FedAvg):
         with flower_quiet():
             return list(super().configure_evaluate(server_round, arrays, self.client_config(config), grid))
 
-    def check_rule_fits(self) -> None:
-        """Refuse, before any client trains, a global adapter the rule cannot aggregate."""
-        peft = sorted(k for k in self.state.global_arrays if PEFT_FACTOR.search(k))
-        if peft:
-            raise ValueError(
-                f"PEFT LoRA factors ({peft[0]}, ...) reached FedLowRank: averaging lora_A and lora_B "
-                "separately is not the average of B A, and FedLowRank does not do that silently. Send "
-                "fedlowrank.adapters.exchange_state(peft_model) instead: it reads each layer's (B, A, "
-                "scaling) as exact factors, and load_exchange_state writes the aggregate back into PEFT"
-            )
-        for module in factor_modules(self.state.global_arrays):
-            rows = np.shape(self.state.global_arrays[f"{module}.lora_S"])[0]
-            if rows > 1 and not self.rule.grouped:
-                raise ValueError(
-                    f"{module}: S has {rows} group rows; rule '{self.rule.name}' aggregates G = 1 "
-                    "adapters (use FairLoRA for grouped ones)"
-                )
-            if rows > 1 and self.residual == "fold":
-                raise ValueError(f"{module}: residual mode 'fold' needs G = 1 (one base for every group)")
-
     # -- aggregate ------------------------------------------------------------
-    def layer_rank(self, module: str) -> int:
-        """The global rank of one layer: ``rank`` (or the sent width), clamped to its size."""
-        u = self.state.global_arrays[f"{module}.lora_U"]
-        v = self.state.global_arrays[f"{module}.lora_V"]
-        want = self.rank or u.shape[1]
-        limit = min(u.shape[0], v.shape[0])
-        if want > limit and module not in self._clamped:
-            self._clamped.add(module)
-            log(INFO, "%s: global rank %d clamped to min(d_out, d_in) = %d", module, want, limit)
-        return min(want, limit)
-
-    def group_shares(self) -> torch.Tensor | None:
+    def group_shares(self) -> np.ndarray | None:
         """Group shares sent this round (grouped adapters order columns by them)."""
         shares = self.state.group_shares
-        return None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
+        return None if shares is None else np.asarray(shares, dtype=np.float64)
 
-    def new_accumulators(self) -> dict[str, Accumulator]:
-        """One accumulator per adapted layer, against the factors sent this round."""
-        global_arrays = self.state.global_arrays
-        accs = {}
-        for index, module in enumerate(factor_modules(global_arrays)):
-            reference = layer_factors(global_arrays, module)
-            seed = self.state.server_round * 100_003 + index
-            accs[module] = self.rule.accumulator(reference, self.group_shares(), dense_above=self.dense_above, seed=seed)
-        return accs
+    def reply_counts(self, msg: Message, rnd: ServerRound) -> np.ndarray | None:
+        """Per-group sample counts of a reply (FairLoRA reads them); None here."""
+        return None
 
-    def read_reply(
-        self, msg: Message, accs: dict[str, Accumulator], expected: ArrayRecord
-    ) -> tuple[dict[str, np.ndarray], float, Any]:
-        """Checked ``(arrays, weight, extra)`` of one reply; raises on anything wrong."""
+    def add_reply(self, rnd: ServerRound, msg: Message) -> None:
+        """Screen one reply and hand its arrays to the round; raises on anything wrong.
+
+        Public so that wrappers (L-GreCo) can hand decoded arrays over: they call
+        :meth:`add_arrays` with the arrays they decoded, once.
+        """
+        if msg.has_error():
+            raise ValueError(msg.error.reason)
         limit = self.max_reply_bytes or default_reply_bytes(self.state.global_arrays)
-        arrays = reply_arrays(msg.content, expected, limit)
-        weight = reply_weight(msg.content, self.weighted_by_key, self.max_weight)
-        for module, acc in accs.items():
-            try:
-                self.rule.check(layer_factors(arrays, module), acc.reference)
-            except ValueError as err:
-                raise ValueError(f"'{module}': {err}") from None
-        return arrays, weight, self.reply_extra(msg, weight)
+        arrays = reply_arrays(msg.content, rnd.sent.keys(), limit)
+        self.add_arrays(rnd, msg, arrays)
 
-    def reply_extra(self, msg: Message, weight: float) -> Any:
-        """Per-reply data a subclass needs (FairLoRA: per-group counts); None here."""
-        return None
-
-    def group_weights(self, extra: Any) -> torch.Tensor | None:
-        """Per-group product weights of a reply (None: its sample weight for every group)."""
-        return None
+    def add_arrays(self, rnd: ServerRound, msg: Message, arrays: dict[str, np.ndarray]) -> None:
+        """Hand a reply's decoded arrays to the round (weight and counts read from ``msg``)."""
+        weight = reply_weight(msg.content, self.weighted_by_key, self.config.max_weight)
+        rnd.add(arrays, weight, self.reply_counts(msg, rnd), node=msg.metadata.src_node_id)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fold the valid replies into the rule's accumulators, one reply at a time."""
+        """Fold the valid replies into the round one at a time; a bad reply is logged and dropped."""
         if self.state.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        accs = self.new_accumulators()
-        # Fold factors travel server -> client only: replies carry everything else.
-        sent = {k: v for k, v in self.state.global_arrays.items() if not is_fold_key(k)}
-        expected = ArrayRecord({k: as_array(v) for k, v in sent.items()})
-        plain_keys = [k for k in sent if split_factor_key(k) is None]
-        # Pass 1: check every reply (arrays are read as views into the messages).
+        rnd = ServerRound(self.config, self.state, log=log)
         kept, seen = [], 0
         for msg in replies:
             seen += 1
             try:
-                if msg.has_error():
-                    raise ValueError(msg.error.reason)
-                kept.append((msg, *self.read_reply(msg, accs, expected)))
+                self.add_reply(rnd, msg)
+                kept.append(msg)
             except Exception as err:  # noqa: BLE001  (no reply may crash the round)
                 log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)
         try:
-            return self.combine(server_round, accs, kept, seen, sent, plain_keys)
+            result = rnd.finish()
         except Exception as err:  # noqa: BLE001  (a numerical failure must not end the run)
             log(ERROR, "aggregate_train: aggregation failed (%s: %s); the global model is kept", type(err).__name__, err)
             return None, None
-
-    def combine(
-        self, server_round: int, accs: dict[str, Accumulator], kept: list, seen: int,
-        sent: dict[str, np.ndarray], plain_keys: list[str],
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Pass 2 of :meth:`aggregate_train`: the accepted replies folded in, one at a time."""
-        kept, shrinks = self.robust_filter(kept, accs, plain_keys)
-        shrinks = [self.server_learning_rate * shrink for shrink in shrinks]
-        sums: dict[str, np.ndarray] = {}
-        total = 0.0
-        for (msg, arrays, weight, extra), shrink in zip(kept, shrinks):
-            for module, acc in accs.items():
-                acc.add(layer_factors(arrays, module), weight, self.group_weights(extra), shrink)
-            for key in plain_keys:
-                ref = np.asarray(sent[key], dtype=np.float64)
-                term = weight * (ref + shrink * (np.asarray(arrays[key], dtype=np.float64) - ref))
-                sums[key] = term if key not in sums else sums[key] + term
-            total += weight
-        kept = [(msg, extra) for msg, _, _, extra in kept]
-        log(DEBUG, "aggregate_train: %d of %d replies accepted", len(kept), seen)
-        if len(kept) < self.min_valid_replies or total <= 0:
-            log(
-                WARNING, "aggregate_train: %d valid replies with positive weight (at least %d needed); "
-                "the global model is kept", len(kept), self.min_valid_replies,
-            )
+        if result.arrays is None:
             return None, None
-        out: dict[str, np.ndarray] = {}
-        errors, floors = [], []
-        for module, acc in accs.items():
-            if self.residual == "carry" and module in self.state.residuals:
-                acc.add_carried(self.state.residuals[module])
-            result = acc.result(self.layer_rank(module))
-            if self.residual == "carry":
-                self.state.residuals[module] = result.residual
-            elif self.residual == "fold":
-                out.update(self.folded(module, result.residual))
-            out.update(self.hand_back(module, result, acc))
-            target = result.target_norms.clamp_min(1e-300)
-            errors.append(torch.where(result.target_norms > 0, result.error_norms / target, 0.0).numpy())
-            if result.floor_norms is not None:
-                floors.append(torch.where(result.target_norms > 0, result.floor_norms / target, 0.0).numpy())
-        for key in plain_keys:
-            dtype = self.state.global_arrays[key].dtype
-            mean = sums[key] / total
-            out[key] = mean.astype(dtype) if np.issubdtype(dtype, np.floating) else mean
-        record = ArrayRecord({k: as_array(out[k]) for k in [*sent, *(k for k in out if is_fold_key(k))]})
-        metrics = self.round_metrics([msg for msg, _ in kept], seen)
-        metrics.update(self.error_metrics(errors, floors))
-        self.after_round(kept)
-        return record, metrics
-
-    def folded(self, module: str, residual: Factors | torch.Tensor) -> dict[str, np.ndarray]:
-        """Add this round's residual to the layer's fold; its factors as sent to clients.
-
-        The fold is re-factored exactly each round (its non-zero singular triplets), so its
-        rank never exceeds ``min(d_out, d_in)``; it goes out balanced, ``u sqrt(s)``, ``v sqrt(s)``.
-        """
-        reference = self.state.global_arrays[f"{module}.lora_U"], self.state.global_arrays[f"{module}.lora_V"]
-        acc = WeightedSum(reference[0].shape[0], reference[1].shape[0])
-        previous = self.state.residuals.get(module)
-        if previous is not None:
-            acc.add_normalised(previous)
-        acc.add_normalised(residual)
-        fold = compact(acc)
-        self.state.residuals[module] = fold
-        root = fold.s[0].clamp_min(0).sqrt()
-        dtype = reference[0].dtype
-        return {f"{module}.fold_U": (fold.u * root).numpy().astype(dtype), f"{module}.fold_V": (fold.v * root).numpy().astype(dtype)}
-
-    def robust_filter(self, kept: list, accs: dict[str, Accumulator], plain_keys: list[str]) -> tuple[list, list[float]]:
-        """The replies to aggregate and each one's shrink factor (1 unless ``robust``).
-
-        ``robust="clip"`` scales every update larger than ``robust_factor`` times the round's
-        median update norm down to that bound; ``"reject"`` drops it (logged by node).
-        """
-        if self.robust is None or len(kept) < 3:  # a median of fewer says nothing
-            return kept, [1.0] * len(kept)
-        norms = np.array([self.update_norm(arrays, accs, plain_keys) for _, arrays, _, _ in kept])
-        bound = self.robust_factor * float(np.median(norms))
-        out, shrinks = [], []
-        for entry, norm in zip(kept, norms):
-            if norm <= bound or norm == 0:
-                out.append(entry)
-                shrinks.append(1.0)
-            elif self.robust == "clip":
-                log(WARNING, "Clipping update of node %s: norm %.3g above %.3g", entry[0].metadata.src_node_id, norm, bound)
-                out.append(entry)
-                shrinks.append(bound / norm)
-            else:
-                log(WARNING, "Dropping reply from node %s: update norm %.3g above %.3g", entry[0].metadata.src_node_id, norm, bound)
-        return out, shrinks
-
-    def update_norm(self, arrays: dict[str, np.ndarray], accs: dict[str, Accumulator], plain_keys: list[str]) -> float:
-        """The norm of a reply's change: adapter products (completed) and plain arrays."""
-        square = sum(acc.change_norm(layer_factors(arrays, module)) ** 2 for module, acc in accs.items())
-        sent = self.state.global_arrays
-        square += sum(float(np.sum((np.asarray(arrays[k], dtype=np.float64) - np.asarray(sent[k], dtype=np.float64)) ** 2)) for k in plain_keys)
-        return float(np.sqrt(square))
-
-    def after_round(self, kept: list) -> None:
-        """Hook: update state from the round's accepted replies (FairLoRA: group shares)."""
-
-    def hand_back(self, module: str, result: RuleResult, acc: Accumulator) -> dict[str, np.ndarray]:
-        """The layer's factors as sent to clients: balanced and aligned if orthonormal."""
-        u, s, v = result.factors
-        if result.magnitude_in_s:
-            u, s, v = (lora_gauge_factors if self.gauge == "lora" else balance_factors)(u, s[0], v)
-            prev_u, prev_v = self.previous_factors(module)
-            if self.align and prev_u.shape == u.shape:
-                u, v = procrustes_align(u, v, prev_u, prev_v)
-        return self.layer_arrays(module, Factors(u, s, v))
-
-    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``U`` and ``V`` this round's clients received, in float64 (alignment targets)."""
-        reference = layer_factors(self.state.global_arrays, module)
-        return reference.u, reference.v
-
-    def layer_arrays(self, module: str, factors: Factors) -> dict[str, np.ndarray]:
-        """Factors as numpy arrays in the dtype the global model uses."""
-        dtype = self.state.global_arrays[f"{module}.lora_U"].dtype
-        return {f"{module}.{leaf}": t.numpy().astype(dtype) for leaf, t in zip(("lora_U", "lora_S", "lora_V"), factors)}
+        accepted = set(rnd.accepted)
+        metrics = self.round_metrics([m for m in kept if m.metadata.src_node_id in accepted], seen)
+        metrics.update(result.metrics)
+        return ArrayRecord({k: as_array(v) for k, v in result.arrays.items()}), metrics
 
     def round_metrics(self, kept: list[Message], seen: int) -> MetricRecord:
         """The accepted replies' train metrics, aggregated, plus how many were kept/dropped."""
@@ -511,7 +296,7 @@ class FedLowRank(FedAvg):
         length than the other replies' is left out of that reply only.
         """
         replies = list(replies)
-        kept, dropped = screen_evaluate_replies(replies, self.weighted_by_key, self.max_weight)
+        kept, dropped = screen_evaluate_replies(replies, self.weighted_by_key, self.config.max_weight)
         if not kept:
             return None
         contents = []
@@ -527,19 +312,3 @@ class FedLowRank(FedAvg):
         metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
         metrics["eval-clients-dropped"] = dropped
         return metrics
-
-    @staticmethod
-    def error_metrics(errors: list[np.ndarray], floors: list[np.ndarray]) -> dict[str, float]:
-        """Mean relative aggregation error over layers (per group when grouped), and the floor."""
-        if not errors:
-            return {}
-        table = np.stack(errors)  # layers x G
-        out = {"agg-error-rel": float(np.mean(table))}
-        if table.shape[1] == 1:
-            out["agg-truncation-rel"] = out["agg-error-rel"]
-        else:
-            for g in range(table.shape[1]):
-                out[f"agg-error-rel-g{g}"] = float(np.mean(table[:, g]))
-        if floors:
-            out["agg-floor-rel"] = float(np.mean(np.stack(floors)))
-        return out

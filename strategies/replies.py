@@ -16,14 +16,10 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from fedlowrank.adapters import split_factor_key
-
-MAX_WEIGHT = 1e9
-"""Default cap on a reply's weight (``num-examples``) and per-group counts: larger values
-are refused (``1e30`` examples would make the global that client's model)."""
+from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
 
@@ -70,16 +66,6 @@ def read_array(array: Array, name: str, max_bytes: int | None = None) -> np.ndar
     return values.reshape(shape, order="F" if fortran else "C")
 
 
-def finite_number(value, what: str) -> float:
-    """``value`` as a float; ``ValueError`` unless it is one finite number (not a list, not bool)."""
-    if isinstance(value, (list, bool)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{what} = {value!r} must be a number")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} = {value!r} must be finite")
-    return value
-
-
 def reply_metrics(content: RecordDict) -> MetricRecord:
     """The reply's one MetricRecord."""
     if len(content.metric_records) != 1:
@@ -92,54 +78,29 @@ def reply_weight(content: RecordDict, weighted_by_key: str, max_weight: float = 
     metrics = reply_metrics(content)
     if weighted_by_key not in metrics:
         raise ValueError(f"MetricRecord lacks the weight key '{weighted_by_key}'")
-    value = metrics[weighted_by_key]
-    try:
-        weight = finite_number(value, f"weight '{weighted_by_key}'")
-    except ValueError:
-        raise ValueError(f"weight '{weighted_by_key}' = {value!r} must be a finite number >= 0") from None
-    if weight < 0:
-        raise ValueError(f"weight '{weighted_by_key}' = {value!r} must be a finite number >= 0")
-    if weight > max_weight:
-        raise ValueError(f"weight '{weighted_by_key}' = {weight:g} is above the cap {max_weight:g}")
-    return weight
+    return check_weight(metrics[weighted_by_key], f"weight '{weighted_by_key}'", max_weight)
 
 
-def reply_arrays(content: RecordDict, expected: ArrayRecord, max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """The reply's arrays, checked against the arrays the server sent.
+def reply_arrays(content: RecordDict, expected_keys: Iterable[str], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The reply's arrays as read-only numpy views, each ``.npy`` header checked before use.
 
-    Factors (``*.lora_U/S/V``) may change rank but must keep the layer's row counts;
-    every other array must keep its shape. All values must be finite. ``max_bytes``
-    bounds the reply's total array bytes, checked before any array is read.
+    ``max_bytes`` bounds the reply's total array bytes, checked before any array is read.
+    Shapes, ranks and values are checked against the global arrays by the server round
+    (:func:`fedlowrank.aggregation.validate.check_reply_arrays`).
     """
     if len(content.array_records) != 1:
         raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
     record = next(iter(content.array_records.values()))
-    if set(record.keys()) != set(expected.keys()):
-        missing = sorted(set(expected.keys()) - set(record.keys()))
-        extra = sorted(set(record.keys()) - set(expected.keys()))
+    expected_keys = list(expected_keys)
+    if set(record.keys()) != set(expected_keys):
+        missing = sorted(set(expected_keys) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(expected_keys))
         raise ValueError(f"array keys differ from the global model: missing {missing}, unexpected {extra[:10]}")
     if max_bytes is not None:
         total = sum(len(a.data) for a in record.values() if isinstance(a, Array))
         if total > max_bytes:
             raise ValueError(f"reply holds {total} bytes of arrays, more than the {max_bytes} allowed")
-    arrays: dict[str, np.ndarray] = {}
-    for key in expected.keys():
-        got = read_array(record[key], key, max_bytes)
-        want = expected[key].shape
-        factor = split_factor_key(key)
-        if factor is None:
-            if tuple(got.shape) != tuple(want):
-                raise ValueError(f"tensor '{key}' has shape {got.shape}, expected {tuple(want)}")
-        elif got.ndim != 2 or got.shape[0] != want[0]:
-            raise ValueError(f"factor '{key}' has shape {got.shape}, expected ({want[0]}, rank)")
-        if got.dtype.kind == "f" and not np.all(np.isfinite(got)):
-            raise ValueError(f"tensor '{key}' contains NaN or Inf")
-        arrays[key] = got
-    for module in {f[0] for f in map(split_factor_key, arrays) if f is not None}:
-        ranks = {leaf: arrays[f"{module}.{leaf}"].shape[1] for leaf in ("lora_U", "lora_S", "lora_V")}
-        if len(set(ranks.values())) != 1:
-            raise ValueError(f"factors of '{module}' disagree on rank: {ranks}")
-    return arrays
+    return {key: read_array(record[key], key, max_bytes) for key in expected_keys}
 
 
 def default_reply_bytes(global_arrays: dict[str, np.ndarray]) -> int:

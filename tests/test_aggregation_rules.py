@@ -8,8 +8,8 @@ from fedlowrank.aggregation.accumulate import WeightedSum, dense_top, top_rank
 from fedlowrank.aggregation.ranks import Factors, split_at_rank
 from fedlowrank.aggregation.rules import AggregationRule, get_rule, register_rule, registered_rules
 from fedlowrank.strategies import FedLowRank
-from fedlowrank.strategies.state import LowRankState
-from flower_messages import array_record, train_reply
+from fedlowrank.aggregation.state import LowRankState
+from fedlowrank.strategies.testing import array_record, run_round, train_reply
 
 F64 = torch.float64
 D_OUT, D_IN = 13, 9  # non-square: a transposed result cannot pass
@@ -230,7 +230,6 @@ def test_carry_loses_nothing_over_twenty_rounds(dense_above):
     start = dense(Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V"))))
     exact_total = torch.zeros(D_OUT, D_IN, dtype=F64)
     for server_round in range(1, 21):
-        strategy._global_arrays = array_record(arrays, dtype=np.float64)
         current = dense(Factors(*(torch.from_numpy(arrays[k]) for k in ("fc.lora_U", "fc.lora_S", "fc.lora_V"))))
         replies, moves = [], []
         for node in range(3):  # each client: the global plus its own rank-2 move, at rank R
@@ -241,7 +240,7 @@ def test_carry_loses_nothing_over_twenty_rounds(dense_above):
             moves.append(best(local, R) - current)
             replies.append(train_reply(node + 1, {"fc.lora_U": u[:, :R] * s[:R], "fc.lora_S": np.ones((1, R)),
                                                   "fc.lora_V": vt[:R].T.numpy()}, 1.0, dtype=np.float64))
-        record, metrics = strategy.aggregate_train(server_round, replies)
+        record, metrics = run_round(strategy, arrays, replies, server_round=server_round, dtype=np.float64)
         arrays = {k: record[k].numpy() for k in record.keys()}
         exact_total += sum(moves) / 3
         assert metrics["agg-truncation-rel"] > 0  # the rank really truncates
@@ -258,14 +257,14 @@ def test_plain_arrays_keep_their_shape_and_follow_fedavg_for_integers():
               "temperature": np.array(1.5), "steps": np.array([3, 4], dtype=np.int64)}
     other = dict(arrays, temperature=np.array(2.5), steps=np.array([4, 4], dtype=np.int64))
     strategy = FedLowRank()
-    strategy._global_arrays = array_record(arrays, dtype=None)
+    current = array_record(arrays, dtype=None)
     for server_round in (1, 2):  # round 2 checks replies against round 1's output shapes
         replies = [train_reply(1, arrays, 1.0, dtype=None), train_reply(2, other, 3.0, dtype=None)]
-        record, metrics = strategy.aggregate_train(server_round, replies)
+        record, metrics = run_round(strategy, current, replies, server_round=server_round)
         assert metrics["agg-clients-dropped"] == 0
         assert record["temperature"].numpy().shape == () and float(record["temperature"].numpy()) == pytest.approx(2.25)
         np.testing.assert_allclose(record["steps"].numpy(), [3.75, 4.0])  # FedAvg's float mean
-        strategy._global_arrays = record
+        current = record
 
 
 def test_global_rank_above_a_layers_size_is_clamped_with_a_log_line(caplog):
@@ -274,9 +273,8 @@ def test_global_rank_above_a_layers_size_is_clamped_with_a_log_line(caplog):
     gen = np.random.default_rng(13)
     arrays = {"fc.lora_U": gen.normal(size=(5, 3)), "fc.lora_S": np.ones((1, 3)), "fc.lora_V": gen.normal(size=(4, 3))}
     strategy = FedLowRank(rank=16)
-    strategy._global_arrays = array_record(arrays, dtype=np.float64)
     with caplog.at_level(logging.INFO, logger="flwr"):
-        record, _ = strategy.aggregate_train(1, [train_reply(1, arrays, 1.0, dtype=np.float64)])
+        record, _ = run_round(strategy, arrays, [train_reply(1, arrays, 1.0, dtype=np.float64)], dtype=np.float64)
     assert record["fc.lora_U"].numpy().shape == (5, 4)
     assert "global rank 16 clamped to min(d_out, d_in) = 4" in caplog.text
 
@@ -317,8 +315,6 @@ def test_fold_loses_nothing_and_stays_within_the_layers_size(rule):
     start = total(arrays)
     exact = torch.zeros(D_OUT, D_IN, dtype=F64)
     for server_round in range(1, 21):
-        strategy._global_arrays = array_record(arrays, dtype=np.float64)
-        strategy.state.server_round = server_round
         replies, sent = [], dense(global_factors(arrays))
         for node, rank in enumerate((R, 2, R)):
             local = best(best(sent, rank) + 0.3 * dense(rand_factors(gen, rank)), rank)  # what rank r holds
@@ -326,7 +322,7 @@ def test_fold_loses_nothing_and_stays_within_the_layers_size(rule):
             exact += (local - best(sent, rank)) / 3  # each client's own change
             replies.append(train_reply(node + 1, {"fc.lora_U": (u[:, :rank] * s[:rank]).numpy(), "fc.lora_S": np.ones((1, rank)),
                                                   "fc.lora_V": vt[:rank].T.numpy()}, 1.0, dtype=np.float64))
-        record, metrics = strategy.aggregate_train(server_round, replies)
+        record, metrics = run_round(strategy, arrays, replies, server_round=server_round, dtype=np.float64)
         arrays = {k: record[k].numpy() for k in record.keys()}
         assert metrics["agg-clients-dropped"] == 0
         assert arrays["fc.fold_U"].shape[1] <= min(D_OUT, D_IN)

@@ -22,15 +22,7 @@ def test_communication_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     runs = report["settings"]["adult"]["runs"]["0"]
     # Uncompressed: every site sends every exchanged float32 array, every round.
-    # Loaded from its path under its own name: putting benchmarks/ on sys.path made its
-    # kernels.py shadow the `kernels` package PEFT imports, silently skipping the PEFT tests.
-    import importlib.util  # noqa: PLC0415
-
-    sys.path.append(str(ROOT / "benchmarks"))  # for its `experiment_settings` import; appended, see above
-
-    spec = importlib.util.spec_from_file_location("benchmarks_communication", ROOT / "benchmarks" / "communication.py")
-    communication = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(communication)
+    import communication  # noqa: PLC0415  (benchmarks/ is on sys.path: tests/conftest.py)
 
     _, sites, _, make, *_ = communication.adult_setting(2, 0)
     initial = make("none")[1]
@@ -59,7 +51,6 @@ def test_communication_benchmark_smoke(tmp_path):
 
 
 def test_pareto_front_keeps_exactly_the_undominated_methods():
-    sys.path.append(str(ROOT / "benchmarks"))  # appended: its kernels.py must not shadow PEFT's `kernels`
     from plot_communication import pareto_front
 
     # (bytes, accuracy): b dominates c (fewer bytes, higher accuracy); a and d trade off.
@@ -68,7 +59,6 @@ def test_pareto_front_keeps_exactly_the_undominated_methods():
 
 
 def test_pareto_table_pairs_each_method_with_the_references_seed_by_seed(tmp_path):
-    sys.path.append(str(ROOT / "benchmarks"))
     from plot_communication import markdown_table
 
     def row(acc, sent, tables=0):

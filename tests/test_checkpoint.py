@@ -18,7 +18,7 @@ from fedlowrank.adapters import exchange_state, inject_adapters
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, to_record
 from fedlowrank.strategies import FairLoRA, FedLowRank, LGreCo
 from fedlowrank.strategies.checkpoint import CheckpointError, load_checkpoint, run
-from fedlowrank.strategies.inprocess import InProcessGrid
+from fedlowrank.strategies.testing import InProcessGrid
 
 SITES, ROUNDS = 3, 4
 

@@ -4,18 +4,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedlowrank.adapters import exchange_state, inject_adapters
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, to_record
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def base(context=None):

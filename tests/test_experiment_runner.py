@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Appended, not prepended: benchmarks/kernels.py must not shadow the `kernels` package PEFT imports.
-sys.path.append(str(ROOT / "benchmarks"))
-
-from experiment_summary import markdown, sign_test, summarise, t_interval  # noqa: E402
+from experiment_summary import markdown, sign_test, summarise, t_interval
 
 
 def synthetic(finals_a, finals_b, rounds=4):

@@ -5,28 +5,21 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlowrank.strategies import FairLoRA
 from fedlowrank.strategies.fairlora import grouped_residual_norms, reply_group_counts
 
-from flower_messages import array_record, train_reply
+from fedlowrank.strategies.testing import NodeGrid, array_record, train_reply
 
 D_OUT, D_IN, R, G = 12, 9, 3, 2
 # Per-group counts chosen so that per-group weights differ from sample weights.
 COUNTS = np.array([[10.0, 0.0], [30.0, 10.0], [0.0, 50.0]])
 
 
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2, 3]
+GRID = NodeGrid([1, 2, 3])
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _orthonormal(rng, rows, cols):
@@ -57,7 +50,7 @@ def _reply(node, arrays, counts, num_examples=None):
 
 
 def _round(strategy, global_arrays, replies):
-    list(strategy.configure_train(1, array_record(global_arrays), ConfigRecord(), FakeGrid()))
+    list(strategy.configure_train(1, array_record(global_arrays), ConfigRecord(), GRID))
     return strategy.aggregate_train(1, replies)
 
 
@@ -100,8 +93,8 @@ def test_exact_recovers_per_group_weighted_sum_when_clients_share_a_basis():
     np.testing.assert_allclose(arrays["head.weight"].numpy(), head, atol=1e-6)
     # Group shares reach the next round's configs: group 0 has 40 of 100 samples.
     np.testing.assert_allclose([metrics["group-share-g0"], metrics["group-share-g1"]], [0.4, 0.6])
-    train = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid()))
-    evaluate = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), FakeGrid()))
+    train = list(strategy.configure_train(2, arrays, ConfigRecord(), GRID))
+    evaluate = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), GRID))
     for msg in train + evaluate:
         np.testing.assert_allclose(msg.content["config"]["group-share"], [0.4, 0.6])
 

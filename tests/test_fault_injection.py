@@ -7,28 +7,22 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlowrank.clients.compression import compress_arrays
 from fedlowrank.compression import PAYLOAD_KEY, SPEC_KEY
 from fedlowrank.strategies import FairLoRA, FedLowRank, LGreCo
-from flower_messages import array_record
+from fedlowrank.aggregation.round import ServerRound
+from fedlowrank.strategies.testing import NodeGrid, array_record
 
 D_OUT, D_IN, R, G = 10, 8, 3, 2
 BAD_NODE = 66
 KINDS = ["fedlowrank", "fairlora-exact", "fairlora-paper", "lgreco-fedlowrank", "lgreco-fairlora"]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-class Grid:
-    def get_node_ids(self):
-        return [1, 2, 3, BAD_NODE]
+GRID = NodeGrid([1, 2, 3, BAD_NODE])
 
 
 def grouped(kind):
@@ -82,7 +76,7 @@ def good_reply(kind, node, config, arrays=None, **metrics):
 
 
 def configure(strategy, kind):
-    messages = list(strategy.configure_train(1, array_record(global_arrays(kind)), ConfigRecord(), Grid()))
+    messages = list(strategy.configure_train(1, array_record(global_arrays(kind)), ConfigRecord(), GRID))
     return messages[0].content["config"]
 
 
@@ -281,8 +275,8 @@ def test_one_client_cannot_take_over_the_global_under_the_robust_option(attack):
     strategy = make_strategy(kind, robust="clip", robust_factor=3.0)
     config = configure(strategy, kind)
     sent = replies(config)
-    norms = [strategy.update_norm({k: a.numpy() for k, a in m.content["arrays"].items()}, strategy.new_accumulators(),
-                                  ["head.weight"]) for m in sent[:3]]
+    probe = ServerRound(strategy.config, strategy.state)  # the round's own update norm, not a copy of it
+    norms = [probe.update_norm({k: a.numpy() for k, a in m.content["arrays"].items()}) for m in sent[:3]]
     arrays, metrics = strategy.aggregate_train(1, sent)
     moved = np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - glob[k]) ** 2) for k in ("head.weight",))
                     + np.sum((product(arrays) - product_np(glob)) ** 2))
@@ -311,7 +305,7 @@ def test_flowers_server_side_dp_clipping_wraps_fedlowrank():
     glob = global_arrays(kind)
     strategy = DifferentialPrivacyServerSideFixedClipping(FedLowRank(), noise_multiplier=0.0, clipping_norm=0.05,
                                                          num_sampled_clients=3)
-    messages = list(strategy.configure_train(1, array_record(glob), ConfigRecord(), Grid()))
+    messages = list(strategy.configure_train(1, array_record(glob), ConfigRecord(), GRID))
     config = messages[0].content["config"]
     replies = []
     for node in (1, 2, 3):

@@ -11,8 +11,7 @@ from torch import nn
 from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, to_record
 from fedlowrank.strategies import FedLowRank
-from fedlowrank.strategies.inprocess import InProcessGrid
-from flower_messages import array_record, train_reply
+from fedlowrank.strategies.testing import InProcessGrid, run_round, train_reply
 
 RANKS = (2, 4, 8)
 GLOBAL_RANK = 8
@@ -62,8 +61,7 @@ def test_untrained_clients_of_mixed_ranks_leave_the_global_unchanged_for_ten_rou
     arrays = start
     strategy = FedLowRank(rule=rule)
     for server_round in range(1, 11):
-        strategy._global_arrays = array_record(arrays, dtype=np.float64)
-        record, metrics = strategy.aggregate_train(server_round, echo_replies(arrays, RANKS, [30, 50, 20]))
+        record, metrics = run_round(strategy, arrays, echo_replies(arrays, RANKS, [30, 50, 20]), server_round=server_round, dtype=np.float64)
         arrays = {k: record[k].numpy() for k in record.keys()}
         assert metrics["agg-clients-dropped"] == 0
     for module, want in products(start).items():
@@ -107,8 +105,7 @@ def test_each_client_changes_the_global_by_its_own_update_only():
     delta = products(trained)["0"] - (lambda g: (lambda u, s, vt: (u[:, :2] * s[:2]) @ vt[:2])(*np.linalg.svd(g)))(products(start)["0"])
     replies[0] = train_reply(1, trained, 30, dtype=np.float64)
     strategy = FedLowRank(rule="exact", rank=16)  # room for the sum: nothing truncated
-    strategy._global_arrays = array_record(start, dtype=np.float64)
-    record, _ = strategy.aggregate_train(1, replies)
+    record, _ = run_round(strategy, start, replies, dtype=np.float64)
     got = products({k: record[k].numpy() for k in record.keys()})["0"]
     want = products(start)["0"] + 0.3 * delta
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-9
@@ -120,16 +117,14 @@ def test_rank_above_the_global_and_fedit_with_mixed_ranks_are_dropped_by_name(ca
     load_exchange_state(big, {k: torch.from_numpy(v) for k, v in start.items()})
     replies = echo_replies(start, (8, 8), [10, 10]) + [train_reply(9, {k: v.numpy() for k, v in exchange_state(big).items()}, 10, dtype=np.float64)]
     strategy = FedLowRank()
-    strategy._global_arrays = array_record(start, dtype=np.float64)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        _, metrics = strategy.aggregate_train(1, replies)
+        _, metrics = run_round(strategy, start, replies, dtype=np.float64)
     assert metrics["agg-clients-dropped"] == 1
     assert any("node 9" in r.getMessage() and "rank 12 is above the global rank 8" in r.getMessage() for r in caplog.records)
     caplog.clear()
     fedit = FedLowRank(rule="fedit")
-    fedit._global_arrays = array_record(start, dtype=np.float64)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        _, metrics = fedit.aggregate_train(1, echo_replies(start, (8, 4), [10, 10]))
+        _, metrics = run_round(fedit, start, echo_replies(start, (8, 4), [10, 10]), dtype=np.float64)
     assert metrics["agg-clients-dropped"] == 1
     assert any("node 2" in r.getMessage() and "cannot mix ranks" in r.getMessage() for r in caplog.records)
 

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedlowrank.strategies.inprocess import InProcessGrid
+from fedlowrank.strategies.testing import InProcessGrid
 
 
 def test_a_client_that_raises_replies_with_an_error_and_the_round_goes_on(caplog):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedlowrank.adapters import exchange_state, load_exchange_state
@@ -21,6 +20,7 @@ from fedlowrank.compression import (
     settings_to_config,
 )
 from fedlowrank.strategies import FedLowRank, LGreCo
+from fedlowrank.strategies.testing import NodeGrid
 
 ADAPTER = AdapterConfig(target_modules=r"net\.(0|2)", rank=2, trainable=r"net\.4\..*")
 SETTINGS = {
@@ -63,22 +63,7 @@ def data_fn(context):
 APP = build_client_app(model_fn, data_fn, ADAPTER, lr=0.02)
 
 
-class Grid:
-    """What FedAvg.configure_train needs from a Grid."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    # Instruction messages read the run/node identity of the running ServerApp.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def context(node=1, partition=0, **node_config):
@@ -173,7 +158,7 @@ def test_client_rank_above_the_global_is_refused_clearly():
 def run_rounds(strategy, nodes, rounds, lr=0.02, start=None):
     arrays = ArrayRecord({k: Array(v) for k, v in (start or initial_arrays()).items()})
     for rnd in range(1, rounds + 1):
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord({"lr": lr}), Grid(nodes))
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord({"lr": lr}), NodeGrid(nodes))
         replies = [APP(msg, nodes[msg.metadata.dst_node_id]) for msg in messages]
         arrays, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics["agg-clients-dropped"] == 0
@@ -268,7 +253,7 @@ def test_lgreco_around_fedlowrank_trains_over_rounds_with_a_silent_client():
     start_acc, start_loss = accuracy({k: a.numpy() for k, a in arrays.items()})
     for rnd in range(1, 6):
         replies = []
-        for msg in strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.02}), Grid(nodes)):
+        for msg in strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.02}), NodeGrid(nodes)):
             reply = APP(msg, nodes[msg.metadata.dst_node_id])
             if msg.metadata.dst_node_id == 3:
                 reply.content["arrays"].pop(ERRORS_KEY, None)
@@ -317,7 +302,7 @@ def test_lgreco_composes_with_fairlora(mode):
 
     start = loss_of(arrays)
     for rnd in range(1, 5):
-        replies = [app(msg, nodes[msg.metadata.dst_node_id]) for msg in strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.02}), Grid(nodes))]
+        replies = [app(msg, nodes[msg.metadata.dst_node_id]) for msg in strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.02}), NodeGrid(nodes))]
         arrays, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics["lgreco-dropped"] == 0 and metrics["lgreco-bytes"] < metrics["lgreco-raw-bytes"]
     assert sorted(strategy.allocation_history) == [1, 3]

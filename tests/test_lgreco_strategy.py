@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlowrank.compression import (
     CANDIDATES_KEY,
@@ -19,25 +18,15 @@ from fedlowrank.compression import (
     size_table,
 )
 from fedlowrank.strategies.lgreco import LGreCo
-from flower_messages import train_reply
+from fedlowrank.strategies.testing import NodeGrid, train_reply
 
 SHAPES = {"fc.lora_U": (32, 4), "fc.lora_V": (24, 4), "head.weight": (20, 16), "head.bias": (20,)}
 CANDS = ["none", "powersgd:1", "powersgd:4", "topk:0.1", "qsgd:8"]
 
 
-class FakeGrid:
-    """Only what FedAvg.configure_train uses."""
-
-    def get_node_ids(self):
-        return [11, 12, 13]
+GRID = NodeGrid([11, 12, 13])
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    # Instruction messages read the run/node identity of the running ServerApp.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 def _global(seed=0):
@@ -72,14 +61,14 @@ def test_configure_train_sends_per_tensor_settings(task_identity):
     strat = LGreCo(FedAvg(), candidates=CANDS, warmup_rounds=1, reallocate_every=2)
     arrays = ArrayRecord({k: Array(v) for k, v in _global().items()})
     config = ConfigRecord({"lr": 0.1})
-    msgs = list(strat.configure_train(1, arrays, config, FakeGrid()))
+    msgs = list(strat.configure_train(1, arrays, config, GRID))
     assert len(msgs) == 3
     cfg = msgs[0].content["config"]
     settings, cands = settings_from_config(cfg)
     assert settings == {k: "powersgd:4" for k in SHAPES} and cands == CANDS
     assert cfg["lr"] == 0.1 and cfg["server-round"] == 1
     # Round 2 feeds no allocation: no tables asked for, even with a reused config.
-    cfg2 = list(strat.configure_train(2, arrays, config, FakeGrid()))[0].content["config"]
+    cfg2 = list(strat.configure_train(2, arrays, config, GRID))[0].content["config"]
     assert CANDIDATES_KEY not in cfg2 and strat.tables_wanted(3)
 
 
@@ -298,10 +287,10 @@ def test_wraps_fedlowrank_unchanged(task_identity):
     locs = _locals(glob, 3, seed=2)
     arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
     ref = FedLowRank()
-    list(ref.configure_train(1, arrays, ConfigRecord(), FakeGrid()))
+    list(ref.configure_train(1, arrays, ConfigRecord(), GRID))
     want, _ = ref.aggregate_train(1, [_reply(n, loc, 10 * n) for n, loc in zip([1, 2, 3], locs)])
     strat = LGreCo(FedLowRank(), candidates=["none", "powersgd:2"], default="none")
-    list(strat.configure_train(1, arrays, ConfigRecord(), FakeGrid()))
+    list(strat.configure_train(1, arrays, ConfigRecord(), GRID))
     replies = [_reply(n, _encoded(glob, loc, strat.settings), 10 * n) for n, loc in zip([1, 2, 3], locs)]
     got, _ = strat.aggregate_train(1, replies)
     for k in want.keys():
@@ -327,7 +316,7 @@ def _drive(strat, glob, rounds, silent=()):
     asked = []
     arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
     for rnd in rounds:
-        cfg = list(strat.configure_train(rnd, arrays, ConfigRecord({}), FakeGrid()))[0].content["config"]
+        cfg = list(strat.configure_train(rnd, arrays, ConfigRecord({}), GRID))[0].content["config"]
         settings, cands = settings_from_config(cfg)
         if cands:
             asked.append(rnd)
@@ -419,7 +408,7 @@ def test_a_uniform_fallback_stops_the_tables_and_survives_a_checkpoint(task_iden
     assert strat.uniform_fallback == "qsgd:8" and set(strat.settings.values()) == {"qsgd:8"}
     assert strat.allocation_details[1]["table_bytes_per_client"] > 0
     arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
-    cfg = list(strat.configure_train(2, arrays, ConfigRecord({}), FakeGrid()))[0].content["config"]
+    cfg = list(strat.configure_train(2, arrays, ConfigRecord({}), GRID))[0].content["config"]
     assert settings_from_config(cfg)[1] is None  # no more tables asked for
     restored = LGreCo(FedAvg(), candidates=CANDS, default="powersgd:4", reallocate_every=1, max_interval_factor=1)
     restored.load_state_dict(strat.state_dict())

@@ -16,7 +16,7 @@ from torch import nn
 from fedlowrank.adapters import exchange_state, load_exchange_state
 from fedlowrank.adapters.peft import lora_layers, save_peft_adapter
 from fedlowrank.strategies import FedLowRank
-from flower_messages import array_record, train_reply
+from fedlowrank.strategies.testing import configure_round, run_round, train_reply
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -86,12 +86,11 @@ def test_three_peft_clients_aggregate_to_the_best_approximation_of_the_weighted_
     start = {k: v.numpy() for k, v in exchange_state(receiver).items()}
     assert all(not np.any(start[k]) for k in start if k.endswith(".lora_U"))
     strategy = FedLowRank(rule="exact", rank=GLOBAL_RANK)
-    strategy._global_arrays = array_record(start, dtype=np.float64)
     replies = [
         train_reply(i + 1, {k: v.numpy() for k, v in exchange_state(client).items()}, w, dtype=np.float64)
         for i, (client, w) in enumerate(zip(clients, WEIGHTS))
     ]
-    record, _ = strategy.aggregate_train(1, replies)
+    record, _ = run_round(strategy, start, replies, dtype=np.float64)
     assert record is not None
 
     load_exchange_state(receiver, {k: torch.from_numpy(record[k].numpy()) for k in record.keys()})
@@ -148,8 +147,7 @@ def test_initial_arrays_of_a_peft_model_are_exact_factors():
     record = initial_arrays(model)
     assert not any(".lora_A" in k or ".lora_B" in k for k in record.keys())
     strategy = FedLowRank(rule="exact", rank=2)
-    strategy.state.global_arrays = {k: a.numpy() for k, a in record.items()}
-    strategy.check_rule_fits()  # accepted: these are factors, not PEFT's raw A and B
+    configure_round(strategy, record)  # accepted: these are factors, not PEFT's raw A and B
     u, s, v = (record[f"base_model.model.0.{leaf}"].numpy() for leaf in ("lora_U", "lora_S", "lora_V"))
     np.testing.assert_allclose((u * s) @ v.T, matrix_deltas(model)["base_model.model.0"], rtol=1e-5, atol=1e-6)
 
@@ -158,10 +156,8 @@ def test_raw_peft_state_dicts_are_refused_by_the_strategy_with_the_way_out():
     model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"]))
     raw = {n: p.detach().numpy() for n, p in model.named_parameters() if p.requires_grad}
     strategy = FedLowRank(rule="exact", rank=2)
-    strategy._global_arrays = array_record(raw, dtype=np.float64)
-    strategy.state.global_arrays = {k: np.asarray(v) for k, v in raw.items()}
     with pytest.raises(ValueError, match=r"exchange_state\(peft_model\)"):
-        strategy.check_rule_fits()
+        configure_round(strategy, raw, dtype=np.float64)  # before any client trains
 
 
 def test_a_peft_model_trains_in_the_client_builder(monkeypatch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlowrank.strategies import FedLowRank
-from flower_messages import array_record, train_reply
+from fedlowrank.strategies.testing import configure_round, run_round, train_reply
 
 
 def client_arrays(seed, rank, d_out=12, d_in=9):
@@ -40,8 +40,7 @@ def completed_mean(clients, weights, global_arrays, rank):
 
 
 def aggregate(strategy, replies, global_arrays):
-    strategy._global_arrays = array_record(global_arrays)  # what configure_train records
-    return strategy.aggregate_train(1, replies)
+    return run_round(strategy, global_arrays, replies)
 
 
 def test_exact_weighted_mean_of_products_with_mixed_ranks():
@@ -146,9 +145,8 @@ def test_grouped_factors_are_refused_with_a_pointer_to_fairlora():
     arrays = client_arrays(0, 3)
     arrays["fc.lora_S"] = np.ones((2, 3))
     strategy = FedLowRank(rank=3)
-    strategy._global_arrays = array_record(arrays)
     with pytest.raises(ValueError, match="use FairLoRA"):
-        strategy.check_rule_fits()  # configure_train runs it before any client trains
+        configure_round(strategy, arrays)  # before any client trains
 
 
 def test_peft_lora_factors_are_refused_not_averaged_factor_by_factor():
@@ -160,9 +158,8 @@ def test_peft_lora_factors_are_refused_not_averaged_factor_by_factor():
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items() if "lora_" in k}
     strategy = FedLowRank()
-    strategy._global_arrays = array_record(arrays)
     with pytest.raises(ValueError, match="PEFT LoRA factors .* not the average of B A"):
-        strategy.check_rule_fits()
+        configure_round(strategy, arrays)
 
 
 def svd_arrays(matrix, rank, head):

@@ -1,10 +1,14 @@
-"""Checks on client factors, so that a bad update is named and never averaged in."""
+"""Checks on what clients send (factors, arrays, weights), so that a bad update is named and never averaged in."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
+
+from ..wire import split_factor_key
 
 
 def check_client_factors(
@@ -60,3 +64,58 @@ def check_client_factors(
             raise ValueError(f"client {k}: weight has shape {tuple(w.shape)}, expected {want}")
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"client {k}: weight {w.tolist()} must be finite and non-negative")
+
+
+MAX_WEIGHT = 1e9
+"""Default cap on a reply's weight (sample count) and per-group counts: larger values are
+refused (``1e30`` examples would make the global that client's model)."""
+
+
+def finite_number(value, what: str) -> float:
+    """``value`` as a float; ``ValueError`` unless it is one finite number (not a list, not bool)."""
+    if isinstance(value, (list, bool)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} = {value!r} must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} = {value!r} must be finite")
+    return value
+
+
+def check_weight(value, what: str = "weight", max_weight: float = MAX_WEIGHT) -> float:
+    """A reply's aggregation weight as a float; ``ValueError`` if not finite, negative or above the cap."""
+    try:
+        weight = finite_number(value, what)
+    except ValueError:
+        raise ValueError(f"{what} = {value!r} must be a finite number >= 0") from None
+    if weight < 0:
+        raise ValueError(f"{what} = {value!r} must be a finite number >= 0")
+    if weight > max_weight:
+        raise ValueError(f"{what} = {weight:g} is above the cap {max_weight:g}")
+    return weight
+
+
+def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
+    """Raise ``ValueError`` unless a reply's arrays fit the arrays the server sent.
+
+    The keys must be the same; factors (``*.lora_U/S/V``) may change rank but keep the
+    layer's row counts, and a layer's three factors agree on it; every other array keeps
+    its shape. All float values must be finite.
+    """
+    if set(arrays) != set(sent):
+        missing = sorted(set(sent) - set(arrays))
+        extra = sorted(set(arrays) - set(sent))
+        raise ValueError(f"array keys differ from the global model: missing {missing}, unexpected {extra[:10]}")
+    for key, want in sent.items():
+        got = np.asarray(arrays[key])
+        factor = split_factor_key(key)
+        if factor is None:
+            if tuple(got.shape) != tuple(np.shape(want)):
+                raise ValueError(f"tensor '{key}' has shape {got.shape}, expected {tuple(np.shape(want))}")
+        elif got.ndim != 2 or got.shape[0] != np.shape(want)[0]:
+            raise ValueError(f"factor '{key}' has shape {got.shape}, expected ({np.shape(want)[0]}, rank)")
+        if got.dtype.kind == "f" and not np.all(np.isfinite(got)):
+            raise ValueError(f"tensor '{key}' contains NaN or Inf")
+    for module in {f[0] for f in map(split_factor_key, arrays) if f is not None}:
+        ranks = {leaf: np.shape(arrays[f"{module}.{leaf}"])[1] for leaf in ("lora_U", "lora_S", "lora_V")}
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"factors of '{module}' disagree on rank: {ranks}")

@@ -1,0 +1,457 @@
+"""The server round: one round of low-rank aggregation, usable without Flower.
+
+A round takes the global arrays clients received and the persistent
+:class:`~fedlowrank.aggregation.state.LowRankState`, checks and adds each client's arrays
+as they arrive (:meth:`ServerRound.add`), and returns the new arrays, the round's
+metrics and the updated state (:meth:`ServerRound.finish`). Everything a round does
+lives here: the rule, completion of mixed ranks (in the rule's accumulator), residual
+modes, robust clipping, the server learning rate, the hand-back gauge and alignment.
+A Flower strategy is message handling around it (``fedlowrank.strategies.FedLowRank``);
+a notebook or a ``torch.distributed`` job drives it with plain arrays::
+
+    config = RoundConfig(rule="exact", rank=4)
+    state = LowRankState()
+    for server_round in range(1, rounds + 1):
+        rnd = ServerRound(config, state, arrays, server_round)
+        for client_arrays, examples in train_clients(arrays):
+            rnd.add(client_arrays, examples)
+        arrays = rnd.finish().arrays or arrays
+
+Arrays are a mapping ``name -> np.ndarray``; adapted layers are the keys
+``<module>.lora_U``, ``.lora_S``, ``.lora_V`` (``dW = U diag(S) V^T``), every other array
+(heads, norms) is a weighted mean, as in FedAvg.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ..wire import FACTOR_SUFFIXES, is_fold_key, split_factor_key
+from .accumulate import WeightedSum, compact
+from .align import procrustes_align, signed_permutation_align
+from .balance import balance_factors, lora_gauge_factors
+from .grouped import balance_grouped_factors
+from .ranks import Factors
+from .rules import Accumulator, AggregationRule, RuleResult, get_rule
+from .state import LowRankState
+from .validate import MAX_WEIGHT, check_reply_arrays, check_weight
+
+RESIDUAL_MODES = ("drop", "carry", "fold")
+GAUGES = ("balanced", "lora")
+ROBUST_MODES = (None, "clip", "reject")
+PEFT_FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$|\.lora_embedding_[AB]")
+"""PEFT's LoRA parameter names (``...q_proj.lora_A.default.weight``)."""
+
+Log = Callable[..., None]
+"""``log(level, message, *args)``, as :func:`logging.Logger.log` (Flower passes its own)."""
+
+_logger = logging.getLogger(__name__)
+
+
+def factor_modules(keys: Iterable[str]) -> list[str]:
+    """Names of the adapted modules among array keys, in first-seen order."""
+    seen: dict[str, None] = {}
+    for key in keys:
+        split = split_factor_key(key)
+        if split is not None:
+            seen.setdefault(split[0], None)
+    return list(seen)
+
+
+def layer_factors(arrays: Mapping[str, np.ndarray], module: str) -> Factors:
+    """``(U, S, V)`` of one module from a mapping of numpy arrays, as float64 tensors."""
+    u, s, v = (torch.from_numpy(np.array(arrays[f"{module}.{leaf}"], dtype=np.float64)) for leaf in FACTOR_SUFFIXES)
+    return Factors(u, s.reshape(-1, u.shape[1]) if s.ndim != 2 else s, v)
+
+
+@dataclass
+class RoundConfig:
+    """What a round does; the same every round of a run.
+
+    Parameters
+    ----------
+    rule : str or AggregationRule (default: "exact")
+        A registered rule (:func:`fedlowrank.aggregation.rules.registered_rules`).
+    rule_options : dict, optional
+        Options of a rule given by name.
+    residual : {"drop", "carry", "fold"}, optional
+        What the global rank could not hold (``docs/aggregation.md``); default the rule's first mode.
+    rank : int, optional
+        Global adapter rank; default the width of the arrays sent. Clamped per layer to
+        ``min(d_out, d_in)``, with a log line.
+    align : bool (default: True)
+        Rotate each aggregate to match the factors sent last round (same product).
+    gauge : {"balanced", "lora"} (default: "balanced")
+        How an orthonormal G = 1 aggregate ``u diag(s) v^T`` goes back to clients:
+        ``u sqrt(s)``, ``v sqrt(s)``; or ``u s sqrt(3)``, ``v / sqrt(3)`` (LoRA's init size).
+    balance_cap : float or None (default: 1.0)
+        Grouped rules: the bound on ``|S|`` in the hand-back
+        (:func:`~fedlowrank.aggregation.balance_grouped_factors`).
+    dense_above : int, optional
+        Stacked width beyond which a layer's sum is accumulated densely.
+    max_weight : float (default: 1e9)
+        Largest accepted weight and per-group count.
+    robust : {None, "clip", "reject"} (default: None)
+        Bound each client's update norm by ``robust_factor`` times the round's median:
+        clip it, or drop the reply. Needs 3 or more valid replies.
+    robust_factor : float (default: 3.0)
+    min_valid_replies : int (default: 1)
+        Fewer valid replies than this keep the previous global.
+    server_learning_rate : float (default: 1.0)
+        The share of the round's aggregate change the global takes, in ``(0, 1]``: every
+        client's change is scaled by it, so under an exact rule the new global is the
+        best rank-r approximation of ``G + lr (M - G)``.
+    """
+
+    rule: str | AggregationRule = "exact"
+    rule_options: dict[str, Any] | None = None
+    residual: str | None = None
+    rank: int | None = None
+    align: bool = True
+    gauge: str = "balanced"
+    balance_cap: float | None = 1.0
+    dense_above: int | None = None
+    max_weight: float = MAX_WEIGHT
+    robust: str | None = None
+    robust_factor: float = 3.0
+    min_valid_replies: int = 1
+    server_learning_rate: float = 1.0
+    clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    """Layers whose clamped rank was logged (once per run)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rule, str) or self.rule_options:
+            self.rule = get_rule(self.rule, **(self.rule_options or {}))
+            self.rule_options = None
+        if not 0.0 < self.server_learning_rate <= 1.0:
+            raise ValueError(f"server_learning_rate must be in (0, 1], got {self.server_learning_rate}")
+        if self.gauge not in GAUGES:
+            raise ValueError(f"gauge must be 'balanced' or 'lora', got {self.gauge!r}")
+        if self.robust not in ROBUST_MODES:
+            raise ValueError(f"robust must be None, 'clip' or 'reject', got {self.robust!r}")
+        if not self.robust_factor > 0 or not self.max_weight > 0 or self.min_valid_replies < 1:
+            raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.balance_cap is not None and not self.balance_cap >= 1.0:
+            raise ValueError(f"balance_cap {self.balance_cap} must be >= 1 (or None)")
+        rule = self.rule
+        self.residual = rule.residual_modes[0] if self.residual is None else self.residual
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"unknown residual mode {self.residual!r}; choose one of {RESIDUAL_MODES}")
+        if self.residual not in rule.residual_modes:
+            needs = "needs an exact rule" if not rule.residual else "is not available"
+            raise ValueError(
+                f"residual mode {self.residual!r} {needs}; rule '{rule.name}' supports {list(rule.residual_modes)}"
+            )
+
+    def check_fits(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse, before any client trains, global arrays this round cannot aggregate."""
+        peft = sorted(k for k in arrays if PEFT_FACTOR.search(k))
+        if peft:
+            raise ValueError(
+                f"PEFT LoRA factors ({peft[0]}, ...) reached FedLowRank: averaging lora_A and lora_B "
+                "separately is not the average of B A, and FedLowRank does not do that silently. Send "
+                "fedlowrank.adapters.exchange_state(peft_model) instead: it reads each layer's (B, A, "
+                "scaling) as exact factors, and load_exchange_state writes the aggregate back into PEFT"
+            )
+        for module in factor_modules(arrays):
+            rows = np.shape(arrays[f"{module}.lora_S"])[0]
+            if rows > 1 and not self.rule.grouped:
+                raise ValueError(
+                    f"{module}: S has {rows} group rows; rule '{self.rule.name}' aggregates G = 1 "
+                    "adapters (use FairLoRA for grouped ones)"
+                )
+            if rows > 1 and self.residual == "fold":
+                raise ValueError(f"{module}: residual mode 'fold' needs G = 1 (one base for every group)")
+
+
+class RoundResult(NamedTuple):
+    """What a round gives back."""
+
+    arrays: dict[str, np.ndarray] | None
+    """The new global arrays (fold factors included), or None: the previous global is kept."""
+    metrics: dict[str, float]
+    """``agg-clients-kept``, the aggregation error (``agg-error-rel``, ...), group shares."""
+    state: LowRankState
+    """The persistent state, updated (residuals, group shares)."""
+
+
+@dataclass
+class _Reply:
+    arrays: Mapping[str, np.ndarray]
+    weight: float
+    counts: np.ndarray | None
+    node: Any
+    norm: float = 0.0
+
+
+@dataclass
+class ServerRound:
+    """One round of aggregation: add client arrays one at a time, then :meth:`finish`.
+
+    Parameters
+    ----------
+    config : RoundConfig
+    state : LowRankState
+        The persistent state; updated in place by :meth:`finish`.
+    global_arrays : mapping, optional
+        What clients received this round (recorded in the state); default the state's.
+    server_round : int, optional
+        Recorded in the state (seeds rules that draw, such as FLoRA's fresh init).
+    log : callable, optional
+        ``log(level, message, *args)`` for the round's lines (clipping, clamped ranks);
+        default this module's logger.
+    """
+
+    config: RoundConfig
+    state: LowRankState
+    global_arrays: Mapping[str, np.ndarray] | None = None
+    server_round: int | None = None
+    log: Log | None = None
+    _accs: dict[str, Accumulator] = field(init=False, repr=False)
+    _held: list[_Reply] = field(init=False, repr=False, default_factory=list)
+    _kept: list[_Reply] = field(init=False, repr=False, default_factory=list)
+    _sums: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
+    _total: float = field(init=False, repr=False, default=0.0)
+    _failure: str | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.log = self.log or _logger.log
+        if self.global_arrays is not None:
+            self.config.check_fits(self.global_arrays)
+            self.state.global_arrays = {k: np.asarray(v) for k, v in self.global_arrays.items()}
+        if self.server_round is not None:
+            self.state.server_round = int(self.server_round)
+        if self.state.global_arrays is None:
+            raise ValueError("no global arrays: pass the arrays clients received (or a state that holds them)")
+        # Fold factors travel server -> client only: replies carry everything else.
+        self.sent = {k: v for k, v in self.state.global_arrays.items() if not is_fold_key(k)}
+        self.plain_keys = [k for k in self.sent if split_factor_key(k) is None]
+        shares = self.state.group_shares
+        shares = None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
+        self._accs = {}
+        for index, module in enumerate(factor_modules(self.sent)):
+            seed = self.state.server_round * 100_003 + index
+            reference = layer_factors(self.sent, module)
+            self._accs[module] = self.config.rule.accumulator(reference, shares, dense_above=self.config.dense_above, seed=seed)
+
+    @property
+    def modules(self) -> list[str]:
+        """The adapted layers, in the arrays' order."""
+        return list(self._accs)
+
+    @property
+    def accepted(self) -> list[Any]:
+        """The nodes whose replies were accepted so far (``node`` as given to :meth:`add`)."""
+        return [r.node for r in self._held + self._kept]
+
+    # -- adding replies -------------------------------------------------------
+    def check(self, arrays: Mapping[str, np.ndarray], weight: float, group_counts: np.ndarray | None = None) -> float:
+        """Raise ``ValueError`` naming what is wrong with a reply; its weight as a float."""
+        check_reply_arrays(arrays, self.sent)
+        weight = check_weight(weight, "weight", self.config.max_weight)
+        for module, acc in self._accs.items():
+            try:
+                self.config.rule.check(layer_factors(arrays, module), acc.reference)
+            except ValueError as err:
+                raise ValueError(f"'{module}': {err}") from None
+        if group_counts is not None:
+            counts = np.asarray(group_counts, dtype=np.float64)
+            groups = next(iter(self._accs.values())).groups if self._accs else counts.shape[0]
+            if counts.shape != (groups,):
+                raise ValueError(f"{counts.shape[0] if counts.ndim == 1 else counts.shape} group counts for {groups} groups")
+            if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+                raise ValueError(f"group counts {counts.tolist()} must be finite numbers >= 0")
+            if np.any(counts > self.config.max_weight):
+                raise ValueError(f"group counts {counts.tolist()} exceed the cap {self.config.max_weight:g}")
+            # Samples of unknown group are in the weight but in no count.
+            if counts.sum() > weight + 0.5:
+                raise ValueError(f"group counts sum to {counts.sum():g}, more than the weight {weight:g}")
+        return weight
+
+    def add(
+        self, arrays: Mapping[str, np.ndarray], weight: float, group_counts: np.ndarray | None = None, node: Any = None
+    ) -> None:
+        """Check one client's arrays and add them; ``ValueError`` (nothing added) if they fail.
+
+        ``weight`` is the client's sample count; ``group_counts`` its per-group counts
+        (grouped rules weigh each group's sum by them). Without ``robust`` the reply is
+        folded in at once; with it, it waits for the round's median update norm (the
+        arrays are kept as given, typically views into the messages).
+        """
+        if self._failure is not None:
+            raise RuntimeError(f"the round already failed: {self._failure}")
+        weight = self.check(arrays, weight, group_counts)
+        counts = None if group_counts is None else np.asarray(group_counts, dtype=np.float64)
+        reply = _Reply(arrays, weight, counts, node)
+        if self.config.robust is None:
+            self._fold(reply, self.config.server_learning_rate)
+        else:
+            reply.norm = self.update_norm(arrays)
+            self._held.append(reply)
+
+    def update_norm(self, arrays: Mapping[str, np.ndarray]) -> float:
+        """The norm of a reply's change: adapter products (completed) and plain arrays."""
+        square = sum(acc.change_norm(layer_factors(arrays, module)) ** 2 for module, acc in self._accs.items())
+        square += sum(
+            float(np.sum((np.asarray(arrays[k], dtype=np.float64) - np.asarray(self.sent[k], dtype=np.float64)) ** 2))
+            for k in self.plain_keys
+        )
+        return float(np.sqrt(square))
+
+    def _fold(self, reply: _Reply, shrink: float) -> None:
+        try:
+            self._fold_unguarded(reply, shrink)
+        except Exception as err:
+            # A reply half folded into some layers leaves no valid sum: the round is lost.
+            self._failure = f"{type(err).__name__}: {err}"
+            raise
+
+    def _fold_unguarded(self, reply: _Reply, shrink: float) -> None:
+        group_weights = None if reply.counts is None else torch.as_tensor(reply.counts, dtype=torch.float64)
+        for module, acc in self._accs.items():
+            acc.add(layer_factors(reply.arrays, module), reply.weight, group_weights, shrink)
+        for key in self.plain_keys:
+            ref = np.asarray(self.sent[key], dtype=np.float64)
+            term = reply.weight * (ref + shrink * (np.asarray(reply.arrays[key], dtype=np.float64) - ref))
+            self._sums[key] = term if key not in self._sums else self._sums[key] + term
+        self._total += reply.weight
+        self._kept.append(_Reply(None, reply.weight, reply.counts, reply.node))  # arrays released
+
+    def _fold_held(self) -> None:
+        """``robust``: clip (or drop) updates above ``robust_factor`` times the median norm, then fold."""
+        held, self._held = self._held, []
+        bound = None
+        if len(held) >= 3:  # a median of fewer says nothing
+            bound = self.config.robust_factor * float(np.median([r.norm for r in held]))
+        for reply in held:
+            shrink = 1.0
+            if bound is not None and reply.norm > bound and reply.norm != 0:
+                if self.config.robust == "reject":
+                    self.log(logging.WARNING, "Dropping reply from node %s: update norm %.3g above %.3g", reply.node, reply.norm, bound)
+                    continue
+                self.log(logging.WARNING, "Clipping update of node %s: norm %.3g above %.3g", reply.node, reply.norm, bound)
+                shrink = bound / reply.norm
+            self._fold(reply, self.config.server_learning_rate * shrink)
+
+    # -- the result -----------------------------------------------------------
+    def layer_rank(self, module: str) -> int:
+        """The global rank of one layer: ``rank`` (or the sent width), clamped to its size."""
+        u, v = self.sent[f"{module}.lora_U"], self.sent[f"{module}.lora_V"]
+        want = self.config.rank or u.shape[1]
+        limit = min(u.shape[0], v.shape[0])
+        if want > limit and module not in self.config.clamped:
+            self.config.clamped.add(module)
+            self.log(logging.INFO, "%s: global rank %d clamped to min(d_out, d_in) = %d", module, want, limit)
+        return min(want, limit)
+
+    def finish(self) -> RoundResult:
+        """The round's new global arrays, metrics and state.
+
+        With fewer accepted replies than ``min_valid_replies`` (or no positive weight) the
+        arrays are None and the state is unchanged: the previous global is kept.
+        """
+        self._fold_held()
+        if self._failure is not None:
+            raise RuntimeError(f"aggregation failed while adding a reply ({self._failure})")
+        kept = len(self._kept)
+        metrics: dict[str, float] = {"agg-clients-kept": kept}
+        if kept < self.config.min_valid_replies or self._total <= 0:
+            self.log(
+                logging.WARNING, "aggregate: %d valid replies with positive weight (at least %d needed); "
+                "the global model is kept", kept, self.config.min_valid_replies,
+            )
+            return RoundResult(None, metrics, self.state)
+        out: dict[str, np.ndarray] = {}
+        errors, floors = [], []
+        residual_mode = self.config.residual
+        for module, acc in self._accs.items():
+            if residual_mode == "carry" and module in self.state.residuals:
+                acc.add_carried(self.state.residuals[module])
+            result = acc.result(self.layer_rank(module))
+            if residual_mode == "carry":
+                self.state.residuals[module] = result.residual
+            elif residual_mode == "fold":
+                out.update(self._folded(module, result.residual))
+            out.update(self._hand_back(module, result, acc))
+            target = result.target_norms.clamp_min(1e-300)
+            errors.append(torch.where(result.target_norms > 0, result.error_norms / target, 0.0).numpy())
+            if result.floor_norms is not None:
+                floors.append(torch.where(result.target_norms > 0, result.floor_norms / target, 0.0).numpy())
+        for key in self.plain_keys:
+            dtype = self.sent[key].dtype
+            mean = self._sums[key] / self._total
+            out[key] = mean.astype(dtype) if np.issubdtype(dtype, np.floating) else mean
+        arrays = {k: out[k] for k in [*self.sent, *(k for k in out if is_fold_key(k))]}
+        metrics.update(error_metrics(errors, floors))
+        counts = [r.counts for r in self._kept if r.counts is not None]
+        if counts and float(np.sum(counts)) > 0:
+            total = np.sum(counts, axis=0)
+            self.state.group_shares = (total / total.sum()).tolist()
+        if self.config.rule.grouped and self.state.group_shares is not None:
+            metrics.update({f"group-share-g{g}": share for g, share in enumerate(self.state.group_shares)})
+        return RoundResult(arrays, metrics, self.state)
+
+    def _folded(self, module: str, residual: Factors | torch.Tensor) -> dict[str, np.ndarray]:
+        """Add this round's residual to the layer's fold; its factors as sent to clients.
+
+        The fold is re-factored exactly each round (its non-zero singular triplets), so its
+        rank never exceeds ``min(d_out, d_in)``; it goes out balanced, ``u sqrt(s)``, ``v sqrt(s)``.
+        """
+        ref_u, ref_v = self.sent[f"{module}.lora_U"], self.sent[f"{module}.lora_V"]
+        acc = WeightedSum(ref_u.shape[0], ref_v.shape[0])
+        previous = self.state.residuals.get(module)
+        if previous is not None:
+            acc.add_normalised(previous)
+        acc.add_normalised(residual)
+        fold = compact(acc)
+        self.state.residuals[module] = fold
+        root = fold.s[0].clamp_min(0).sqrt()
+        return {f"{module}.fold_U": (fold.u * root).numpy().astype(ref_u.dtype), f"{module}.fold_V": (fold.v * root).numpy().astype(ref_u.dtype)}
+
+    def _hand_back(self, module: str, result: RuleResult, acc: Accumulator) -> dict[str, np.ndarray]:
+        """The layer's factors as sent to clients: balanced and aligned if orthonormal.
+
+        G = 1: ``gauge``, then the rotation nearest last round's factors (Procrustes).
+        Grouped rules: magnitude moved into ``U, V`` per column (``|S| <= balance_cap``),
+        then the signed permutation nearest last round's factors.
+        """
+        u, s, v = result.factors
+        if result.magnitude_in_s:
+            previous = acc.reference
+            if self.config.rule.grouped:
+                total = acc.sum.total
+                shares = total / total.sum() if float(total.sum()) > 0 else None
+                u, s, v = balance_grouped_factors(u, s, v, shares, cap=self.config.balance_cap)
+                if self.config.align and previous.u.shape == u.shape:
+                    u, s, v = signed_permutation_align(u, s, v, previous.u, previous.v)
+            else:
+                u, s, v = (lora_gauge_factors if self.config.gauge == "lora" else balance_factors)(u, s[0], v)
+                if self.config.align and previous.u.shape == u.shape:
+                    u, v = procrustes_align(u, v, previous.u, previous.v)
+        dtype = self.sent[f"{module}.lora_U"].dtype
+        return {f"{module}.{leaf}": t.numpy().astype(dtype) for leaf, t in zip(FACTOR_SUFFIXES, (u, s, v))}
+
+
+def error_metrics(errors: list[np.ndarray], floors: list[np.ndarray]) -> dict[str, float]:
+    """Mean relative aggregation error over layers (per group when grouped), and the floor."""
+    if not errors:
+        return {}
+    table = np.stack(errors)  # layers x G
+    out = {"agg-error-rel": float(np.mean(table))}
+    if table.shape[1] == 1:
+        out["agg-truncation-rel"] = out["agg-error-rel"]
+    else:
+        for g in range(table.shape[1]):
+            out[f"agg-error-rel-g{g}"] = float(np.mean(table[:, g]))
+    if floors:
+        out["agg-floor-rel"] = float(np.mean(np.stack(floors)))
+    return out
