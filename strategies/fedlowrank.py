@@ -9,13 +9,14 @@ round, build the ``ArrayRecord`` and ``MetricRecord``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -24,9 +25,9 @@ from fedlowrank.aggregation.round import RoundConfig, ServerRound
 from fedlowrank.aggregation.rules import AggregationRule
 from fedlowrank.aggregation.state import LowRankState
 from fedlowrank.aggregation.validate import MAX_WEIGHT
-from fedlowrank.wire import FROZEN_KEY, REPLY_NODE_KEY, TRUNCATION_KEY, is_fold_key
+from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
 
-from .replies import consistent_metrics, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
+from .replies import aggregate_reply_metrics, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
 
 
 @contextmanager
@@ -39,11 +40,6 @@ def flower_quiet():
         yield
     finally:
         logger.setLevel(level)
-
-
-def as_array(value: np.ndarray) -> Array:
-    """A C-contiguous ``Array`` keeping the shape (``np.ascontiguousarray`` turns 0-d into (1,))."""
-    return Array(np.array(value, order="C"))
 
 
 class FedLowRank(FedAvg):
@@ -64,56 +60,12 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule : str or AggregationRule (default: "exact")
-        A registered rule (:func:`fedlowrank.aggregation.rules.registered_rules`).
-    rule_options : dict, optional
-        Options of a rule given by name.
-    residual : {"drop", "carry", "fold"}, optional
-        What the global rank could not hold: dropped (its norm is reported); carried into
-        the next round's sum on the server, so that over rounds nothing is lost; or folded
-        into the clients' frozen base (FedEx-LoRA style: sent as ``<module>.fold_U`` /
-        ``.fold_V`` factors, rank at most the layer's size). Exact rules only; the default
-        is the rule's first mode (``drop``; ``fold`` for ``flora``). See ``docs/aggregation.md``.
-    rank : int, optional
-        Global adapter rank; defaults to the rank of the initial arrays. Clamped per layer
-        to ``min(d_out, d_in)``, with a log line.
-    align : bool (default: True)
-        Rotate each balanced G = 1 aggregate (``U R``, ``V R``, same product) to match the
-        factors sent last round (orthogonal Procrustes), so clients' parameters move
-        smoothly instead of jumping to a new SVD basis. Measured on the two-scanner digits
-        setting (5 paired seeds, 20 rounds): final AUC 0.956 aligned vs 0.942 unaligned.
-    gauge : {"balanced", "lora"} (default: "balanced")
-        How an orthonormal G = 1 aggregate ``u diag(s) v^T`` is split for clients (the
-        product is the same): ``"balanced"``, ``U = u sqrt(s)``, ``V = v sqrt(s)``; or
-        ``"lora"``, ``V = v / sqrt(3)`` (LoRA's init size for every column) and
-        ``U = u s sqrt(3)``, the gauge FedIT's clients keep. Measured in
-        ``docs/results.md``.
-    dense_above : int, optional
-        Stacked width beyond which a layer's sum is accumulated densely (default half the
-        layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate
+        What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
+        there, kept as ``self.config``).
     max_reply_bytes : int, optional
         Largest reply (its arrays' bytes), checked before anything is read; default
         twice the global arrays in float64 plus 1 MiB.
-    max_weight : float (default: 1e9)
-        Largest accepted weight (``num-examples``) and per-group count; a reply above it is
-        dropped (one site claiming 1e30 examples would otherwise become the global model).
-    robust : {None, "clip", "reject"} (default: None)
-        Bound each client's update norm (its completed adapter products and other arrays,
-        relative to the global sent) by ``robust_factor`` times the round's median: clip
-        it to the bound, or drop the reply. Needs 3 or more valid replies. A client's pull
-        on the global is then at most its share times the bound. Cost on clean runs:
-        ``docs/reliability.md``.
-    robust_factor : float (default: 3.0)
-    min_valid_replies : int (default: 1)
-        Fewer valid replies than this keep the previous global (and the log says so).
-    server_learning_rate : float (default: 1.0)
-        The share of the round's aggregate change the global takes, in ``(0, 1]`` (as in
-        Flower's ``FedAvgM``, without momentum): every client's change is scaled by it
-        before aggregation (its completed product becomes ``G + lr (P + T - G)``, its other
-        arrays ``g + lr (a - g)``), so under an exact rule the new global is the best
-        rank-r approximation of ``G + lr (M - G)``, ``M`` the exact weighted mean.
-        Momentum is left out: its state would be a dense ``d_out x d_in`` matrix or
-        a rank growing every round.
     aggregation_method : {"gram", "qr"}, optional
         Deprecated: use ``rule_options={"method": ...}`` with rule ``"exact"``.
     **kwargs
@@ -155,13 +107,7 @@ class FedLowRank(FedAvg):
         super().__init__(**kwargs)
         options = dict(rule_options or {})
         if aggregation_method is not None:
-            import warnings
-
-            warnings.warn(
-                "FedLowRank(aggregation_method=...) is deprecated; use rule_options={'method': ...}",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warnings.warn("FedLowRank(aggregation_method=...) is deprecated; use rule_options={'method': ...}", DeprecationWarning, stacklevel=2)
             options.setdefault("method", aggregation_method)
         self.config = RoundConfig(
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
@@ -274,16 +220,12 @@ class FedLowRank(FedAvg):
         accepted = set(rnd.accepted)
         metrics = self.round_metrics([m for m in kept if m.metadata.src_node_id in accepted], seen)
         metrics.update(result.metrics)
-        return ArrayRecord({k: as_array(v) for k, v in result.arrays.items()}), metrics
+        # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d array into shape (1,).
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in result.arrays.items()}), metrics
 
     def round_metrics(self, kept: list[Message], seen: int) -> MetricRecord:
         """The accepted replies' train metrics, aggregated, plus how many were kept/dropped."""
-        metrics = None
-        try:
-            metrics = self.train_metrics_aggr_fn(consistent_metrics(kept, self.weighted_by_key), self.weighted_by_key)
-        except Exception as err:  # noqa: BLE001  (a bad metric must not lose the round)
-            log(WARNING, "train metrics not aggregated: %s", err)
-        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics = aggregate_reply_metrics(self.train_metrics_aggr_fn, kept, self.weighted_by_key, "train")
         metrics["agg-clients-dropped"] = seen - len(kept)
         metrics["agg-clients-kept"] = len(kept)
         return metrics
@@ -295,20 +237,9 @@ class FedLowRank(FedAvg):
         non-finite metric is dropped with its node named; a metric of another type or
         length than the other replies' is left out of that reply only.
         """
-        replies = list(replies)
-        kept, dropped = screen_evaluate_replies(replies, self.weighted_by_key, self.config.max_weight)
+        kept, dropped = screen_evaluate_replies(list(replies), self.weighted_by_key, self.config.max_weight)
         if not kept:
             return None
-        contents = []
-        for msg, clean in zip(kept, consistent_metrics(kept, self.weighted_by_key)):
-            content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
-            content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
-            contents.append(content)
-        try:
-            metrics = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
-        except Exception as err:  # noqa: BLE001
-            log(WARNING, "evaluate metrics not aggregated: %s", err)
-            metrics = None
-        metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+        metrics = aggregate_reply_metrics(self.evaluate_metrics_aggr_fn, kept, self.weighted_by_key, "evaluate")
         metrics["eval-clients-dropped"] = dropped
         return metrics

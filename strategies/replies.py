@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
 from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
+from fedlowrank.wire import REPLY_NODE_KEY
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
 
@@ -166,6 +167,26 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[Rec
             clean[key] = items if isinstance(value, list) else value
         contents.append(RecordDict({"metrics": clean}))
     return contents
+
+
+def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: str, kind: str) -> MetricRecord:
+    """``aggr_fn`` (a strategy's ``*_metrics_aggr_fn``) over the replies' consistent metrics.
+
+    Each content keeps its other records and gains the sender's node id
+    (:data:`~fedlowrank.wire.REPLY_NODE_KEY`), so an aggregation function can name the node.
+    A function that raises loses the round's metrics, never the round (logged).
+    """
+    contents = []
+    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key)):
+        content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
+        content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
+        contents.append(content)
+    try:
+        metrics = aggr_fn(contents, weighted_by_key)
+    except Exception as err:  # noqa: BLE001  (a bad metric must not lose the round)
+        log(WARNING, "%s metrics not aggregated: %s", kind, err)
+        metrics = None
+    return MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
 
 
 COUNT_METRIC = re.compile(r"(^|[-_])n(_g\d+)?$")

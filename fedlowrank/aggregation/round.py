@@ -82,32 +82,51 @@ class RoundConfig:
     rule_options : dict, optional
         Options of a rule given by name.
     residual : {"drop", "carry", "fold"}, optional
-        What the global rank could not hold (``docs/aggregation.md``); default the rule's first mode.
+        What the global rank could not hold: dropped (its norm is reported); carried into
+        the next round's sum on the server, so that over rounds nothing is lost; or folded
+        into the clients' frozen base (FedEx-LoRA style: sent as ``<module>.fold_U`` /
+        ``.fold_V`` factors, rank at most the layer's size). Exact rules only; the default
+        is the rule's first mode (``drop``; ``fold`` for ``flora``). See ``docs/aggregation.md``.
     rank : int, optional
-        Global adapter rank; default the width of the arrays sent. Clamped per layer to
-        ``min(d_out, d_in)``, with a log line.
+        Global adapter rank; defaults to the rank of the initial arrays. Clamped per layer
+        to ``min(d_out, d_in)``, with a log line.
     align : bool (default: True)
-        Rotate each aggregate to match the factors sent last round (same product).
+        Rotate each balanced G = 1 aggregate (``U R``, ``V R``, same product) to match the
+        factors sent last round (orthogonal Procrustes), so clients' parameters move
+        smoothly instead of jumping to a new SVD basis. Measured on the two-scanner digits
+        setting (5 paired seeds, 20 rounds): final AUC 0.956 aligned vs 0.942 unaligned.
     gauge : {"balanced", "lora"} (default: "balanced")
-        How an orthonormal G = 1 aggregate ``u diag(s) v^T`` goes back to clients:
-        ``u sqrt(s)``, ``v sqrt(s)``; or ``u s sqrt(3)``, ``v / sqrt(3)`` (LoRA's init size).
+        How an orthonormal G = 1 aggregate ``u diag(s) v^T`` is split for clients (the
+        product is the same): ``"balanced"``, ``U = u sqrt(s)``, ``V = v sqrt(s)``; or
+        ``"lora"``, ``V = v / sqrt(3)`` (LoRA's init size for every column) and
+        ``U = u s sqrt(3)``, the gauge FedIT's clients keep. Measured in
+        ``docs/results.md``.
     balance_cap : float or None (default: 1.0)
         Grouped rules: the bound on ``|S|`` in the hand-back
-        (:func:`~fedlowrank.aggregation.balance_grouped_factors`).
+        (:func:`~fedlowrank.aggregation.balance_grouped_factors`; measured in ``docs/results.md``).
     dense_above : int, optional
-        Stacked width beyond which a layer's sum is accumulated densely.
+        Stacked width beyond which a layer's sum is accumulated densely (default half the
+        layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
     max_weight : float (default: 1e9)
-        Largest accepted weight and per-group count.
+        Largest accepted weight (``num-examples``) and per-group count; a reply above it is
+        dropped (one site claiming 1e30 examples would otherwise become the global model).
     robust : {None, "clip", "reject"} (default: None)
-        Bound each client's update norm by ``robust_factor`` times the round's median:
-        clip it, or drop the reply. Needs 3 or more valid replies.
+        Bound each client's update norm (its completed adapter products and other arrays,
+        relative to the global sent) by ``robust_factor`` times the round's median: clip
+        it to the bound, or drop the reply. Needs 3 or more valid replies. A client's pull
+        on the global is then at most its share times the bound. Cost on clean runs:
+        ``docs/reliability.md``.
     robust_factor : float (default: 3.0)
     min_valid_replies : int (default: 1)
-        Fewer valid replies than this keep the previous global.
+        Fewer valid replies than this keep the previous global (and the log says so).
     server_learning_rate : float (default: 1.0)
-        The share of the round's aggregate change the global takes, in ``(0, 1]``: every
-        client's change is scaled by it, so under an exact rule the new global is the
-        best rank-r approximation of ``G + lr (M - G)``.
+        The share of the round's aggregate change the global takes, in ``(0, 1]`` (as in
+        Flower's ``FedAvgM``, without momentum): every client's change is scaled by it
+        before aggregation (its completed product becomes ``G + lr (P + T - G)``, its other
+        arrays ``g + lr (a - g)``), so under an exact rule the new global is the best
+        rank-r approximation of ``G + lr (M - G)``, ``M`` the exact weighted mean.
+        Momentum is left out: its state would be a dense ``d_out x d_in`` matrix or
+        a rank growing every round.
     """
 
     rule: str | AggregationRule = "exact"
