@@ -68,7 +68,7 @@ from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY
 from fedlowrank.strategies import FedLowRank, LGreCo
 from fedlowrank.strategies.serverapp import central_evaluation, with_compression
-from fedlowrank.strategies.lgreco import DEFAULT_CANDIDATES
+from fedlowrank.compression.controller import DEFAULT_CANDIDATES
 from fedlowrank.strategies.testing import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]

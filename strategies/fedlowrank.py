@@ -178,35 +178,32 @@ class FedLowRank(FedAvg):
         """Per-group sample counts of a reply (FairLoRA reads them); None here."""
         return None
 
-    def add_reply(self, rnd: ServerRound, msg: Message) -> None:
-        """Screen one reply and hand its arrays to the round; raises on anything wrong.
-
-        Public so that wrappers (L-GreCo) can hand decoded arrays over: they call
-        :meth:`add_arrays` with the arrays they decoded, once.
-        """
+    def add_reply(self, rnd: ServerRound, msg: Message, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Screen one reply and hand its arrays (read from ``msg`` unless given) to the round; raises on anything wrong."""
         if msg.has_error():
             raise ValueError(msg.error.reason)
-        limit = self.max_reply_bytes or default_reply_bytes(self.state.global_arrays)
-        arrays = reply_arrays(msg.content, rnd.sent.keys(), limit)
-        self.add_arrays(rnd, msg, arrays)
-
-    def add_arrays(self, rnd: ServerRound, msg: Message, arrays: dict[str, np.ndarray]) -> None:
-        """Hand a reply's decoded arrays to the round (weight and counts read from ``msg``)."""
+        if arrays is None:
+            arrays = reply_arrays(msg.content, rnd.sent.keys(), self.max_reply_bytes or default_reply_bytes(self.state.global_arrays))
         weight = reply_weight(msg.content, self.weighted_by_key, self.config.max_weight)
         rnd.add(arrays, weight, self.reply_counts(msg, rnd), node=msg.metadata.src_node_id)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold the valid replies into the round one at a time; a bad reply is logged and dropped."""
+        return self.aggregate_arrays(server_round, ((msg, None) for msg in replies))
+
+    def aggregate_arrays(
+        self, server_round: int, replies: Iterable[tuple[Message, dict[str, np.ndarray] | None]]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """:meth:`aggregate_train` for replies whose arrays a wrapper already decoded (L-GreCo):
+        ``(message, arrays)`` pairs, ``arrays`` None where they are to be read from the message."""
         if self.state.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
         rnd = ServerRound(self.config, self.state, log=log)
         kept, seen = [], 0
-        for msg in replies:
+        for msg, arrays in replies:
             seen += 1
             try:
-                self.add_reply(rnd, msg)
+                self.add_reply(rnd, msg, arrays)
                 kept.append(msg)
             except Exception as err:  # noqa: BLE001  (no reply may crash the round)
                 log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, err)

@@ -20,6 +20,7 @@ from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
 from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
+from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY, PAYLOAD_KEY, SPEC_KEY
 from fedlowrank.wire import REPLY_NODE_KEY
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
@@ -89,9 +90,7 @@ def reply_arrays(content: RecordDict, expected_keys: Iterable[str], max_bytes: i
     Shapes, ranks and values are checked against the global arrays by the server round
     (:func:`fedlowrank.aggregation.validate.check_reply_arrays`).
     """
-    if len(content.array_records) != 1:
-        raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
-    record = next(iter(content.array_records.values()))
+    record = single_array_record(content)
     expected_keys = list(expected_keys)
     if set(record.keys()) != set(expected_keys):
         missing = sorted(set(expected_keys) - set(record.keys()))
@@ -102,6 +101,37 @@ def reply_arrays(content: RecordDict, expected_keys: Iterable[str], max_bytes: i
         if total > max_bytes:
             raise ValueError(f"reply holds {total} bytes of arrays, more than the {max_bytes} allowed")
     return {key: read_array(record[key], key, max_bytes) for key in expected_keys}
+
+
+def single_array_record(content: RecordDict):
+    """The reply's one ArrayRecord; ``ValueError`` for none or several."""
+    if len(content.array_records) != 1:
+        raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
+    return next(iter(content.array_records.values()))
+
+
+UPDATE_KEYS = (SPEC_KEY, PAYLOAD_KEY, ERRORS_KEY, ENERGY_KEY)
+"""Everything a compressed (L-GreCo) reply's ArrayRecord may hold."""
+
+
+def compressed_payload(record, max_bytes: int) -> dict[str, np.ndarray]:
+    """A compressed reply's arrays, each ``.npy`` header checked; ``ValueError`` for more
+    than ``max_bytes`` or arrays that are not part of a compressed update."""
+    if sum(len(a.data) for a in record.values() if isinstance(a, Array)) > max_bytes:
+        raise ValueError(f"reply holds more than the {max_bytes} bytes allowed")
+    unknown = sorted(set(record.keys()) - set(UPDATE_KEYS))
+    if unknown:
+        raise ValueError(f"unexpected arrays {unknown[:5]} in a compressed reply")
+    return {k: read_array(a, k, max_bytes) for k, a in record.items()}
+
+
+def payload_bytes(array: Array) -> int:
+    """Bytes of an array's values (what the codecs count), without trusting its header:
+    a header that does not match its data counts as the bytes that travelled."""
+    try:
+        return int(read_array(array, "array").nbytes)
+    except ValueError:
+        return len(array.data) if isinstance(array, Array) else 0
 
 
 def default_reply_bytes(global_arrays: dict[str, np.ndarray]) -> int:

@@ -128,8 +128,7 @@ def with_compression(strategy: Strategy, cfg) -> Strategy:
         )
     if mode.startswith("uniform:"):
         setting = mode[len("uniform:") :]
-        # One candidate and tables never asked for: a fixed setting, same wire format.
-        return LGreCo(strategy, candidates=[setting], default=setting, warmup_rounds=10**9)
+        return LGreCo(strategy, default=setting, allocate=False)
     raise ValueError(f"unknown compression {mode!r}; use 'none', 'lgreco' or 'uniform:<codec>:<setting>'")
 
 

@@ -304,7 +304,7 @@ def _fixed_allocator(monkeypatch, picks):
     def allocate(errors, sizes, budget, table_cost, num_bins):
         return np.full(errors.shape[0], CANDS.index(next(calls))), None
 
-    monkeypatch.setattr("fedlowrank.strategies.lgreco.allocate_or_uniform", allocate)
+    monkeypatch.setattr("fedlowrank.compression.controller.allocate_or_uniform", allocate)
 
 
 def _drive(strat, glob, rounds, silent=()):

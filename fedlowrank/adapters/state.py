@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import peft as peft_interop
-from ..aggregation.ranks import fit_rank  # noqa: F401  (re-exported)
+from ..aggregation.ranks import factor_ranks, fit_arrays_to_ranks, fit_rank  # noqa: F401  (re-exported)
 from ..wire import FACTOR_SUFFIXES, FOLD_SUFFIXES, is_fold_key, split_factor_key  # noqa: F401  (re-exported)
 from .inject import adapter_layers
 
@@ -50,30 +50,6 @@ def exchange_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if param.requires_grad and name not in factor_params:
             state[name] = param.detach().clone()
     return state
-
-
-def factor_ranks(arrays) -> dict[str, int]:
-    """``module -> rank`` of the adapter factors in a mapping of exchanged arrays."""
-    return {key[: -len(".lora_U")]: int(np.shape(value)[1]) for key, value in arrays.items() if key.endswith(".lora_U")}
-
-
-def fit_arrays_to_ranks(arrays, ranks, truncation: str = "svd", shares=None) -> dict[str, np.ndarray]:
-    """Exchanged arrays with each module in ``ranks`` fitted to that rank by :func:`fit_rank`.
-
-    What a client of lower rank holds of the global arrays: both sides of a compressed
-    update call this on the same global arrays (the client to form ``local - head``, the
-    server to add the decoded delta back), so the head is the same on both. Float64.
-    """
-    out = {key: np.asarray(value, dtype=np.float64) for key, value in arrays.items()}
-    share_tensor = None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
-    for module, rank in ranks.items():
-        u, s, v = (torch.from_numpy(out[f"{module}.{leaf}"]) for leaf in FACTOR_SUFFIXES)
-        if rank > u.shape[1]:
-            raise ValueError(f"{module}: rank {rank} is above the global rank {u.shape[1]}")
-        fitted = fit_rank(u, s, v, rank, truncation, share_tensor)
-        for leaf, value in zip(FACTOR_SUFFIXES, fitted):
-            out[f"{module}.{leaf}"] = value.numpy()
-    return out
 
 
 def _pad(tensor: torch.Tensor, rank: int, fill: torch.Tensor) -> torch.Tensor:

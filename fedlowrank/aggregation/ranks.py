@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from ..wire import FACTOR_SUFFIXES
 from .balance import balance_factors
 
 TRUNCATIONS = ("svd", "columns")
@@ -134,3 +136,27 @@ def fit_rank(
     if truncation == "svd" and head.s.shape[0] == 1:
         head = Factors(*balance_factors(head.u, head.s[0], head.v))
     return head.u.to(u.dtype), head.s.to(s.dtype), head.v.to(v.dtype)
+
+
+def factor_ranks(arrays) -> dict[str, int]:
+    """``module -> rank`` of the adapter factors in a mapping of exchanged arrays."""
+    return {key[: -len(".lora_U")]: int(np.shape(value)[1]) for key, value in arrays.items() if key.endswith(".lora_U")}
+
+
+def fit_arrays_to_ranks(arrays, ranks, truncation: str = "svd", shares=None) -> dict[str, np.ndarray]:
+    """Exchanged arrays with each module in ``ranks`` fitted to that rank by :func:`fit_rank`.
+
+    What a client of lower rank holds of the global arrays: both sides of a compressed
+    update call this on the same global arrays (the client to form ``local - head``, the
+    server to add the decoded delta back), so the head is the same on both. Float64.
+    """
+    out = {key: np.asarray(value, dtype=np.float64) for key, value in arrays.items()}
+    share_tensor = None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
+    for module, rank in ranks.items():
+        u, s, v = (torch.from_numpy(out[f"{module}.{leaf}"]) for leaf in FACTOR_SUFFIXES)
+        if rank > u.shape[1]:
+            raise ValueError(f"{module}: rank {rank} is above the global rank {u.shape[1]}")
+        fitted = fit_rank(u, s, v, rank, truncation, share_tensor)
+        for leaf, value in zip(FACTOR_SUFFIXES, fitted):
+            out[f"{module}.{leaf}"] = value.numpy()
+    return out
