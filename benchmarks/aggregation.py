@@ -3,6 +3,7 @@
     python benchmarks/aggregation.py                 # d = 4096, K = 32 clients, rank 16
     python benchmarks/aggregation.py --d 1024 --clients 8
     python benchmarks/aggregation.py --sweep 8,64,256,1000   # scaling in K (streaming vs dense)
+    python benchmarks/aggregation.py --flat --clients 1000   # independent clients: a flat spectrum
 
 Every method gets the clients' factors and must return the rank-r factors of their
 weighted sum.
@@ -14,6 +15,13 @@ interleaved, each in a fresh process so that its peak resident memory is its own
 svd_lowrank baseline forms the same sum and runs torch's randomised range finder
 (niter = 2, q = r + 8 oversampling), which is approximate. Times are medians of
 repeats; ratios are against the baselines measured in this run.
+
+``--flat``: K clients with independent random rank-r factors (no shared structure: a flat
+spectrum, as DP noise or very diverse sites give), held as real Flower reply messages
+(float32, as clients send them), aggregated by ``FedLowRank.aggregate_train`` against the
+float64 dense sum + full SVD, the sum formed one reply at a time (as ``--sweep``'s baseline)
+and in chunks of 256 columns (the fastest dense sum), each in a fresh process; memory is the
+peak above what the process held once the replies existed.
 """
 
 from __future__ import annotations
@@ -102,6 +110,86 @@ def sweep_child(args) -> None:
     print(json.dumps({"seconds": seconds, "peak_mib": rss_mib(), "start_mib": before, "mode": mode}))
 
 
+def flat_replies(d: int, k: int, r: int) -> tuple[dict, list]:
+    """The global arrays (a LoRA start) and K replies with independent random factors."""
+    from fedlowrank.strategies.testing import train_reply
+
+    gen = torch.Generator().manual_seed(7)
+    start = {"fc.lora_U": torch.zeros(d, r), "fc.lora_S": torch.ones(1, r), "fc.lora_V": torch.randn(d, r, generator=gen) / d**0.5}
+    replies = []
+    for i in range(k):
+        arrays = {"fc.lora_U": torch.randn(d, r, generator=gen) / d**0.5, "fc.lora_S": torch.rand(1, r, generator=gen) + 0.5,
+                  "fc.lora_V": torch.randn(d, r, generator=gen) / d**0.5}
+        replies.append(train_reply(i + 1, {n: t.numpy() for n, t in arrays.items()}, float(torch.randint(50, 150, (1,), generator=gen))))
+    return {n: t.numpy() for n, t in start.items()}, replies
+
+
+def flat_child(args) -> None:
+    """One flat-spectrum measurement in this fresh process; prints JSON, saves the factors."""
+    import numpy as np
+
+    from fedlowrank.strategies import FedLowRank
+    from fedlowrank.strategies.testing import run_round
+
+    d, k, r = args.d, args.clients, args.rank
+    start_arrays, replies = flat_replies(d, k, r)
+    held = rss_mib()
+    begin = time.perf_counter()
+    if args.child == "flat-strategy":
+        record, _ = run_round(FedLowRank(rank=r), start_arrays, replies, dtype=np.float32)
+        u, s, v = (torch.from_numpy(record[f"fc.{leaf}"].numpy().astype(np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
+        s = s[0]
+    else:
+        m = torch.zeros(d, d, dtype=torch.float64)
+        total, chunk = 0.0, []
+        for msg in replies:
+            arrays, w = msg.content["arrays"], float(msg.content["metrics"]["num-examples"])
+            cu, cs, cv = (torch.from_numpy(arrays[f"fc.{leaf}"].numpy()).double() for leaf in ("lora_U", "lora_S", "lora_V"))
+            total += w
+            if args.child == "flat-dense-one":
+                m.addmm_(cu * (w * cs), cv.T)
+            else:
+                chunk.append((cu * (w * cs), cv))
+                if len(chunk) * r >= 256:
+                    m.addmm_(torch.cat([a for a, _ in chunk], 1), torch.cat([b for _, b in chunk], 1).T)
+                    chunk.clear()
+        if chunk:
+            m.addmm_(torch.cat([a for a, _ in chunk], 1), torch.cat([b for _, b in chunk], 1).T)
+        m /= total
+        full_u, full_s, full_vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, v = full_u[:, :r], full_s[:r], full_vh[:r].T
+    seconds = time.perf_counter() - begin
+    torch.save({"u": u.contiguous(), "s": s, "v": v.contiguous()}, args.out)
+    print(json.dumps({"seconds": seconds, "peak_mib": rss_mib(), "held_mib": held}))
+
+
+def run_flat(args) -> None:
+    print(f"\nFlat spectrum: K = {args.clients} clients with independent random rank-{args.rank} factors, "
+          f"d_out = d_in = {args.d}, replies as Flower messages (float32), {args.threads or torch.get_num_threads()} threads")
+    print(f"{'method':44s} {'seconds':>9s} {'speed-up':>9s} {'MiB above replies':>18s} {'rel. error':>11s}")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("flat-dense-one", "flat-dense-chunked", "flat-strategy"):
+            out = os.path.join(tmp, f"{method}.pt")
+            command = [sys.executable, __file__, "--child", method, "--clients", str(args.clients), "--d", str(args.d),
+                       "--rank", str(args.rank), "--out", out]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            rows[method] = (json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out))
+    ref = rows["flat-dense-one"][1]
+    best = (ref["u"] * ref["s"]) @ ref["v"].T
+    labels = {"flat-dense-one": "float64 dense sum (one at a time) + full SVD",
+              "flat-dense-chunked": "float64 dense sum (chunked) + full SVD",
+              "flat-strategy": "FedLowRank.aggregate_train (exact)"}
+    for method, label in labels.items():
+        info, f = rows[method]
+        err = float(((f["u"] * f["s"]) @ f["v"].T - best).norm() / best.norm())
+        speeds = "/".join(f"{rows[b][0]['seconds'] / info['seconds']:.1f}" for b in ("flat-dense-one", "flat-dense-chunked"))
+        print(f"{label:44s} {info['seconds']:9.2f} {speeds:>9s}x {info['peak_mib'] - info['held_mib']:18.0f} {err:11.2e}", flush=True)
+    print("(speed-up: against the one-at-a-time / the chunked dense baseline; error relative to the first row's rank-r product)")
+
+
 def run_sweep(args) -> None:
     print(f"\nScaling in K: d_out = d_in = {args.d}, rank {args.rank}, {args.dtype}, {torch.get_num_threads()} threads;"
           " replies generated one at a time (generation time excluded)")
@@ -138,13 +226,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sweep", default="", help="comma-separated K values for the scaling sweep (e.g. 8,64,256,1000)")
     parser.add_argument("--only-sweep", action="store_true", help="skip the K = --clients comparison table")
-    parser.add_argument("--child", choices=["stream", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--flat", action="store_true", help="the flat-spectrum case: independent random clients through FedLowRank")
+    parser.add_argument("--child", choices=["stream", "dense", "flat-strategy", "flat-dense-one", "flat-dense-chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        sweep_child(args)
+        (flat_child if args.child.startswith("flat") else sweep_child)(args)
+        return
+    if args.flat:
+        run_flat(args)
         return
     if not args.only_sweep:
         compare(args)

@@ -202,13 +202,39 @@ def test_streaming_switches_to_dense_midway_and_stays_exact():
     assert torch.allclose(top.truncated_norm, (target - best(target, 5)).norm(), rtol=1e-8)
 
 
-def test_dense_top_falls_back_to_the_gram_when_iteration_does_not_converge():
+def test_dense_top_switches_to_lanczos_when_iteration_cannot_converge():
     gen = torch.Generator().manual_seed(9)
     m = torch.randn(30, 20, generator=gen, dtype=F64)
     u, s, v = dense_top(m, 4, max_iter=1)  # one sweep cannot converge on a flat spectrum
     assert rel((u * s) @ v.T, best(m, 4)) < 1e-10
     u, s, v = dense_top(m, 4)
     assert rel((u * s) @ v.T, best(m, 4)) < 1e-6
+
+
+def test_a_flat_spectrum_is_detected_early_and_solved_exactly(monkeypatch):
+    """Independent random clients give a flat spectrum: Lanczos after a few sweeps, not 100."""
+    import fedlowrank.aggregation.accumulate as accumulate
+
+    gen = torch.Generator().manual_seed(15)
+    m = torch.randn(300, 16 * 40, generator=gen, dtype=F64) @ torch.randn(16 * 40, 300, generator=gen, dtype=F64)
+    sweeps = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(accumulate.torch.linalg, "qr", lambda a, *args, **kw: (sweeps.append(1), real_qr(a, *args, **kw))[1])
+    u, s, v = accumulate.dense_top(m, 16)
+    assert len(sweeps) <= 1 + 2 * 2  # the start and at most two sweeps of two QRs
+    assert rel((u * s) @ v.T, best(m, 16)) < 1e-9
+    assert torch.allclose(s, torch.linalg.svdvals(m)[:16], rtol=1e-10)
+
+
+def test_a_spectrum_with_a_gap_converges_by_subspace_iteration_without_lanczos(monkeypatch):
+    import fedlowrank.aggregation.accumulate as accumulate
+
+    gen = torch.Generator().manual_seed(16)
+    low = torch.randn(200, 8, generator=gen, dtype=F64) @ torch.randn(8, 150, generator=gen, dtype=F64)
+    m = low + 1e-3 * torch.randn(200, 150, generator=gen, dtype=F64)
+    monkeypatch.setattr(accumulate, "lanczos_top", lambda *a, **k: pytest.fail("Lanczos used on a spectrum with a gap"))
+    u, s, v = accumulate.dense_top(m, 8)
+    assert rel((u * s) @ v.T, best(m, 8)) < 1e-9
 
 
 def test_all_zero_updates_aggregate_to_zero():
