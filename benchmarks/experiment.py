@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from flwr.serverapp.strategy import Strategy
 
 
 from experiment_settings import SETTINGS, Regime, Setting, start_factors  # noqa: E402
@@ -197,23 +198,7 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     sent: dict[int, int] = {}
     errors: dict[int, float] = {}
     refused: dict[int, int] = {}
-    strategy = run.strategy
-    inner_aggregate = strategy.aggregate_train
-
-    def aggregate_train(server_round, replies):
-        replies = list(replies)
-        sent[server_round] = sum(
-            len(a.data) for m in replies if not m.has_error() for a in m.content["arrays"].values()
-        )
-        # A client refuses a global out of range (an entry above 1e6) with an error reply.
-        refused[server_round] = sum(m.has_error() for m in replies)
-        arrays, metrics = inner_aggregate(server_round, replies)
-        if metrics is not None:
-            rel = [float(v) for k, v in metrics.items() if k.startswith("agg-error-rel")]
-            errors[server_round] = max(rel) if rel else float("nan")
-        return arrays, metrics
-
-    strategy.aggregate_train = aggregate_train
+    strategy = RecordingStrategy(run.strategy, sent, refused, errors)
 
     def evaluate_fn(server_round, arrays):
         run.load(arrays)
@@ -227,6 +212,38 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
                    train_config=ConfigRecord({"lr": regime.lr, "local-epochs": regime.local_epochs}),
                    evaluate_fn=evaluate_fn)
     return curve
+
+
+class RecordingStrategy(Strategy):
+    """Wraps a strategy (as Flower's DP wrappers do) and records, per round, the reply bytes,
+    the replies that came back as errors and the largest aggregation error."""
+
+    def __init__(self, strategy: Strategy, sent: dict, refused: dict, errors: dict) -> None:
+        super().__init__()
+        self.strategy, self.sent, self.refused, self.errors = strategy, sent, refused, errors
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.sent[server_round] = sum(len(a.data) for m in replies if not m.has_error() for a in m.content["arrays"].values())
+        # A client refuses a global out of range (an entry above 1e6) with an error reply.
+        self.refused[server_round] = sum(m.has_error() for m in replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if metrics is not None:
+            rel = [float(v) for k, v in metrics.items() if k.startswith("agg-error-rel")]
+            self.errors[server_round] = max(rel) if rel else float("nan")
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 @dataclass
