@@ -110,6 +110,16 @@ def sweep_child(args) -> None:
     print(json.dumps({"seconds": seconds, "peak_mib": rss_mib(), "start_mib": before, "mode": mode}))
 
 
+def measure_in_child(args, method: str, clients: int, out: str) -> tuple[dict, dict]:
+    """One measurement in a fresh process (its peak memory its own): its JSON line and saved factors."""
+    command = [sys.executable, __file__, "--child", method, "--clients", str(clients), "--d", str(args.d),
+               "--rank", str(args.rank), "--dtype", args.dtype, "--out", out]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
+
+
 def flat_replies(d: int, k: int, r: int) -> tuple[dict, list]:
     """The global arrays (a LoRA start) and K replies with independent random factors."""
     from fedlowrank.strategies.testing import train_reply
@@ -170,13 +180,7 @@ def run_flat(args) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("flat-dense-one", "flat-dense-chunked", "flat-strategy"):
-            out = os.path.join(tmp, f"{method}.pt")
-            command = [sys.executable, __file__, "--child", method, "--clients", str(args.clients), "--d", str(args.d),
-                       "--rank", str(args.rank), "--out", out]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows[method] = (json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out))
+            rows[method] = measure_in_child(args, method, args.clients, os.path.join(tmp, f"{method}.pt"))
     ref = rows["flat-dense-one"][1]
     best = (ref["u"] * ref["s"]) @ ref["v"].T
     labels = {"flat-dense-one": "float64 dense sum (one at a time) + full SVD",
@@ -199,13 +203,7 @@ def run_sweep(args) -> None:
         for k in [int(x) for x in args.sweep.split(",") if x]:
             rows = {}
             for method in ("dense", "stream"):  # interleaved: both for one K, then the next K
-                out = os.path.join(tmp, f"{method}-{k}.pt")
-                command = [sys.executable, __file__, "--child", method, "--clients", str(k), "--d", str(args.d),
-                           "--rank", str(args.rank), "--dtype", args.dtype, "--out", out]
-                if args.threads:
-                    command += ["--threads", str(args.threads)]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                rows[method] = (json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out))
+                rows[method] = measure_in_child(args, method, k, os.path.join(tmp, f"{method}-{k}.pt"))
             ref = rows["dense"][1]
             best = (ref["u"] * ref["s"]) @ ref["v"].T
             for method, label in (("dense", "dense sum + full SVD"), ("stream", "exact rule, streaming")):
