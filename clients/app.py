@@ -16,7 +16,7 @@ from torch import nn
 from fedlowrank.adapters import FACTOR_SUFFIXES, adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.adapters.peft import freeze_factor, is_peft_model, lora_layers
 from fedlowrank.fairness import group_fairness_report, local_statistics
-from fedlowrank.wire import FROZEN_KEY, GROUP_COUNT_PREFIX, GROUP_SHARE_KEY, TRUNCATION_KEY
+from fedlowrank.wire import FAIRNESS_STATS_KEY, FROZEN_KEY, GROUP_COUNT_PREFIX, GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from .compression import compress_reply
 from .persist import persist_state, restore_state
@@ -253,7 +253,7 @@ def build_client_app(
         content = RecordDict({"metrics": MetricRecord(metrics)})
         stats = fairness_statistics(pred, data.num_groups)
         if stats is not None:
-            content["fairness-stats"] = stats
+            content[FAIRNESS_STATS_KEY] = stats
         return Message(content=content, reply_to=msg)
 
     return app

@@ -4,6 +4,8 @@ Keys are spelled once, here, and imported by ``fedlowrank.strategies`` and
 ``fedlowrank.clients`` alike.
 """
 
+import re
+
 FACTOR_SUFFIXES = ("lora_U", "lora_S", "lora_V")
 """An adapted layer ``m`` travels as ``m.lora_U`` (d_out x r), ``m.lora_S`` (G x r) and
 ``m.lora_V`` (d_in x r): ``dW_g = U diag(S[g]) V^T`` with the layer's scale folded in."""
@@ -30,6 +32,31 @@ TRUNCATION_KEY = "fedlowrank-truncation"
 
 FROZEN_KEY = "fedlowrank-frozen"
 """Train config: factor names (e.g. ``["lora_V"]``) the client must not train (FFA-LoRA)."""
+
+FAIRNESS_STATS_KEY = "fairness-stats"
+"""Evaluate reply: the ArrayRecord of mergeable fairness statistics (score histograms and
+confusion counts per group and label) the server merges into federation-wide figures."""
+
+METRIC_REDUCTIONS = {
+    "eval-n": "sum",
+    "eval-es_auc_groups": "min",
+    "eval-es_acc_groups": "min",
+    "dp_epsilon": "max",
+    "dp_epsilon_if_trained": "max",
+    "dp_target_epsilon": "max",
+}
+"""How the server combines a reply metric over replies where a weighted mean means nothing:
+sample counts are summed (a mean of counts is no count), group coverage takes the fewest, and
+privacy spent the worst site's. Per-group variants (``eval-n_g0``) follow their base name;
+every other metric is the mean weighted by the replies' sample counts."""
+
+_PER_GROUP = re.compile(r"_g\d+$")
+
+
+def metric_reduction(name: str) -> str:
+    """``"mean"``, ``"sum"``, ``"min"`` or ``"max"``: how metric ``name`` combines over replies."""
+    return METRIC_REDUCTIONS.get(name, METRIC_REDUCTIONS.get(_PER_GROUP.sub("", name), "mean"))
+
 
 GROUP_COUNT_PREFIX = "group-count-g"
 """Train reply metrics ``group-count-g0`` .. ``group-count-g{G-1}``: the samples of each group

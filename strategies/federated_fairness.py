@@ -25,11 +25,11 @@ from flwr.common import log
 
 from fedlowrank.fairness import federated_report, make_bin_edges, merge_statistics, validate_statistics
 from fedlowrank.fairness.federated import DEFAULT_BINS
-from fedlowrank.wire import REPLY_NODE_KEY
+from fedlowrank.wire import FAIRNESS_STATS_KEY, REPLY_NODE_KEY
 
 from .replies import read_array, weighted_metrics
 
-STATS_KEY = "fairness-stats"
+STATS_KEY = FAIRNESS_STATS_KEY
 PREFIX = "fed-"
 # Metrics logged each round (the rest land in the MetricRecord and the results file).
 LOGGED = ("auc", "es_auc", "worst_group_auc", "dpd", "eod")

@@ -21,7 +21,7 @@ from flwr.common import log
 
 from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY, PAYLOAD_KEY, SPEC_KEY
-from fedlowrank.wire import REPLY_NODE_KEY
+from fedlowrank.wire import REPLY_NODE_KEY, metric_reduction
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
 
@@ -219,41 +219,28 @@ def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: st
     return MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
 
 
-COUNT_METRIC = re.compile(r"(^|[-_])n(_g\d+)?$")
-"""Sample counts (``eval-n``, ``eval-n_g0``): summed over replies, never averaged."""
-MAX_METRIC = re.compile(r"epsilon")
-"""Privacy spent (``dp_epsilon``): the worst site's, not a mean."""
-GROUPS_METRIC = re.compile(r"_groups$")
-"""How many groups a figure covers (``eval-es_auc_groups``): the fewest over replies."""
-
-
 def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Weighted mean of every metric over the replies that carry it (lists element-wise).
+    """Every metric over the replies that carry it: the weighted mean (lists element-wise),
+    or the sum, minimum or maximum the wire contract names (:func:`fedlowrank.wire.metric_reduction`).
 
     Flower's ``aggregate_metricrecords`` divides every metric by the total weight of all
     replies, so a metric one reply lacks (or that was left out as malformed) would be
     pulled towards zero; here each metric is normalised by the weights of its own replies.
-    Counts are summed (:data:`COUNT_METRIC`), group coverage takes the minimum
-    (:data:`GROUPS_METRIC`) and privacy spent the maximum (:data:`MAX_METRIC`): a mean of
-    sample counts (996.05) or of the sites' epsilons means nothing.
+    A mean of sample counts (996.05) or of the sites' epsilons means nothing.
     """
     sums: dict[str, object] = {}
     weights: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    reduced: dict[str, float] = {}
+    combine = {"sum": lambda a, b: a + b, "min": min, "max": max}
     for record in records:
         metrics = reply_metrics(record)
         w = float(metrics[weighted_by_key])
         for key, value in metrics.items():
             if key == weighted_by_key:
                 continue
-            if not isinstance(value, list) and COUNT_METRIC.search(key):
-                counts[key] = counts.get(key, 0.0) + float(value)
-                continue
-            if not isinstance(value, list) and MAX_METRIC.search(key):
-                counts[key] = max(counts.get(key, float("-inf")), float(value))
-                continue
-            if not isinstance(value, list) and GROUPS_METRIC.search(key):
-                counts[key] = min(counts.get(key, float("inf")), float(value))
+            how = metric_reduction(key)
+            if how != "mean" and not isinstance(value, list):
+                reduced[key] = float(value) if key not in reduced else combine[how](reduced[key], float(value))
                 continue
             if isinstance(value, list):
                 term = [w * float(v) for v in value]
@@ -261,7 +248,7 @@ def weighted_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricR
             else:
                 sums[key] = w * float(value) + float(sums.get(key, 0.0))
             weights[key] = weights.get(key, 0.0) + w
-    out = MetricRecord({key: int(round(value)) if float(value).is_integer() else value for key, value in counts.items()})
+    out = MetricRecord({key: int(round(value)) if float(value).is_integer() else value for key, value in reduced.items()})
     for key, total in sums.items():
         scale = 1.0 / weights[key] if weights[key] > 0 else 0.0
         out[key] = [v * scale for v in total] if isinstance(total, list) else total * scale

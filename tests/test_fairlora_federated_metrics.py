@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 
-from fedlowrank.strategies.replies import COUNT_METRIC
+from fedlowrank.wire import metric_reduction
 import pytest
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
@@ -88,7 +88,7 @@ def test_no_statistics_leaves_flower_average_unchanged(sites):
     plain = FedAvg().aggregate_evaluate(1, replies)
     # Normalised per metric: the same mean when every reply has every metric (up to rounding);
     # sample counts are summed over the sites instead of averaged into fractions.
-    counts = {k for k in plain.keys() if COUNT_METRIC.search(k)}
+    counts = {k for k in plain.keys() if metric_reduction(k) == "sum"}
     assert counts == {"eval-n_g0", "eval-n_g1"}
     for key in counts:
         assert with_helper[key] == sum(next(iter(m.content.metric_records.values()))[key] for m in replies)

@@ -201,3 +201,18 @@ def test_server_learning_rate_leaves_an_unchanged_round_unchanged_at_mixed_ranks
 def test_server_learning_rate_outside_0_1_is_refused(rate):
     with pytest.raises(ValueError, match="server_learning_rate must be in"):
         FedLowRank(server_learning_rate=rate)
+
+
+def test_metrics_combine_as_the_wire_contract_says():
+    """Counts summed, group coverage the fewest, privacy the worst site's, the rest a weighted mean."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedlowrank.strategies.replies import weighted_metrics
+    from fedlowrank.wire import metric_reduction
+
+    sites = [{"num-examples": 10, "eval-n": 10, "eval-n_g1": 4, "dp_epsilon": 0.5, "eval-es_auc_groups": 2, "eval-auc": 0.8},
+             {"num-examples": 30, "eval-n": 30, "eval-n_g1": 6, "dp_epsilon": 2.0, "eval-es_auc_groups": 1, "eval-auc": 0.6}]
+    out = weighted_metrics([RecordDict({"metrics": MetricRecord(m)}) for m in sites], "num-examples")
+    assert [metric_reduction(k) for k in ("eval-n_g1", "dp_epsilon", "eval-es_auc_groups", "eval-auc")] == ["sum", "max", "min", "mean"]
+    assert (out["eval-n"], out["eval-n_g1"], out["dp_epsilon"], out["eval-es_auc_groups"]) == (40, 10, 2.0, 1)
+    assert out["eval-auc"] == pytest.approx((10 * 0.8 + 30 * 0.6) / 40)
