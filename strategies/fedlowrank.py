@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate, momentum
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -97,6 +97,7 @@ class FedLowRank(FedAvg):
         robust_factor: float = 3.0,
         min_valid_replies: int = 1,
         server_learning_rate: float = 1.0,
+        momentum: float = 0.0,
         aggregation_method: str | None = None,
         balance_cap: float | None = 1.0,
         **kwargs,
@@ -113,7 +114,7 @@ class FedLowRank(FedAvg):
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
             balance_cap=balance_cap, dense_above=dense_above, max_weight=max_weight, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
-            server_learning_rate=server_learning_rate,
+            server_learning_rate=server_learning_rate, momentum=momentum,
         )
         self.max_reply_bytes = max_reply_bytes
         self.state = LowRankState()
@@ -138,8 +139,8 @@ class FedLowRank(FedAvg):
         c = self.config
         log(
             INFO,
-            "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s', gauge '%s', server learning rate %g",
-            c.rule.name, c.rank or "as sent", c.residual, c.gauge, c.server_learning_rate,
+            "\t└──> Low-rank aggregation: rule '%s', rank %s, residual '%s', gauge '%s', server learning rate %g, momentum %g",
+            c.rule.name, c.rank or "as sent", c.residual, c.gauge, c.server_learning_rate, c.momentum,
         )
 
     # -- configure ------------------------------------------------------------

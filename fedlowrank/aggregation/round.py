@@ -5,7 +5,7 @@ A round takes the global arrays clients received and the persistent
 as they arrive (:meth:`ServerRound.add`), and returns the new arrays, the round's
 metrics and the updated state (:meth:`ServerRound.finish`). Everything a round does
 lives here: the rule, completion of mixed ranks (in the rule's accumulator), residual
-modes, robust clipping, the server learning rate, the hand-back gauge and alignment.
+modes, robust clipping, the server optimiser (learning rate, momentum), the hand-back gauge and alignment.
 A Flower strategy is message handling around it (``fedlowrank.strategies.FedLowRank``);
 a notebook or a ``torch.distributed`` job drives it with plain arrays::
 
@@ -125,8 +125,13 @@ class RoundConfig:
         before aggregation (its completed product becomes ``G + lr (P + T - G)``, its other
         arrays ``g + lr (a - g)``), so under an exact rule the new global is the best
         rank-r approximation of ``G + lr (M - G)``, ``M`` the exact weighted mean.
-        Momentum is left out: its state would be a dense ``d_out x d_in`` matrix or
-        a rank growing every round.
+    momentum : float (default: 0.0)
+        Server momentum on the exact update, as Flower's ``FedAvgM``: the velocity
+        ``v <- momentum v + D`` with ``D = M - G`` the round's exact change (clipped as
+        ``robust`` says), and the new global the best rank-r approximation of
+        ``G + server_learning_rate v``. ``v`` is kept exactly and bounded by the layer, not
+        by rounds: its non-zero singular triplets while they are narrow, a dense matrix past
+        ``dense_above`` (where that is cheaper). Exact G = 1 rules only; not with ``fold``.
     """
 
     rule: str | AggregationRule = "exact"
@@ -142,6 +147,7 @@ class RoundConfig:
     robust_factor: float = 3.0
     min_valid_replies: int = 1
     server_learning_rate: float = 1.0
+    momentum: float = 0.0
     clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     """Layers whose clamped rank was logged (once per run)."""
 
@@ -159,10 +165,16 @@ class RoundConfig:
             raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.momentum and (not self.rule.residual or self.rule.grouped):
+            raise ValueError(f"momentum needs an exact G = 1 rule; rule '{self.rule.name}' is not one")
         if self.balance_cap is not None and not self.balance_cap >= 1.0:
             raise ValueError(f"balance_cap {self.balance_cap} must be >= 1 (or None)")
         rule = self.rule
         self.residual = rule.residual_modes[0] if self.residual is None else self.residual
+        if self.momentum and self.residual == "fold":
+            raise ValueError("momentum does not combine with residual mode 'fold' (the fold takes what the rank cannot hold)")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"unknown residual mode {self.residual!r}; choose one of {RESIDUAL_MODES}")
         if self.residual not in rule.residual_modes:
@@ -393,6 +405,8 @@ class ServerRound:
         errors, floors = [], []
         residual_mode = self.config.residual
         for module, acc in self._accs.items():
+            if self.config.momentum:
+                self._step_momentum(module, acc)
             if residual_mode == "carry" and module in self.state.residuals:
                 acc.add_carried(self.state.residuals[module])
             result = acc.result(self.layer_rank(module))
@@ -418,6 +432,28 @@ class ServerRound:
         if self.config.rule.grouped and self.state.group_shares is not None:
             metrics.update({f"group-share-g{g}": share for g, share in enumerate(self.state.group_shares)})
         return RoundResult(arrays, metrics, self.state)
+
+    def _step_momentum(self, module: str, acc: Accumulator) -> None:
+        """``v <- momentum v + D``; the global's target gains ``lr momentum v_previous``.
+
+        The accumulator holds ``G + lr D`` (each client's change scaled by the server
+        learning rate), so ``D`` is read off it exactly; adding ``lr momentum v_previous``
+        makes its target ``G + lr v``.
+        """
+        lr, beta = self.config.server_learning_rate, self.config.momentum
+        reference = acc.reference
+        velocity = WeightedSum(reference.u.shape[0], reference.v.shape[0], dense_above=acc.sum.dense_above)
+        if acc.sum.dense:
+            velocity.add_normalised(acc.sum.matrices() / lr)
+        else:
+            part = acc.sum.stacked()
+            velocity.add_normalised(Factors(part.u, part.s / lr, part.v))
+        velocity.add_normalised(Factors(reference.u, -reference.s / lr, reference.v))
+        previous = self.state.momentum.get(module)
+        if previous is not None:
+            velocity.add_normalised(_scaled(previous, beta))
+            acc.add_carried(_scaled(previous, lr * beta))
+        self.state.momentum[module] = velocity.matrices() if velocity.dense else compact(velocity)
 
     def _folded(self, module: str, residual: Factors | torch.Tensor) -> dict[str, np.ndarray]:
         """Add this round's residual to the layer's fold; its factors as sent to clients.
@@ -458,6 +494,11 @@ class ServerRound:
                     u, v = procrustes_align(u, v, previous.u, previous.v)
         dtype = self.sent[f"{module}.lora_U"].dtype
         return {f"{module}.{leaf}": t.numpy().astype(dtype) for leaf, t in zip(FACTOR_SUFFIXES, (u, s, v))}
+
+
+def _scaled(term: Factors | torch.Tensor, factor: float) -> Factors | torch.Tensor:
+    """``factor`` times a factored or dense term."""
+    return Factors(term.u, term.s * factor, term.v) if isinstance(term, Factors) else term * factor
 
 
 def error_metrics(errors: list[np.ndarray], floors: list[np.ndarray]) -> dict[str, float]:

@@ -30,6 +30,9 @@ class LowRankState:
     residuals: dict[str, Factors | torch.Tensor] = field(default_factory=dict)
     """Per adapted module: what the global rank could not hold last round (``carry``), or
     the base correction folded so far (``fold``)."""
+    momentum: dict[str, Factors | torch.Tensor] = field(default_factory=dict)
+    """Per adapted module: the server's velocity ``v`` (``RoundConfig.momentum``), its exact
+    non-zero triplets or, past the width where that is cheaper, a dense ``1 x d_out x d_in``."""
     group_shares: list[float] | None = None
     """Group shares sent to clients (grouped adapters)."""
     server_round: int = 0
@@ -39,12 +42,13 @@ class LowRankState:
         out: dict[str, np.ndarray] = {}
         for key, value in (self.global_arrays or {}).items():
             out[f"global/{key}"] = np.array(value)
-        for module, residual in self.residuals.items():
-            if isinstance(residual, Factors):
-                for leaf, t in zip("usv", residual):
-                    out[f"residual/{module}/{leaf}"] = t.detach().cpu().numpy()
-            else:
-                out[f"residual/{module}/dense"] = residual.detach().cpu().numpy()
+        for kind, table in (("residual", self.residuals), ("momentum", self.momentum)):
+            for module, value in table.items():
+                if isinstance(value, Factors):
+                    for leaf, t in zip("usv", value):
+                        out[f"{kind}/{module}/{leaf}"] = t.detach().cpu().numpy()
+                else:
+                    out[f"{kind}/{module}/dense"] = value.detach().cpu().numpy()
         meta = {
             "server_round": self.server_round,
             "group_shares": self.group_shares,
@@ -60,13 +64,18 @@ class LowRankState:
         self.group_shares = meta["group_shares"]
         arrays = {k[len("global/"):]: np.array(v) for k, v in state.items() if k.startswith("global/")}
         self.global_arrays = arrays if meta["has_global"] else None
-        residuals: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            if key.startswith("residual/"):
-                module, _, leaf = key[len("residual/"):].rpartition("/")
-                residuals.setdefault(module, {})[leaf] = value
-        self.residuals = {
-            module: torch.from_numpy(parts["dense"]) if "dense" in parts
-            else Factors(*(torch.from_numpy(parts[leaf]) for leaf in "usv"))
-            for module, parts in residuals.items()
-        }
+        self.residuals = _factor_table(state, "residual/")
+        self.momentum = _factor_table(state, "momentum/")
+
+
+def _factor_table(state: dict[str, np.ndarray], prefix: str) -> dict[str, Factors | torch.Tensor]:
+    """``module -> Factors or dense tensor`` from the keys ``<prefix><module>/<u|s|v|dense>``."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            module, _, leaf = key[len(prefix):].rpartition("/")
+            parts.setdefault(module, {})[leaf] = value
+    return {
+        module: torch.from_numpy(p["dense"]) if "dense" in p else Factors(*(torch.from_numpy(p[leaf]) for leaf in "usv"))
+        for module, p in parts.items()
+    }

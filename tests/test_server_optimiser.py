@@ -1,0 +1,122 @@
+"""Server momentum on the exact update, in the core round: against a dense FedAvgM reference,
+the unchanged-round invariant at mixed ranks, checkpoint and resume, bounded state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.aggregation.ranks import Factors
+from fedlowrank.aggregation.round import RoundConfig, ServerRound
+from fedlowrank.aggregation.state import LowRankState
+
+D_OUT, D_IN, R = 14, 10, 8
+RANKS = (2, 4, 8)
+WEIGHTS = (30.0, 50.0, 20.0)
+
+
+def product(arrays):
+    return arrays["fc.lora_U"] @ np.diag(arrays["fc.lora_S"][0]) @ arrays["fc.lora_V"].T
+
+
+def best(m, rank):
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def head_arrays(g, rank):
+    """What a client of ``rank`` loads of the global product ``g``: its best rank-r part, balanced."""
+    u, s, vt = np.linalg.svd(g, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return {"fc.lora_U": u[:, :rank] * root, "fc.lora_S": np.ones((1, rank)), "fc.lora_V": vt[:rank].T * root}
+
+
+def client_reply(g, rank, rng, scale):
+    """The client's head plus a change of its own rank (``scale`` 0: it sends the head back)."""
+    head = head_arrays(g, rank)
+    local = product(head) + scale * rng.normal(size=(D_OUT, rank)) @ rng.normal(size=(rank, D_IN))
+    return head_arrays(local, rank)
+
+
+def start_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"fc.lora_U": rng.normal(size=(D_OUT, R)), "fc.lora_S": np.ones((1, R)), "fc.lora_V": rng.normal(size=(D_IN, R))}
+
+
+def round_replies(g, server_round, scale, seed=1):
+    """Round ``server_round``'s replies to the global product ``g`` (drawn per round: a resumed run draws the same)."""
+    rng = np.random.default_rng([seed, server_round])
+    return [client_reply(g, rank, rng, scale) for rank in RANKS]
+
+
+def run(config, rounds, scale, state=None, arrays=None, first=1):
+    state = state or LowRankState()
+    arrays = arrays or start_arrays()
+    for server_round in range(first, first + rounds):
+        rnd = ServerRound(config, state, arrays, server_round)
+        for reply, weight in zip(round_replies(product(arrays), server_round, scale), WEIGHTS):
+            rnd.add(reply, weight)
+        arrays = rnd.finish().arrays
+    return arrays, state
+
+
+@pytest.mark.parametrize("dense_above", [None, 10**6])  # 14 x 10 is narrow: dense; and kept factored
+def test_momentum_is_fedavgm_on_the_exact_update(dense_above):
+    """Against a dense reference: v <- b v + (M - G), G <- best_R(G + lr v), M the completed mean."""
+    beta, lr, rounds = 0.6, 0.7, 5
+    config = RoundConfig(rank=R, momentum=beta, server_learning_rate=lr, align=False, dense_above=dense_above)
+    got, _ = run(config, rounds, scale=0.3)
+    g, v = product(start_arrays()), np.zeros((D_OUT, D_IN))
+    shares = np.array(WEIGHTS) / sum(WEIGHTS)
+    for server_round in range(1, rounds + 1):
+        # Each client's product, completed with the part of g its rank could not hold.
+        replies = round_replies(g, server_round, 0.3)
+        mean = sum(w * (product(c) + g - best(g, r)) for w, r, c in zip(shares, RANKS, replies))
+        v = beta * v + (mean - g)
+        g = best(g + lr * v, R)
+    assert np.linalg.norm(product(got) - g) / np.linalg.norm(g) < 1e-9
+
+
+@pytest.mark.parametrize("dense_above", [None, 10**6])
+def test_a_round_where_nobody_changes_anything_leaves_the_global_unchanged(dense_above):
+    start = start_arrays()
+    config = RoundConfig(rank=R, momentum=0.9, server_learning_rate=0.5, dense_above=dense_above)
+    arrays, state = run(config, 10, scale=0.0)
+    assert np.linalg.norm(product(arrays) - product(start)) / np.linalg.norm(product(start)) < 1e-9
+    velocity = state.momentum["fc"]
+    dense = (velocity.u * velocity.s) @ velocity.v.T if isinstance(velocity, Factors) else velocity
+    assert float(torch.linalg.norm(dense)) < 1e-9 * np.linalg.norm(product(start))
+
+
+def test_momentum_survives_a_checkpoint_bit_for_bit():
+    config = RoundConfig(rank=R, momentum=0.9)
+    straight, _ = run(config, 6, scale=0.2)
+    half, state = run(config, 3, scale=0.2)
+    assert state.momentum  # there is a velocity to lose
+    restored = LowRankState()
+    restored.load_state_dict({k: np.array(v) for k, v in state.state_dict().items()})
+    resumed, _ = run(config, 3, scale=0.2, state=restored, arrays=half, first=4)
+    assert all(np.array_equal(resumed[k], straight[k]) for k in straight)
+    without, _ = run(config, 3, scale=0.2, state=LowRankState(), arrays=half, first=4)
+    assert not np.allclose(product(without), product(straight))  # the velocity mattered
+
+
+def test_momentum_memory_is_bounded_by_the_layer_over_200_rounds():
+    config = RoundConfig(rank=R, momentum=0.9, server_learning_rate=0.5, dense_above=10**6)  # factored throughout
+    state, arrays = LowRankState(), start_arrays()
+    for server_round in range(1, 201):
+        arrays, _ = run(config, 1, scale=0.05, state=state, arrays=arrays, first=server_round)
+        velocity = state.momentum["fc"]
+        size = sum(t.numel() for t in velocity) if isinstance(velocity, Factors) else velocity.numel()
+        assert size <= (D_OUT + D_IN + 1) * min(D_OUT, D_IN), (server_round, size)
+    assert np.all(np.isfinite(product(arrays)))
+
+
+def test_momentum_is_refused_where_it_has_no_exact_update():
+    with pytest.raises(ValueError, match="exact G = 1 rule"):
+        RoundConfig(rule="fedit", momentum=0.9)
+    with pytest.raises(ValueError, match="fold"):
+        RoundConfig(rule="exact", residual="fold", momentum=0.9)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        RoundConfig(momentum=1.0)
