@@ -138,6 +138,18 @@ def central(setting: Setting, regime: Regime, seed: int) -> dict:
     return best
 
 
+def split_rules(text: str) -> list[str]:
+    """``"fedit,exact/momentum=0.9,server_learning_rate=0.3"`` -> ``["fedit", "exact/momentum=0.9,server_learning_rate=0.3"]``:
+    a comma-separated token with ``=`` and no ``/`` continues the previous rule's options."""
+    rules: list[str] = []
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        if "=" in token and "/" not in token and rules:
+            rules[-1] += "," + token
+        else:
+            rules.append(token)
+    return rules
+
+
 def parse_rule(rule: str) -> tuple[str, dict]:
     """``"exact/gauge=lora,align=false"`` -> ``("exact", {"gauge": "lora", "align": False})``."""
     name, _, options = rule.partition("/")
@@ -368,7 +380,7 @@ def run(args) -> None:
                     fraction=args.fraction, alpha=args.alpha, rank=args.rank,
                     client_ranks=tuple(int(r) for r in args.client_ranks.split(",") if r.strip()),
                     init=args.init, batch_size=args.batch_size)
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    rules = split_rules(args.rules)
     seeds = parse_seeds(args.seeds)
     if args.setting not in SETTINGS:
         raise SystemExit(f"unknown setting {args.setting!r}; choose one of {sorted(SETTINGS)}")

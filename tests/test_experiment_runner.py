@@ -131,3 +131,11 @@ def test_a_run_whose_clients_refused_the_global_counts_as_diverged():
     results["seeds"]["1"]["runs"]["b"][2]["client_errors"] = 3  # clients refused an out-of-range global
     summary = summarise(results, reference="a")
     assert summary["rules"]["b"]["diverged"] == 1 and summary["rules"]["a"]["diverged"] == 0
+
+
+def test_rules_with_several_options_survive_the_comma_separated_list():
+    from experiment import parse_rule, split_rules
+
+    rules = split_rules("fedit, exact/momentum=0.9,server_learning_rate=0.3,zero-pad,exact/gauge=lora")
+    assert rules == ["fedit", "exact/momentum=0.9,server_learning_rate=0.3", "zero-pad", "exact/gauge=lora"]
+    assert parse_rule(rules[1]) == ("exact", {"momentum": 0.9, "server_learning_rate": 0.3})
