@@ -44,7 +44,6 @@ from flwr.serverapp.strategy import Strategy
 
 from experiment_settings import SETTINGS, Regime, Setting, start_factors  # noqa: E402
 
-GROUPED_RULES = {"fairlora-exact": "exact", "fairlora-paper": "paper"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -172,16 +171,12 @@ def _option_value(text: str):
 
 
 def make_strategy(rule: str, regime: Regime):
-    from fedlowrank.strategies import FairLoRA, FedLowRank
+    """The library's strategy for ``rule`` (:func:`fedlowrank.strategies.make_strategy`) with this regime's sampling."""
+    from fedlowrank.strategies import make_strategy as library_strategy
 
-    rule, options = parse_rule(rule)
-    common = {"fraction_evaluate": 0.0, "fraction_train": regime.fraction, "min_train_nodes": 2, "min_available_nodes": 2,
-              **options}
-    if rule in GROUPED_RULES:
-        return FairLoRA(mode=GROUPED_RULES[rule], rank=regime.rank, **common)
-    if rule == "fedex":
-        return FedLowRank(rule="exact", residual="fold", rank=regime.rank, **common)
-    return FedLowRank(rule=rule, rank=regime.rank, **common)
+    name, options = parse_rule(rule)
+    return library_strategy(name, regime.rank, fraction_evaluate=0.0, fraction_train=regime.fraction, min_train_nodes=2,
+                            min_available_nodes=2, **options)
 
 
 def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[dict]:
@@ -277,7 +272,9 @@ def adapter_run(setting: Setting, regime: Regime, rule: str) -> Run:
     from fedlowrank.adapters import exchange_state, load_exchange_state
     from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, to_record
 
-    groups = setting.groups if parse_rule(rule)[0] in GROUPED_RULES else 1
+    from fedlowrank.strategies.catalog import is_grouped
+
+    groups = setting.groups if is_grouped(parse_rule(rule)[0]) else 1
 
     def data_fn(context):
         site = int(context.node_config["partition-id"])

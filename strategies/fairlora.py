@@ -154,6 +154,9 @@ class FairLoRA(FedLowRank):
     per group), ``group-share-g{g}``, ``agg-clients-dropped`` and ``agg-clients-kept``.
     """
 
+    RULES = {"exact": "fairlora-exact", "paper": "fairfedmed"}
+    """Each mode's aggregation rule."""
+
     def __init__(
         self,
         *,
@@ -173,9 +176,10 @@ class FairLoRA(FedLowRank):
         if global_rank is not None and global_rank < 1:
             raise ValueError(f"global_rank must be >= 1, got {global_rank}")
         if mode == "exact":
-            rule, options = "fairlora-exact", {"rank": rank, "iterations": als_iterations}
+            options = {"rank": rank, "iterations": als_iterations}
         else:
-            rule, options = "fairfedmed", {"shared_fraction": shared_fraction, "server_momentum": server_momentum}
+            options = {"shared_fraction": shared_fraction, "server_momentum": server_momentum}
+        rule = self.RULES[mode]
         kwargs.setdefault("rule", rule)
         kwargs.setdefault("rule_options", options)
         super().__init__(rank=global_rank or rank, balance_cap=balance_cap, **kwargs)

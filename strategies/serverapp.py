@@ -31,7 +31,7 @@ from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
 
 from .checkpoint import run
-from .fairlora import FairLoRA
+from .catalog import make_strategy, strategy_names
 from .federated_fairness import FederatedFairnessMetrics
 from .fedlowrank import FedLowRank
 from .initial import initial_arrays
@@ -69,18 +69,15 @@ def sampling(cfg) -> dict:
     }
 
 
-STRATEGIES: dict[str, Callable[[int, object], Strategy]] = {
-    # FedIT: U, S and V averaged separately (rule 'fedit'; needs equal client ranks).
-    "fedit": lambda rank, cfg: FedLowRank(rule="fedit", rank=rank, **sampling(cfg)),
-    # Any registered rule by run config ``rule`` (default 'exact'); ``residual`` 'drop',
-    # 'carry' or 'fold' (empty: the rule's default, 'fold' for 'flora').
-    "fedlowrank": lambda rank, cfg: FedLowRank(
-        rule=str(cfg.get("rule", "exact")), residual=str(cfg.get("residual", "")) or None, rank=rank, **sampling(cfg)
-    ),
-    # FairLoRA: one row of singular values per group (run with groups = 2).
-    "fairlora-paper": lambda rank, cfg: FairLoRA(mode="paper", rank=rank, **sampling(cfg)),
-    "fairlora-exact": lambda rank, cfg: FairLoRA(mode="exact", rank=rank, **sampling(cfg)),
-}
+def build_strategy(name: str, rank: int, cfg) -> FedLowRank:
+    """The run config's strategy (:func:`fedlowrank.strategies.make_strategy`); ``fedlowrank``
+    takes its rule and residual mode from the run config (``rule``, default 'exact'; ``residual``
+    'drop', 'carry' or 'fold', empty for the rule's default)."""
+    options = sampling(cfg)
+    if name == "fedlowrank":
+        name = str(cfg.get("rule", "exact"))
+        options["residual"] = str(cfg.get("residual", "")) or None
+    return make_strategy(name, rank, **options)
 
 
 def check_strategy(cfg, default_groups: int = 1) -> tuple[str, int, int]:
@@ -88,8 +85,8 @@ def check_strategy(cfg, default_groups: int = 1) -> tuple[str, int, int]:
     where the strategy cannot take them (unknown name, ranks above the global one, mixed
     ranks for a factor-averaging strategy, FairLoRA without groups)."""
     name = str(cfg["strategy"])
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    if name not in strategy_names():
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
     rank = int(cfg["rank"])
     ranks = parse_ranks(cfg.get("client-ranks", ""))
     above = sorted({r for r in ranks if r > rank})
@@ -242,7 +239,7 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         if spec.central_test is None:
             raise ValueError(f"{spec.name} has no central test data: set central-evaluation = false")
         evaluate_fn = central_evaluation(spec.global_model(rank, groups), spec.central_test(cfg, num_sites), pick_device())
-    strategy = with_compression(STRATEGIES[name](rank, cfg), cfg)
+    strategy = with_compression(build_strategy(name, rank, cfg), cfg)
     started = time.time()
     path = results_path(cfg, name, spec.name)
     stop_after = int(cfg.get("stop-after-round", 0))

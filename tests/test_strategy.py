@@ -216,3 +216,18 @@ def test_metrics_combine_as_the_wire_contract_says():
     assert [metric_reduction(k) for k in ("eval-n_g1", "dp_epsilon", "eval-es_auc_groups", "eval-auc")] == ["sum", "max", "min", "mean"]
     assert (out["eval-n"], out["eval-n_g1"], out["dp_epsilon"], out["eval-es_auc_groups"]) == (40, 10, 2.0, 1)
     assert out["eval-auc"] == pytest.approx((10 * 0.8 + 30 * 0.6) / 40)
+
+
+def test_every_registered_rule_is_a_strategy_and_grouped_rules_are_fairlora():
+    from fedlowrank.aggregation.rules import registered_rules
+    from fedlowrank.strategies import FairLoRA, make_strategy, strategy_names
+
+    assert set(registered_rules()) <= set(strategy_names())
+    for name in registered_rules():
+        strategy = make_strategy(name, rank=4)
+        assert strategy.rule.name == name and isinstance(strategy, FairLoRA) == strategy.rule.grouped
+    fedex = make_strategy("fedex", rank=4)
+    assert (fedex.rule.name, fedex.config.residual) == ("exact", "fold")
+    assert (make_strategy("fairlora-paper", rank=4).mode, make_strategy("fairlora-exact", rank=4).mode) == ("paper", "exact")
+    with pytest.raises(ValueError, match="unknown strategy 'fedsvd'.*choose one of"):
+        make_strategy("fedsvd")
