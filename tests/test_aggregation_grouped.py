@@ -1,20 +1,21 @@
-"""aggregate_grouped_svd, the naive baselines and the grouped magnitude policy.
+"""aggregate_grouped_svd, the factor-averaging baselines (fedit, fairfedmed) and the grouped magnitude policy.
 
 Every expectation is checked against a dense reference formed here only: the per-group
 weighted sums ``M_g`` as d_out x d_in matrices, their SVDs and projections.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from fedlowrank.aggregation import aggregate_svd, balance_factors
 from fedlowrank.aggregation import (
     aggregate_grouped_svd,
-    average_factors,
     balance_grouped_factors,
-    fairfedmed_average,
     group_weights_from_counts,
 )
+from fedlowrank.aggregation.ranks import Factors
+from fedlowrank.aggregation.rules import get_rule
 
 F64 = torch.float64
 
@@ -298,25 +299,36 @@ def test_bad_options():
 # --------------------------------------------------------------------------- baselines
 
 
-def test_average_factors_matches_loop():
-    us, ss, vs, _ = gaussian_clients(2, d_out=10, d_in=8, clients=4, groups=3, rank=3)
+def rule_means(rule, us, ss, vs, weights, counts=None):
+    """The factors a factor-averaging rule returns for these clients (reference: the first client's shapes)."""
+    acc = get_rule(rule).accumulator(Factors(us[0] * 0, ss[0] * 0, vs[0] * 0))
+    for k in range(len(us)):
+        acc.add(Factors(us[k], ss[k], vs[k]), weights[k], None if counts is None else torch.tensor(counts[k], dtype=F64))
+    return acc.result(us[0].shape[1]).factors
+
+
+def test_fedit_averages_each_factor_by_sample_share():
+    us, ss, vs, _ = gaussian_clients(2, d_out=10, d_in=8, clients=4, groups=1, rank=3)
     counts = [5.0, 1.0, 2.0, 2.0]
-    big_u, big_s, big_v = average_factors(us, ss, vs, counts)
+    big_u, big_s, big_v = rule_means("fedit", us, ss, vs, counts)
     want_u, want_s, want_v = torch.zeros_like(us[0]), torch.zeros_like(ss[0]), torch.zeros_like(vs[0])
     for k in range(4):
         want_u += counts[k] / 10 * us[k]
         want_s += counts[k] / 10 * ss[k]
         want_v += counts[k] / 10 * vs[k]
     assert torch.allclose(big_u, want_u) and torch.allclose(big_s, want_s) and torch.allclose(big_v, want_v)
-    with pytest.raises(ValueError, match="client 1.*equal ranks"):
-        average_factors([us[0], us[1][:, :2]], ss[:2], vs[:2], counts[:2])
+    with pytest.raises(ValueError, match="cannot mix ranks"):
+        get_rule("fedit").check(Factors(us[1][:, :2], ss[1][:, :2], vs[1][:, :2]), Factors(us[0], ss[0], vs[0]))
 
 
 @pytest.mark.parametrize("shared_fraction", [0.0, 0.5])
-def test_fairfedmed_average_matches_loop(shared_fraction):
+def test_fairfedmed_averages_u_v_by_sample_share_and_each_s_row_by_its_groups(shared_fraction):
     us, ss, vs, _ = gaussian_clients(3, d_out=10, d_in=8, clients=3, groups=2, rank=4)
     counts = [[4.0, 1.0], [0.0, 3.0], [2.0, 2.0]]  # client x group
-    big_u, big_s, big_v = fairfedmed_average(us, ss, vs, [5.0, 3.0, 4.0], counts, shared_fraction)
+    acc = get_rule("fairfedmed", shared_fraction=shared_fraction).accumulator(Factors(us[0] * 0, ss[0] * 0, vs[0] * 0))
+    for k, weight in enumerate([5.0, 3.0, 4.0]):
+        acc.add(Factors(us[k], ss[k], vs[k]), weight, torch.tensor(counts[k], dtype=F64))
+    big_u, big_s, big_v = acc.result(4).factors
     want_s = torch.zeros(2, 4, dtype=F64)
     for g in range(2):
         group_total = sum(counts[k][g] for k in range(3))
@@ -327,8 +339,17 @@ def test_fairfedmed_average_matches_loop(shared_fraction):
     assert torch.allclose(big_s, want_s)
     assert torch.allclose(big_u, (5 * us[0] + 3 * us[1] + 4 * us[2]) / 12)
     assert torch.allclose(big_v, (5 * vs[0] + 3 * vs[1] + 4 * vs[2]) / 12)
-    with pytest.raises(ValueError, match="client 1"):
-        fairfedmed_average(us, ss, vs, [5.0, 3.0, 4.0], [[1, 1], [-1, 1], [1, 1]])
+
+
+def test_negative_group_counts_are_refused_by_the_round():
+    from fedlowrank.aggregation.round import RoundConfig, ServerRound
+    from fedlowrank.aggregation.state import LowRankState
+
+    us, ss, vs, _ = gaussian_clients(3, d_out=10, d_in=8, clients=1, groups=2, rank=4)
+    arrays = {"fc.lora_U": us[0].numpy(), "fc.lora_S": ss[0].numpy(), "fc.lora_V": vs[0].numpy()}
+    rnd = ServerRound(RoundConfig(rule="fairfedmed"), LowRankState(), arrays, 1)
+    with pytest.raises(ValueError, match=r"group counts \[-1.0, 1.0\] must be finite numbers >= 0"):
+        rnd.add(arrays, 5.0, np.array([-1.0, 1.0]))
 
 
 # --------------------------------------------------------------------------- magnitude policy

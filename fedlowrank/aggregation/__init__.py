@@ -5,9 +5,7 @@ from .balance import balance_factors, lora_gauge_factors
 from .grouped import (
     GroupedSVDAggregate,
     aggregate_grouped_svd,
-    average_factors,
     balance_grouped_factors,
-    fairfedmed_average,
     group_weights_from_counts,
 )
 from .svd import SVDAggregate, aggregate_svd, dense_weighted_sum
@@ -18,13 +16,11 @@ __all__ = [
     "SVDAggregate",
     "aggregate_grouped_svd",
     "aggregate_svd",
-    "average_factors",
     "balance_factors",
     "lora_gauge_factors",
     "balance_grouped_factors",
     "check_client_factors",
     "dense_weighted_sum",
-    "fairfedmed_average",
     "group_weights_from_counts",
     "procrustes_align",
     "signed_permutation_align",
