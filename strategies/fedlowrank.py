@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate, momentum
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -98,6 +98,7 @@ class FedLowRank(FedAvg):
         min_valid_replies: int = 1,
         server_learning_rate: float = 1.0,
         momentum: float = 0.0,
+        tail_weight: float = 1.0,
         aggregation_method: str | None = None,
         balance_cap: float | None = 1.0,
         **kwargs,
@@ -114,7 +115,7 @@ class FedLowRank(FedAvg):
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
             balance_cap=balance_cap, dense_above=dense_above, max_weight=max_weight, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
-            server_learning_rate=server_learning_rate, momentum=momentum,
+            server_learning_rate=server_learning_rate, momentum=momentum, tail_weight=tail_weight,
         )
         self.max_reply_bytes = max_reply_bytes
         self.state = LowRankState()

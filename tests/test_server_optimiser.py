@@ -1,5 +1,5 @@
-"""Server momentum on the exact update, in the core round: against a dense FedAvgM reference,
-the unchanged-round invariant at mixed ranks, checkpoint and resume, bounded state."""
+"""Server optimisation on the exact update, in the core round: momentum against a dense FedAvgM reference,
+the unchanged-round invariant at mixed ranks, checkpoint and resume, bounded state; the tail weight."""
 
 from __future__ import annotations
 
@@ -120,3 +120,18 @@ def test_momentum_is_refused_where_it_has_no_exact_update():
         RoundConfig(rule="exact", residual="fold", momentum=0.9)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         RoundConfig(momentum=1.0)
+
+
+@pytest.mark.parametrize("tail_weight", [0.0, 0.5, 1.0])
+def test_tail_weight_decays_what_lower_rank_clients_could_not_hold(tail_weight):
+    """The new global is best_R(sum_k w_k (P_k + tail_weight T_k)), T_k = G - H_k (dense reference)."""
+    start = start_arrays()
+    config = RoundConfig(rank=R, tail_weight=tail_weight, align=False)
+    got, _ = run(config, 1, scale=0.3, arrays=start)
+    g, shares = product(start), np.array(WEIGHTS) / sum(WEIGHTS)
+    replies = round_replies(g, 1, 0.3)
+    want = best(sum(w * (product(c) + tail_weight * (g - best(g, r))) for w, r, c in zip(shares, RANKS, replies)), R)
+    assert np.linalg.norm(product(got) - want) / np.linalg.norm(want) < 1e-9
+    if tail_weight < 1:  # what the rank-2 and rank-4 clients could not hold shrinks
+        assert np.linalg.norm(product(got)) < np.linalg.norm(best(sum(w * (product(c) + g - best(g, r))
+                                                                      for w, r, c in zip(shares, RANKS, replies)), R))

@@ -125,6 +125,12 @@ class RoundConfig:
         before aggregation (its completed product becomes ``G + lr (P + T - G)``, its other
         arrays ``g + lr (a - g)``), so under an exact rule the new global is the best
         rank-r approximation of ``G + lr (M - G)``, ``M`` the exact weighted mean.
+    tail_weight : float in [0, 1] (default: 1.0)
+        How much of the global adapter a lower-rank client could not hold completes its
+        reply. 1: all of it (the exact update sum: a round in which nobody changes anything
+        leaves the global unchanged at any mix of ranks). 0: none (the plain sum of what
+        clients sent, zero-padding's decay: each component shrinks by the share of clients
+        that could not hold it). Between: that decay, scaled. Measured in ``docs/results.md``.
     momentum : float (default: 0.0)
         Server momentum on the exact update, as Flower's ``FedAvgM``: the velocity
         ``v <- momentum v + D`` with ``D = M - G`` the round's exact change (clipped as
@@ -148,6 +154,7 @@ class RoundConfig:
     min_valid_replies: int = 1
     server_learning_rate: float = 1.0
     momentum: float = 0.0
+    tail_weight: float = 1.0
     clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     """Layers whose clamped rank was logged (once per run)."""
 
@@ -165,6 +172,8 @@ class RoundConfig:
             raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.tail_weight <= 1.0:
+            raise ValueError(f"tail_weight must be in [0, 1], got {self.tail_weight}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.momentum and (not self.rule.residual or self.rule.grouped):
@@ -272,7 +281,9 @@ class ServerRound:
         for index, module in enumerate(factor_modules(self.sent)):
             seed = self.state.server_round * 100_003 + index
             reference = layer_factors(self.sent, module)
-            self._accs[module] = self.config.rule.accumulator(reference, shares, dense_above=self.config.dense_above, seed=seed)
+            self._accs[module] = self.config.rule.accumulator(
+                reference, shares, dense_above=self.config.dense_above, seed=seed, tail_weight=self.config.tail_weight
+            )
 
     @property
     def modules(self) -> list[str]:

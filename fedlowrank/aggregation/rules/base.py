@@ -136,7 +136,9 @@ class AggregationRule(ABC):
             Group shares sent this round (they order grouped columns for low-rank clients).
         **kwargs
             ``seed`` (for rules that draw, e.g. FLoRA's fresh init), the rest passed to
-            :class:`~fedlowrank.aggregation.accumulate.WeightedSum` (``dense_above``, ``dtype``).
+            :class:`~fedlowrank.aggregation.accumulate.WeightedSum` (``dense_above``, ``dtype``);
+            ``tail_weight`` (default 1) scales the global tail that completes a lower-rank
+            client's reply (``RoundConfig.tail_weight``).
         """
 
 
@@ -152,6 +154,8 @@ class Accumulator(ABC):
         self.groups = self.reference.s.shape[0]
         self.shares = shares
         self.seed = int(kwargs.pop("seed", 0))
+        # Share of the global tail a lower-rank client's reply is completed with (1: exact).
+        self.tail_weight = float(kwargs.pop("tail_weight", 1.0))
         self.sum = WeightedSum(self.reference.u.shape[0], self.reference.v.shape[0], self.groups, **kwargs)
 
     @property
@@ -181,8 +185,8 @@ class Accumulator(ABC):
         w = self.product_weights(weight, group_weights)
         self.sum.count(w)
         self.sum.add(client, shrink * w, count=False)
-        if client.rank < self.reference.rank:
-            self.sum.add(self.tail(client.rank), shrink * w, count=False)
+        if client.rank < self.reference.rank and self.tail_weight:
+            self.sum.add(self.tail(client.rank), shrink * self.tail_weight * w, count=False)
         if shrink < 1.0:
             self.sum.add(self.reference, (1.0 - shrink) * w, count=False)
             head = self.reference.columns(slice(0, client.rank))
@@ -193,8 +197,9 @@ class Accumulator(ABC):
         """``||P + T - G||``: how far this client's completed product moves the global."""
         probe = WeightedSum(self.reference.u.shape[0], self.reference.v.shape[0], self.groups, dense_above=10**9)
         probe.add_normalised(Factors(*(t.double() for t in client)))
-        if client.rank < self.reference.rank:
-            probe.add_normalised(self.tail(client.rank))
+        if client.rank < self.reference.rank and self.tail_weight:
+            tail = self.tail(client.rank)
+            probe.add_normalised(Factors(tail.u, self.tail_weight * tail.s, tail.v))
         error, _ = probe.distance(self.reference)
         return float(error.square().sum().sqrt())
 
