@@ -67,6 +67,7 @@ from fedlowrank.adapters import exchange_state, inject_adapters, load_exchange_s
 from fedlowrank.clients import AdapterConfig, ClientData, build_client_app, from_record, predict, to_record
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY
 from fedlowrank.strategies import FedLowRank, LGreCo
+from fedlowrank.runconfig import RunSettings
 from fedlowrank.strategies.serverapp import central_evaluation, with_compression
 from fedlowrank.compression.controller import DEFAULT_CANDIDATES
 from fedlowrank.strategies.testing import InProcessGrid
@@ -214,7 +215,7 @@ def wrap(inner, method: str):
     if method == "none":
         return inner
     if method.startswith("uniform:"):
-        return with_compression(inner, {"compression": method})
+        return with_compression(inner, RunSettings(compression=method))
     default, _, alpha = method.split(":", 1)[1].partition("@")
     return LGreCo(inner, candidates=CANDIDATES, default=default, alpha=float(alpha or 1.0), **LGRECO_OPTIONS)
 

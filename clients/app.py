@@ -21,7 +21,7 @@ from fedlowrank.wire import FAIRNESS_STATS_KEY, FROZEN_KEY, GROUP_COUNT_PREFIX, 
 from .compression import compress_reply
 from .persist import persist_state, restore_state
 from .private import DPConfig, train_private
-from fedlowrank.runconfig import parse_ranks  # noqa: F401  (re-exported)
+from fedlowrank.runconfig import RunSettings, parse_ranks  # noqa: F401  (parse_ranks re-exported)
 from fedlowrank.training import TrainResult, describe_compute, pick_device, predict, train_local
 
 
@@ -55,12 +55,10 @@ def client_rank(context: Context, default: int) -> int:
     ``client-ranks`` (by partition), then its ``rank``, then ``default``."""
     if "rank" in context.node_config:
         return int(context.node_config["rank"])
-    ranks = parse_ranks(context.run_config.get("client-ranks", ""))
-    if ranks and "partition-id" in context.node_config:
-        return ranks[int(context.node_config["partition-id"]) % len(ranks)]
-    if "rank" in context.run_config:
-        return int(context.run_config["rank"])
-    return default
+    settings = RunSettings.from_config(context.run_config)
+    if settings.ranks and "partition-id" in context.node_config:
+        return settings.ranks[int(context.node_config["partition-id"]) % len(settings.ranks)]
+    return settings.rank if "rank" in context.run_config else default
 
 
 def build_model(model_fn: Callable[[Context], nn.Module], adapter: AdapterConfig, context: Context) -> nn.Module:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
+from fedlowrank.runconfig import RunSettings
 from fedlowrank.wire import GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from fedlowrank.adapters.state import factor_ranks, fit_arrays_to_ranks, is_fold_key
@@ -53,7 +54,7 @@ def client_seed(context: Context) -> int:
     (deployment) differs between clients and is stable across rounds.
     """
     ident = context.node_config.get("partition-id", context.node_id)
-    base = int(context.run_config.get("seed", 0))
+    base = RunSettings.from_config(context.run_config).seed
     return zlib.crc32(f"{base}/{ident}".encode())
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from fedlowrank.runconfig import RunSettings
+
 PREFIX = "round-"
 
 
@@ -28,7 +30,7 @@ def state_dir(context: Context) -> Path | None:
     """This node's folder for saved state, or None when the run keeps none."""
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"]))
-    root = str(context.run_config.get("checkpoint-dir", "")).strip()
+    root = RunSettings.from_config(context.run_config).checkpoint_dir.strip()
     if not root:
         return None
     ident = context.node_config.get("partition-id", context.node_id)

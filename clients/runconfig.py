@@ -12,24 +12,23 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedlowrank.runconfig import RunSettings
+
 from .app import AdapterConfig, ClientData, build_client_app
 from .private import DPConfig
 
 
 def dp_from_run_config(context: Context) -> DPConfig | None:
-    """Adapter-only DP-SGD when the run config sets ``dp-noise-multiplier`` > 0.
-
-    Reads ``dp-max-grad-norm``, ``dp-delta`` and ``dp-target-epsilon`` too (a missing
-    one is a KeyError naming it).
-    """
-    noise = float(context.run_config.get("dp-noise-multiplier", 0.0))
-    if noise <= 0:
+    """Adapter-only DP-SGD when the run config sets ``dp-noise-multiplier`` > 0, with its
+    ``dp-max-grad-norm``, ``dp-delta`` and ``dp-target-epsilon`` (:class:`RunSettings`)."""
+    settings = RunSettings.from_config(context.run_config)
+    if settings.dp_noise_multiplier <= 0:
         return None
     return DPConfig(
-        noise_multiplier=noise,
-        max_grad_norm=float(context.run_config["dp-max-grad-norm"]),
-        delta=float(context.run_config["dp-delta"]),
-        target_epsilon=float(context.run_config["dp-target-epsilon"]),
+        noise_multiplier=settings.dp_noise_multiplier,
+        max_grad_norm=settings.dp_max_grad_norm,
+        delta=settings.dp_delta,
+        target_epsilon=settings.dp_target_epsilon,
     )
 
 
@@ -60,7 +59,7 @@ def build_run_config_client_app(
     app = ClientApp()
 
     def dispatch(msg: Message, context: Context) -> Message:
-        groups = int(context.run_config.get("groups", default_groups))
+        groups = RunSettings.from_config(context.run_config, groups=default_groups).groups
         if groups not in apps:
             raise ValueError(f"groups = {groups}; this app supports {sorted(apps)}")
         return apps[groups](msg, context)

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import adapter_layers, load_exchange_state, save_adapter
-from fedlowrank.runconfig import parse_ranks
+from fedlowrank.runconfig import RunSettings
 from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
 
@@ -53,57 +53,55 @@ class AppSpec:
     default_groups: int = 1
 
 
-def sampling(cfg) -> dict:
-    """Flower's client sampling and the update bound from the run config."""
+def sampling(settings: RunSettings) -> dict:
+    """Flower's client sampling and the update bound from the run settings."""
     return {
-        "fraction_train": float(cfg.get("fraction-train", 1.0)),
-        "min_train_nodes": int(cfg.get("min-train-nodes", 2)),
-        "min_available_nodes": int(cfg.get("min-train-nodes", 2)),
-        "fraction_evaluate": float(cfg.get("fraction-evaluate", 1.0)),
-        "min_evaluate_nodes": int(cfg.get("min-train-nodes", 2)),
+        "fraction_train": settings.fraction_train,
+        "min_train_nodes": settings.min_train_nodes,
+        "min_available_nodes": settings.min_train_nodes,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_evaluate_nodes": settings.min_train_nodes,
         # Every strategy merges the sites' fairness statistics into federation-wide metrics.
         "evaluate_metrics_aggr_fn": FederatedFairnessMetrics(num_groups=2),
         # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
-        "robust": str(cfg.get("robust", "")).strip() or None,
-        "robust_factor": float(cfg.get("robust-factor", 3.0)),
+        "robust": settings.robust.strip() or None,
+        "robust_factor": settings.robust_factor,
     }
 
 
-def build_strategy(name: str, rank: int, cfg) -> FedLowRank:
+def build_strategy(name: str, rank: int, settings: RunSettings) -> FedLowRank:
     """The run config's strategy (:func:`fedlowrank.strategies.make_strategy`); ``fedlowrank``
     takes its rule and residual mode from the run config (``rule``, default 'exact'; ``residual``
     'drop', 'carry' or 'fold', empty for the rule's default)."""
-    options = sampling(cfg)
+    options = sampling(settings)
     if name == "fedlowrank":
-        name = str(cfg.get("rule", "exact"))
-        options["residual"] = str(cfg.get("residual", "")) or None
+        name = settings.rule
+        options["residual"] = settings.residual.strip() or None
     return make_strategy(name, rank, **options)
 
 
-def check_strategy(cfg, default_groups: int = 1) -> tuple[str, int, int]:
+def check_strategy(settings: RunSettings) -> tuple[str, int, int]:
     """``(strategy, rank, groups)`` from the run config, refused before any client trains
     where the strategy cannot take them (unknown name, ranks above the global one, mixed
     ranks for a factor-averaging strategy, FairLoRA without groups)."""
-    name = str(cfg["strategy"])
+    name, rank, ranks = settings.strategy, settings.rank, settings.ranks
     if name not in strategy_names():
         raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
-    rank = int(cfg["rank"])
-    ranks = parse_ranks(cfg.get("client-ranks", ""))
     above = sorted({r for r in ranks if r > rank})
     if above:
-        raise ValueError(f"client-ranks {cfg['client-ranks']!r}: ranks {above} are above the global rank {rank}")
+        raise ValueError(f"client-ranks {settings.client_ranks!r}: ranks {above} are above the global rank {rank}")
     if len(set(ranks) | {rank}) > 1 and name in ("fedit", "fairlora-paper"):
         raise ValueError(
             f"strategy {name!r} averages factors entry by entry and cannot mix client ranks "
-            f"(client-ranks {cfg['client-ranks']!r}, rank {rank}); use 'fedlowrank' or 'fairlora-exact'"
+            f"(client-ranks {settings.client_ranks!r}, rank {rank}); use 'fedlowrank' or 'fairlora-exact'"
         )
-    groups = int(cfg.get("groups", default_groups))
+    groups = settings.groups
     if name.startswith("fairlora") != (groups > 1):
         raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
     return name, rank, groups
 
 
-def with_compression(strategy: Strategy, cfg) -> Strategy:
+def with_compression(strategy: Strategy, settings: RunSettings) -> Strategy:
     """Wrap ``strategy`` in :class:`LGreCo` as the run config's ``compression`` asks.
 
     ``"none"``: unchanged. ``"lgreco"``: adaptive per-tensor settings, uniform
@@ -112,16 +110,16 @@ def with_compression(strategy: Strategy, cfg) -> Strategy:
     error. ``"uniform:<codec>:<setting>"`` (e.g. ``"uniform:powersgd:4"``): that
     setting for every tensor, no tables asked for.
     """
-    mode = str(cfg.get("compression", "none")).strip()
+    mode = settings.compression.strip()
     if mode == "none":
         return strategy
     if mode == "lgreco":
         return LGreCo(
             strategy,
-            default=str(cfg.get("compression-default", "powersgd:2")),
-            alpha=float(cfg.get("compression-alpha", 1.0)),
-            warmup_rounds=int(cfg.get("compression-warmup", 1)),
-            reallocate_every=int(cfg.get("compression-reallocate-every", 5)),
+            default=settings.compression_default,
+            alpha=settings.compression_alpha,
+            warmup_rounds=settings.compression_warmup,
+            reallocate_every=settings.compression_reallocate_every,
         )
     if mode.startswith("uniform:"):
         setting = mode[len("uniform:") :]
@@ -168,21 +166,21 @@ def wait_for_sites(grid: Grid, expected: int, app_name: str, timeout: float = 12
         time.sleep(1.0)
 
 
-def results_path(cfg, strategy: str, app_name: str) -> Path:
+def results_path(settings: RunSettings, strategy: str, app_name: str) -> Path:
     """Where this run's results go: ``results-file``, or a name of its own per run.
 
     An explicit file that exists is overwritten only when the run resumes (``resume-from``);
     otherwise the run refuses to start rather than lose earlier results.
     """
-    given = str(cfg.get("results-file", "")).strip()
+    given = settings.results_file.strip()
     if not given:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        rule = str(cfg.get("rule", "exact")) if strategy == "fedlowrank" else ""
-        parts = [app_name.replace("-", "_"), strategy, rule, f"r{cfg['rank']}",
-                 str(cfg.get("compression", "none")).replace(":", "-"), f"seed{cfg['seed']}", stamp]
+        rule = settings.rule if strategy == "fedlowrank" else ""
+        parts = [app_name.replace("-", "_"), strategy, rule, f"r{settings.rank}",
+                 settings.compression.replace(":", "-"), f"seed{settings.seed}", stamp]
         return (Path("results") / ("-".join(p for p in parts if p and p != "none") + ".json")).resolve()
     path = Path(given).expanduser().resolve()
-    if path.exists() and not str(cfg.get("resume-from", "")).strip():
+    if path.exists() and not settings.resume_from.strip():
         raise ValueError(f"results-file {path} exists: pick another name (or leave results-file empty for one per run)")
     return path
 
@@ -228,21 +226,22 @@ def central_evaluation(model: torch.nn.Module, batches: Iterable, device: torch.
 def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
     """Run the federation the run config describes; results and final adapter to disk."""
     cfg = context.run_config
-    name, rank, groups = check_strategy(cfg, spec.default_groups)
-    torch.manual_seed(int(cfg["seed"]))  # the initial head and adapters, sent to every site
+    settings = RunSettings.from_config(cfg, groups=spec.default_groups)
+    name, rank, groups = check_strategy(settings)
+    torch.manual_seed(settings.seed)  # the initial head and adapters, sent to every site
     initial = initial_arrays(spec.global_model(rank, groups))
-    num_sites = wait_for_sites(grid, int(cfg.get("num-sites", 0)), spec.name)
+    num_sites = wait_for_sites(grid, settings.num_sites, spec.name)
     # The server's view of every site's test data exists only in simulation; a deployment
     # sets central-evaluation = false and reads the federated figures the sites send.
     evaluate_fn = None
-    if bool(cfg.get("central-evaluation", True)):
+    if settings.central_evaluation:
         if spec.central_test is None:
             raise ValueError(f"{spec.name} has no central test data: set central-evaluation = false")
         evaluate_fn = central_evaluation(spec.global_model(rank, groups), spec.central_test(cfg, num_sites), pick_device())
-    strategy = with_compression(build_strategy(name, rank, cfg), cfg)
+    strategy = with_compression(build_strategy(name, rank, settings), settings)
     started = time.time()
-    path = results_path(cfg, name, spec.name)
-    stop_after = int(cfg.get("stop-after-round", 0))
+    path = results_path(settings, name, spec.name)
+    stop_after = settings.stop_after_round
 
     def write_results(server_round: int, result) -> None:
         """Results so far, every round: a run that stops loses nothing already measured."""
@@ -264,7 +263,7 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
                 for rnd in range(server_round + 1)
             ],
         }
-        line = round_line(server_round, int(cfg["num-server-rounds"]), result, spec.group_names)
+        line = round_line(server_round, settings.num_server_rounds, result, spec.group_names)
         if line.partition(":")[2].strip():  # round 0 without central evaluation has nothing to say
             log(INFO, "%s", line)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,15 +278,15 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         strategy,
         grid,
         initial,
-        num_rounds=int(cfg["num-server-rounds"]),
-        timeout=float(cfg.get("round-timeout", 3600)),
-        train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-epochs": int(cfg["local-epochs"])}),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
+        train_config=ConfigRecord({"lr": settings.lr, "local-epochs": settings.local_epochs}),
         evaluate_fn=evaluate_fn,
-        checkpoint_dir=str(cfg.get("checkpoint-dir", "")).strip() or None,
-        resume_from=str(cfg.get("resume-from", "")).strip() or None,
+        checkpoint_dir=settings.checkpoint_dir.strip() or None,
+        resume_from=settings.resume_from.strip() or None,
         on_round=write_results,
     )
-    adapter_path = Path(str(cfg.get("save-adapter", "")).strip() or path.with_suffix(".adapter.safetensors"))
+    adapter_path = Path(settings.save_adapter.strip() or path.with_suffix(".adapter.safetensors"))
     save_adapter(adapter_path, {k: a.numpy() for k, a in result.arrays.items()},
                  {"rank": rank, "groups": groups, "run_config": {k: v for k, v in cfg.items()}})
     log(INFO, "results written to %s, final adapter to %s", path, adapter_path)

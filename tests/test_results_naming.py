@@ -2,9 +2,14 @@
 
 import pytest
 
-from fedlowrank.strategies.serverapp import results_path, wait_for_sites
+from fedlowrank.runconfig import RunSettings
+from fedlowrank.strategies.serverapp import results_path as results_path_for, wait_for_sites
 
 CFG = {"rank": 4, "seed": 0, "rule": "exact", "compression": "none"}
+
+
+def results_path(cfg, strategy, app_name):
+    return results_path_for(RunSettings.from_config(cfg), strategy, app_name)
 
 
 def test_default_name_carries_the_configuration_and_time(tmp_path, monkeypatch):

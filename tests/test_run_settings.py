@@ -1,0 +1,33 @@
+"""Run settings are read once and every wrong value is named with its key and range, before round 1."""
+
+import pytest
+
+from fedlowrank.runconfig import RunSettings
+
+APP = {"num-server-rounds": 8, "num-sites": 5, "strategy": "fedlowrank", "rank": 4, "client-ranks": "", "lr": 0.01,
+       "local-epochs": 2, "robust": "clip", "central-evaluation": True, "dataset": "an app's own key"}
+
+
+def test_the_apps_keys_become_typed_fields():
+    settings = RunSettings.from_config({**APP, "client-ranks": "2,4,4,2,4", "seed": 3.0})
+    assert (settings.num_server_rounds, settings.rank, settings.seed, settings.robust) == (8, 4, 3, "clip")
+    assert settings.ranks == [2, 4, 4, 2, 4] and settings.central_evaluation is True
+    assert RunSettings.from_config({**APP, "client-ranks": "2,4"}).ranks == [2, 4]  # they repeat over the sites
+    assert RunSettings.from_config({}, groups=2).groups == 2  # a default the caller gives
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rank", 0, "'rank' = 0 must be >= 1"),
+    ("rank", 2.5, "'rank' = 2.5 must be a whole number"),
+    ("lr", "fast", "'lr' = 'fast' must be a number"),
+    ("lr", 0.0, "'lr' = 0.0 must be > 0"),
+    ("fraction-train", 1.5, r"'fraction-train' = 1.5 must be in \[0, 1\]"),
+    ("robust", "median", "'robust' = 'median' must be '', 'clip' or 'reject'"),
+    ("central-evaluation", "maybe", "'central-evaluation' = 'maybe' must be true or false"),
+    ("dp-delta", 1.0, r"'dp-delta' = 1.0 must be in \(0, 1\)"),
+    ("client-ranks", "2,x", "must be comma-separated integers"),
+    ("client-ranks", "2,4,8,16,2,4", "gives 6 ranks for num-sites = 5: at most one rank per site"),
+])
+def test_a_wrong_value_is_named_with_its_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_config({**APP, key: value})
