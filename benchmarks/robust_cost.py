@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedlowrank.results import RunResults
+
 ROOT = Path(__file__).resolve().parents[1]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 29: 2.05}
@@ -36,7 +38,7 @@ def final_auc(seed: int, robust: str, rounds: int, sites: int, workdir: Path) ->
                            "--run-config", config], capture_output=True, text=True, cwd=workdir)
     if done.returncode != 0:
         raise RuntimeError(f"seed {seed} robust={robust!r} failed:\n{done.stdout[-2000:]}")
-    return float(json.loads(out.read_text())["rounds"][-1]["central"]["auc"])
+    return float(RunResults.read(out).rounds[-1].central["auc"])
 
 
 def main() -> None:

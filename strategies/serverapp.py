@@ -12,7 +12,6 @@ rewritten every round) and the final adapter (safetensors).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import adapter_layers, load_exchange_state, save_adapter
+from fedlowrank.results import RoundRecord, RunResults
 from fedlowrank.runconfig import RunSettings
 from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
@@ -245,31 +245,27 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
 
     def write_results(server_round: int, result) -> None:
         """Results so far, every round: a run that stops loses nothing already measured."""
-        results = {
-            "strategy": name,
-            "run_config": {k: v for k, v in cfg.items()},
-            "num_sites": num_sites,
-            # Names of groups 0 and 1 (the metrics' _g0/_g1 suffixes), for reports.
-            "group_names": list(spec.group_names),
-            "compression_allocations": {str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
-            "seconds": time.time() - started,
-            "rounds": [
-                {
-                    "round": rnd,
-                    "central": dict(result.evaluate_metrics_serverapp.get(rnd, {})),
-                    "clients_eval": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
-                    "clients_train": dict(result.train_metrics_clientapp.get(rnd, {})),
-                }
+        results = RunResults(
+            strategy=name,
+            run_config=dict(cfg.items()),
+            num_sites=num_sites,
+            group_names=list(spec.group_names),
+            compression_allocations={str(r): a for r, a in getattr(strategy, "allocation_history", {}).items()},
+            seconds=time.time() - started,
+            rounds=[
+                RoundRecord(
+                    rnd,
+                    dict(result.evaluate_metrics_serverapp.get(rnd, {})),
+                    dict(result.evaluate_metrics_clientapp.get(rnd, {})),
+                    dict(result.train_metrics_clientapp.get(rnd, {})),
+                )
                 for rnd in range(server_round + 1)
             ],
-        }
+        )
         line = round_line(server_round, settings.num_server_rounds, result, spec.group_names)
         if line.partition(":")[2].strip():  # round 0 without central evaluation has nothing to say
             log(INFO, "%s", line)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        results.write(path)
         if server_round and server_round == stop_after:
             # A drill: stop as a crash would, after the round's checkpoint is on disk.
             raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp")

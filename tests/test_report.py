@@ -127,3 +127,17 @@ def test_the_simulations_shim_is_the_same_command(tmp_path):
     assert done.stdout.strip() == str(tmp_path / "r" / "report.md")
     missing = subprocess.run([sys.executable, str(SHIM), str(tmp_path / "none.json")], capture_output=True, text=True)
     assert missing.returncode == 1 and f"{tmp_path / 'none.json'}: no such results file" in missing.stderr
+
+
+def test_the_results_file_round_trips_and_older_files_still_read(tmp_path):
+    from fedlowrank.results import RoundRecord, RunResults
+
+    written = RunResults(strategy="fedlowrank", run_config={"rank": 4}, num_sites=5, group_names=["female", "male"],
+                         seconds=1.5, rounds=[RoundRecord(0, {"auc": 0.5}), RoundRecord(1, {"auc": 0.7}, {}, {"train-loss": 0.3})])
+    path = tmp_path / "run.json"
+    written.write(path)
+    assert RunResults.read(path) == written
+    older = tmp_path / "older.json"  # before strategy, group_names and num_sites were written
+    older.write_text('{"run_config": {"rank": 2}, "rounds": [{"round": 0, "central": {"auc": 0.6}}]}')
+    read = RunResults.read(older)
+    assert read.strategy is None and read.group_names == [] and read.rounds[0].clients_train == {}

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..results import RoundRecord, RunResults
+
 # Output paths, not settings: they differ between runs without making them different experiments.
 BOOKKEEPING_KEYS = ("results-file", "save-adapter", "checkpoint-dir", "resume-from")
 # A single run is labelled by these (``rule`` only where the strategy reads it).
@@ -37,80 +39,80 @@ class Run:
     ----------
     path : pathlib.Path
         The results file.
-    results : dict
+    results : RunResults
         Its parsed content.
     label : str
         The run's name in legends and the table (set by :func:`label_runs`).
     """
 
     path: Path
-    results: dict
+    results: RunResults
     label: str = ""
     source: str = field(init=False)
     """``"central"`` (the server's pooled test rows) when any round has it, else ``"federated"``."""
 
     def __post_init__(self) -> None:
-        has_central = any("auc" in r.get("central", {}) for r in self.results["rounds"])
+        has_central = any("auc" in r.central for r in self.results.rounds)
         self.source = "central" if has_central else "federated"
 
     @property
     def strategy(self) -> str:
         """The strategy's name (the file's stem for files that lack it)."""
-        return str(self.results.get("strategy", self.results.get("run_config", {}).get("strategy", self.path.stem)))
+        return str(self.results.strategy or self.results.run_config.get("strategy", self.path.stem))
 
     @property
     def config(self) -> dict:
         """The run config the run used (empty for files that predate it)."""
-        return dict(self.results.get("run_config", {}))
+        return dict(self.results.run_config)
 
     @property
     def group_names(self) -> list[str]:
         """Names for the ``_g0``, ``_g1``, ... metrics; ``g0``, ``g1`` for files that predate them."""
-        given = list(self.results.get("group_names") or [])
+        given = list(self.results.group_names)
         count = max([len(given)] + [int(m.group(1)) + 1 for m in map(GROUP_KEY.fullmatch, self.metric_keys()) if m])
         return [given[g] if g < len(given) else f"g{g}" for g in range(count)]
 
-    def figures(self, rnd: dict) -> dict:
+    def figures(self, rnd: RoundRecord) -> dict:
         """Evaluation metrics of one round: central, or the federated ones the sites sent.
 
         Federated figures are the exact federation-wide ones (``fed-`` keys) where present,
         else the example-weighted average of the sites' own (``eval-`` keys).
         """
         if self.source == "central":
-            return dict(rnd.get("central", {}))
+            return dict(rnd.central)
         merged = {}
         for prefix in ("eval-", "fed-"):  # fed- last: it wins
-            merged.update({k[len(prefix):]: v for k, v in rnd.get("clients_eval", {}).items() if k.startswith(prefix)})
+            merged.update({k[len(prefix):]: v for k, v in rnd.clients_eval.items() if k.startswith(prefix)})
         return merged
 
     def metric_keys(self) -> set[str]:
         """Every evaluation metric any round has (in the view :attr:`source` picks)."""
-        return {k for r in self.results["rounds"] for k in self.figures(r)}
+        return {k for r in self.results.rounds for k in self.figures(r)}
 
     def series(self, key: str, train: bool = False) -> tuple[list[int], list[float]]:
         """Rounds and values of an evaluation metric (or, with ``train``, a training metric)."""
         points = []
-        for r in self.results["rounds"]:
-            values = r.get("clients_train", {}) if train else self.figures(r)
+        for r in self.results.rounds:
+            values = r.clients_train if train else self.figures(r)
             if is_number(values.get(key)):  # not lists such as lgreco-bytes-per-client
-                points.append((r["round"], float(values[key])))
+                points.append((r.round, float(values[key])))
         return [p[0] for p in points], [p[1] for p in points]
 
     def bytes_key(self) -> str | None:
         """The training metric that counts bytes sent: ``lgreco-bytes``, else any ``*bytes*`` key."""
-        keys = {k for r in self.results["rounds"] for k, v in r.get("clients_train", {}).items() if is_number(v)}
+        keys = {k for r in self.results.rounds for k, v in r.clients_train.items() if is_number(v)}
         if "lgreco-bytes" in keys:
             return "lgreco-bytes"
         return min((k for k in keys if "bytes" in k), default=None)
 
     def has_epsilon(self) -> bool:
         """Whether the sites trained with DP: ``dp_epsilon``, the worst site's spend, is there."""
-        return any("dp_epsilon" in r.get("clients_train", {}) for r in self.results["rounds"])
+        return any("dp_epsilon" in r.clients_train for r in self.results.rounds)
 
     def final(self) -> dict:
         """The last round: its number, evaluation figures and training metrics."""
-        last = max(self.results["rounds"], key=lambda r: r["round"])
-        return {"round": last["round"], "eval": self.figures(last), "train": dict(last.get("clients_train", {}))}
+        last = max(self.results.rounds, key=lambda r: r.round)
+        return {"round": last.round, "eval": self.figures(last), "train": dict(last.clients_train)}
 
 
 def is_number(value) -> bool:
@@ -118,30 +120,9 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_results(path: Path) -> dict:
-    """A results file written by the ServerApp, checked enough to report on.
-
-    Raises
-    ------
-    ValueError
-        Naming the file, if it is missing, not JSON, not an object, or has no rounds.
-    """
-    try:
-        results = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such results file") from None
-    except OSError as err:  # a folder, no permission, ...
-        raise ValueError(f"{path}: cannot read the results file ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a JSON results file ({err})") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path}: not a results file (a JSON object with 'rounds' was expected)")
-    rounds = results.get("rounds")
-    if not isinstance(rounds, list) or not rounds:
-        raise ValueError(f"{path}: no rounds (a results file the ServerApp writes has one entry per round)")
-    if not all(isinstance(r, dict) and isinstance(r.get("round"), int) for r in rounds):
-        raise ValueError(f"{path}: every entry of 'rounds' must be an object with an integer 'round'")
-    return results
+def load_results(path: Path) -> RunResults:
+    """A results file written by the ServerApp (:meth:`fedlowrank.results.RunResults.read`)."""
+    return RunResults.read(path)
 
 
 def show_value(value) -> str:
@@ -343,10 +324,10 @@ def describe(runs: list[Run], plots: list[Plot]) -> list[tuple]:
         blocks.append(("p", "Shared settings: " + ", ".join(shared) + "."))
     items = []
     for run in runs:
-        seconds = run.results.get("seconds")
-        extra = [f"{len(run.results['rounds'])} rounds recorded", f"groups {', '.join(run.group_names)}"]
-        if run.results.get("num_sites") is not None:
-            extra.append(f"{run.results['num_sites']} sites")
+        seconds = run.results.seconds
+        extra = [f"{len(run.results.rounds)} rounds recorded", f"groups {', '.join(run.group_names)}"]
+        if run.results.num_sites is not None:
+            extra.append(f"{run.results.num_sites} sites")
         if seconds is not None:
             extra.append(f"{float(seconds):.0f} s")
         items.append((run.label, f"{run.path} ({'; '.join(extra)})"))
