@@ -296,13 +296,16 @@ class ServerRound:
         return [r.node for r in self._held + self._kept]
 
     # -- adding replies -------------------------------------------------------
-    def check(self, arrays: Mapping[str, np.ndarray], weight: float, group_counts: np.ndarray | None = None) -> float:
-        """Raise ``ValueError`` naming what is wrong with a reply; its weight as a float."""
+    def check(
+        self, arrays: Mapping[str, np.ndarray], weight: float, group_counts: np.ndarray | None = None
+    ) -> tuple[float, dict[str, Factors]]:
+        """Raise ``ValueError`` naming what is wrong with a reply; its weight and its layers' factors (float64)."""
         check_reply_arrays(arrays, self.sent)
         weight = check_weight(weight, "weight", self.config.max_weight)
+        factors = {module: layer_factors(arrays, module) for module in self._accs}
         for module, acc in self._accs.items():
             try:
-                self.config.rule.check(layer_factors(arrays, module), acc.reference)
+                self.config.rule.check(factors[module], acc.reference)
             except ValueError as err:
                 raise ValueError(f"'{module}': {err}") from None
         if group_counts is not None:
@@ -317,7 +320,7 @@ class ServerRound:
             # Samples of unknown group are in the weight but in no count.
             if counts.sum() > weight + 0.5:
                 raise ValueError(f"group counts sum to {counts.sum():g}, more than the weight {weight:g}")
-        return weight
+        return weight, factors
 
     def add(
         self, arrays: Mapping[str, np.ndarray], weight: float, group_counts: np.ndarray | None = None, node: Any = None
@@ -331,36 +334,37 @@ class ServerRound:
         """
         if self._failure is not None:
             raise RuntimeError(f"the round already failed: {self._failure}")
-        weight = self.check(arrays, weight, group_counts)
+        weight, factors = self.check(arrays, weight, group_counts)
         counts = None if group_counts is None else np.asarray(group_counts, dtype=np.float64)
         reply = _Reply(arrays, weight, counts, node)
         if self.config.robust is None:
-            self._fold(reply, self.config.server_learning_rate)
+            self._fold(reply, self.config.server_learning_rate, factors)
         else:
-            reply.norm = self.update_norm(arrays)
-            self._held.append(reply)
+            reply.norm = self.update_norm(arrays, factors)
+            self._held.append(reply)  # its arrays as given (views); factors are formed again when folded
 
-    def update_norm(self, arrays: Mapping[str, np.ndarray]) -> float:
+    def update_norm(self, arrays: Mapping[str, np.ndarray], factors: dict[str, Factors] | None = None) -> float:
         """The norm of a reply's change: adapter products (completed) and plain arrays."""
-        square = sum(acc.change_norm(layer_factors(arrays, module)) ** 2 for module, acc in self._accs.items())
+        factors = factors or {module: layer_factors(arrays, module) for module in self._accs}
+        square = sum(acc.change_norm(factors[module]) ** 2 for module, acc in self._accs.items())
         square += sum(
             float(np.sum((np.asarray(arrays[k], dtype=np.float64) - np.asarray(self.sent[k], dtype=np.float64)) ** 2))
             for k in self.plain_keys
         )
         return float(np.sqrt(square))
 
-    def _fold(self, reply: _Reply, shrink: float) -> None:
+    def _fold(self, reply: _Reply, shrink: float, factors: dict[str, Factors] | None = None) -> None:
         try:
-            self._fold_unguarded(reply, shrink)
+            self._fold_unguarded(reply, shrink, factors or {m: layer_factors(reply.arrays, m) for m in self._accs})
         except Exception as err:
             # A reply half folded into some layers leaves no valid sum: the round is lost.
             self._failure = f"{type(err).__name__}: {err}"
             raise
 
-    def _fold_unguarded(self, reply: _Reply, shrink: float) -> None:
+    def _fold_unguarded(self, reply: _Reply, shrink: float, factors: dict[str, Factors]) -> None:
         group_weights = None if reply.counts is None else torch.as_tensor(reply.counts, dtype=torch.float64)
         for module, acc in self._accs.items():
-            acc.add(layer_factors(reply.arrays, module), reply.weight, group_weights, shrink)
+            acc.add(factors[module], reply.weight, group_weights, shrink)
         for key in self.plain_keys:
             ref = np.asarray(self.sent[key], dtype=np.float64)
             term = reply.weight * (ref + shrink * (np.asarray(reply.arrays[key], dtype=np.float64) - ref))
