@@ -27,9 +27,14 @@ def strategy_names() -> list[str]:
     return sorted({*registered_rules(), *ALIASES})
 
 
+def rule_of(name: str):
+    """The aggregation rule strategy ``name`` uses (its declarations: ``grouped``, ``mixed_ranks``)."""
+    return get_rule(ALIASES.get(name, (name, {}))[0])
+
+
 def is_grouped(name: str) -> bool:
     """Whether strategy ``name`` aggregates grouped adapters (one row of ``S`` per group)."""
-    return get_rule(ALIASES.get(name, (name, {}))[0]).grouped
+    return rule_of(name).grouped
 
 
 def make_strategy(name: str, rank: int | None = None, **options: Any) -> FedLowRank:

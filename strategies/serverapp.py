@@ -31,7 +31,7 @@ from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
 
 from .checkpoint import run
-from .catalog import make_strategy, strategy_names
+from .catalog import make_strategy, rule_of, strategy_names
 from .federated_fairness import FederatedFairnessMetrics
 from .fedlowrank import FedLowRank
 from .initial import initial_arrays
@@ -90,13 +90,15 @@ def check_strategy(settings: RunSettings) -> tuple[str, int, int]:
     above = sorted({r for r in ranks if r > rank})
     if above:
         raise ValueError(f"client-ranks {settings.client_ranks!r}: ranks {above} are above the global rank {rank}")
-    if len(set(ranks) | {rank}) > 1 and name in ("fedit", "fairlora-paper"):
+    # What the strategy can take is what its rule declares ('fedlowrank' runs the run config's rule).
+    rule = rule_of(settings.rule if name == "fedlowrank" else name)
+    if len(set(ranks) | {rank}) > 1 and not rule.mixed_ranks:
         raise ValueError(
             f"strategy {name!r} averages factors entry by entry and cannot mix client ranks "
             f"(client-ranks {settings.client_ranks!r}, rank {rank}); use 'fedlowrank' or 'fairlora-exact'"
         )
     groups = settings.groups
-    if name.startswith("fairlora") != (groups > 1):
+    if rule.grouped != (groups > 1):
         raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
     return name, rank, groups
 

@@ -31,3 +31,14 @@ def test_the_apps_keys_become_typed_fields():
 def test_a_wrong_value_is_named_with_its_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         RunSettings.from_config({**APP, key: value})
+
+
+@pytest.mark.parametrize("strategy,extra", [("fedit", {}), ("fedlowrank", {"rule": "fedit"}), ("fairfedmed", {"groups": 2})])
+def test_a_strategy_whose_rule_cannot_mix_ranks_is_refused_before_round_one(strategy, extra):
+    from fedlowrank.strategies.serverapp import check_strategy
+
+    settings = RunSettings.from_config({**APP, "strategy": strategy, "client-ranks": "2,4", **extra})
+    with pytest.raises(ValueError, match="cannot mix client ranks"):
+        check_strategy(settings)
+    for accepted in ("fedlowrank", "ffa"):  # their rules declare mixed ranks (ffa: the first columns)
+        assert check_strategy(RunSettings.from_config({**APP, "strategy": accepted, "client-ranks": "2,4"}))[0] == accepted
