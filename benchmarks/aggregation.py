@@ -145,8 +145,9 @@ def flat_child(args) -> None:
     start_arrays, replies = flat_replies(d, k, r)
     held = rss_mib()
     begin = time.perf_counter()
-    if args.child == "flat-strategy":
-        record, _ = run_round(FedLowRank(rank=r), start_arrays, replies, dtype=np.float32)
+    if args.child.startswith("flat-strategy"):
+        products = "float64" if args.child == "flat-strategy-float64" else "auto"
+        record, _ = run_round(FedLowRank(rank=r, dense_products=products), start_arrays, replies, dtype=np.float32)
         u, s, v = (torch.from_numpy(record[f"fc.{leaf}"].numpy().astype(np.float64)) for leaf in ("lora_U", "lora_S", "lora_V"))
         s = s[0]
     else:
@@ -179,13 +180,14 @@ def run_flat(args) -> None:
     print(f"{'method':44s} {'seconds':>9s} {'speed-up':>9s} {'MiB above replies':>18s} {'rel. error':>11s}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("flat-dense-one", "flat-dense-chunked", "flat-strategy"):
+        for method in ("flat-dense-one", "flat-dense-chunked", "flat-strategy-float64", "flat-strategy"):
             rows[method] = measure_in_child(args, method, args.clients, os.path.join(tmp, f"{method}.pt"))
     ref = rows["flat-dense-one"][1]
     best = (ref["u"] * ref["s"]) @ ref["v"].T
     labels = {"flat-dense-one": "float64 dense sum (one at a time) + full SVD",
               "flat-dense-chunked": "float64 dense sum (chunked) + full SVD",
-              "flat-strategy": "FedLowRank.aggregate_train (exact)"}
+              "flat-strategy-float64": "FedLowRank, dense_products='float64'",
+              "flat-strategy": "FedLowRank (default: float32 products)"}
     for method, label in labels.items():
         info, f = rows[method]
         err = float(((f["u"] * f["s"]) @ f["v"].T - best).norm() / best.norm())
@@ -225,7 +227,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="", help="comma-separated K values for the scaling sweep (e.g. 8,64,256,1000)")
     parser.add_argument("--only-sweep", action="store_true", help="skip the K = --clients comparison table")
     parser.add_argument("--flat", action="store_true", help="the flat-spectrum case: independent random clients through FedLowRank")
-    parser.add_argument("--child", choices=["stream", "dense", "flat-strategy", "flat-dense-one", "flat-dense-chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["stream", "dense", "flat-strategy", "flat-strategy-float64", "flat-dense-one", "flat-dense-chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

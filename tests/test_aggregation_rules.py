@@ -237,6 +237,64 @@ def test_a_spectrum_with_a_gap_converges_by_subspace_iteration_without_lanczos(m
     assert rel((u * s) @ v.T, best(m, 8)) < 1e-9
 
 
+def test_float32_products_match_the_float64_sum_to_float32_rounding():
+    """Chunk products in float32, summed in float64: the sum and its top-r within ~1e-6."""
+    gen = torch.Generator().manual_seed(17)
+    clients = [rand_factors(gen, 6, d_out=120, d_in=90) for _ in range(40)]
+    weights = torch.rand(40, generator=gen, dtype=F64) + 0.5
+    sums = {}
+    for products in ("float64", "float32"):
+        acc = WeightedSum(120, 90, dense_above=0, products=products, chunk=64)
+        for c, w in zip(clients, weights):
+            acc.add(c, w)
+        sums[products] = acc
+    target = sum(w * dense(c) for w, c in zip(weights, clients)) / weights.sum()
+    assert rel(sums["float64"].matrices()[0], target) < 1e-12
+    narrow = rel(sums["float32"].matrices()[0], target)
+    assert 1e-10 < narrow < 1e-5  # float32 rounding, no more
+    top = top_rank(sums["float32"], 6)
+    assert rel(dense(top.factors), best(target, 6)) < 1e-5
+
+
+def test_lanczos_with_float32_products_finds_the_top_of_a_flat_spectrum():
+    import fedlowrank.aggregation.accumulate as accumulate
+
+    gen = torch.Generator().manual_seed(18)
+    m = torch.randn(400, 16 * 40, generator=gen, dtype=F64) @ torch.randn(16 * 40, 400, generator=gen, dtype=F64)
+    u, s, v = accumulate.lanczos_top(m, 16, products="float32")
+    assert u.dtype == F64 and rel((u * s) @ v.T, best(m, 16)) < 1e-4
+    assert torch.allclose(s, torch.linalg.svdvals(m)[:16], rtol=1e-5)
+
+
+def test_an_unknown_product_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="products"):
+        WeightedSum(4, 4, products="float16")
+    with pytest.raises(ValueError, match="dense_products"):
+        FedLowRank(dense_products="half")
+
+
+def test_large_layers_take_float32_products_by_default_and_say_so(caplog):
+    """2048 x 2048 (2^22 entries): float32 products, logged; a smaller layer keeps float64's bits."""
+    gen = torch.Generator().manual_seed(19)
+    results = {}
+    for d, products in ((2048, "auto"), (2048, "float64"), (1024, "auto"), (1024, "float64")):
+        start = {"fc.lora_U": np.zeros((d, 4), np.float32), "fc.lora_S": np.ones((1, 4), np.float32),
+                 "fc.lora_V": (torch.randn(d, 4, generator=torch.Generator().manual_seed(d)) / d**0.5).numpy()}
+        replies = []
+        for i in range(3):
+            g = torch.Generator().manual_seed(100 * d + i)
+            arrays = {"fc.lora_U": torch.randn(d, 4, generator=g).numpy(), "fc.lora_S": np.ones((1, 4), np.float32),
+                      "fc.lora_V": torch.randn(d, 4, generator=g).numpy()}
+            replies.append(train_reply(i + 1, arrays, 10.0 + i))
+        with caplog.at_level("INFO"):
+            record, _ = run_round(FedLowRank(rank=4, dense_above=0, dense_products=products), start, replies, dtype=np.float32)
+        u, s, v = (torch.from_numpy(record[f"fc.{k}"].numpy()).double() for k in ("lora_U", "lora_S", "lora_V"))
+        results[d, products] = (u * s) @ v.T
+    assert sum("float32 products" in r.getMessage() for r in caplog.records) == 1  # the 2048 layer, once
+    assert torch.equal(results[1024, "auto"], results[1024, "float64"])
+    assert 0 < rel(results[2048, "auto"], results[2048, "float64"]) < 1e-5
+
+
 def test_all_zero_updates_aggregate_to_zero():
     gen = torch.Generator().manual_seed(10)
     reference = Factors(torch.zeros(D_OUT, 4, dtype=F64), torch.ones(1, 4, dtype=F64), torch.randn(D_IN, 4, generator=gen, dtype=F64))

@@ -11,6 +11,15 @@ well below the layer's size, the factored re-factorisation costs
 larger than the layer, the ``m x m`` Gram matrices turn singular, and a dense sum is both
 exact and cheaper. Memory is bounded by the layer's size, whatever the number of clients.
 
+Dense products in float32 (``products="float32"``): each chunk's product is computed in
+float32 and summed into the float64 matrix, and the top-``r`` Lanczos multiplies by a
+float32 copy. The float64 GEMM is what a large layer's dense sum costs (K = 1000 rank-16
+clients of a 4096 x 4096 layer: 537 GFlop, 5.3 s of a 9.8 s round on 2 cores); float32
+halves it, at about 3e-7 relative error in the sum and 1e-6 in its top-r product
+(``docs/benchmarks.md``): a few float32 roundings of the arrays the clients sent and
+receive. :class:`~fedlowrank.aggregation.round.RoundConfig` picks it for layers of
+:data:`FLOAT32_PRODUCTS_ENTRIES` entries or more.
+
 :func:`top_rank` reads the best rank-``r`` approximation of ``M`` off either form, with
 what the rank could not hold (its exact norm, and the residual itself for ``carry``).
 """
@@ -20,10 +29,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .ranks import Factors
 from .linalg import complete_basis, orthonormal_range, small_lapack
+
+
+PRODUCT_PRECISIONS = ("float64", "float32")
+
+FLOAT32_PRODUCTS_ENTRIES = 2**22
+"""Layers of at least this many entries (2048 x 2048, 4096 x 1024) take float32 dense
+products by default: there a float64 dense sum costs seconds a round, below it
+milliseconds (and the experiments' layers keep float64's bits)."""
 
 
 class WeightedSum:
@@ -40,8 +58,12 @@ class WeightedSum:
     dense_above : int, optional
         Stacked width beyond which the sum turns dense (default ``min(d_out, d_in) // 2``;
         0 makes it dense from the start, a huge value keeps it factored).
-    chunk : int (default: 256)
-        Columns buffered before one dense update (dense mode).
+    chunk : int, optional
+        Columns buffered before one dense update (dense mode); default 256, 2048 with
+        float32 products (fewer float64 additions of the whole matrix).
+    products : {"float64", "float32"} (default: "float64")
+        Precision of each dense chunk's product (see the module docstring); the sum is
+        float64 either way.
     """
 
     def __init__(
@@ -51,11 +73,15 @@ class WeightedSum:
         groups: int = 1,
         dtype: torch.dtype = torch.float64,
         dense_above: int | None = None,
-        chunk: int = 256,
+        chunk: int | None = None,
+        products: str = "float64",
     ) -> None:
+        if products not in PRODUCT_PRECISIONS:
+            raise ValueError(f"products must be one of {PRODUCT_PRECISIONS}, got {products!r}")
         self.d_out, self.d_in, self.groups, self.dtype = d_out, d_in, groups, dtype
         self.dense_above = min(d_out, d_in) // 2 if dense_above is None else dense_above
-        self.chunk = chunk
+        self.products = products
+        self.chunk = chunk or (2048 if products == "float32" else 256)
         self.total = torch.zeros(groups, dtype=torch.float64)
         self.clients = 0
         self._raw: list[Factors] = []  # weighted by raw weights, normalised by ``total`` at the end
@@ -102,7 +128,9 @@ class WeightedSum:
         self._push(self._unit, term)
 
     def _push(self, bucket: list[Factors], f: Factors) -> None:
-        bucket.append(Factors(f.u.to(self.dtype), f.s.to(self.dtype), f.v.to(self.dtype)))
+        # Dense with float32 products: buffer in float32 (half the bytes to stack, no cast at the flush).
+        dtype = torch.float32 if self.dense and self.products == "float32" else self.dtype
+        bucket.append(Factors(f.u.to(dtype), f.s.to(dtype), f.v.to(dtype)))
         self._width += f.u.shape[1]
         if self.dense:
             if self._width >= self.chunk:
@@ -124,7 +152,10 @@ class WeightedSum:
             if bucket:
                 f = _stack(bucket)
                 for g in range(self.groups):
-                    dense[g].addmm_(f.u * f.s[g], f.v.T)
+                    if self.products == "float32":
+                        dense[g] += (f.u * f.s[g]).float() @ f.v.float().T
+                    else:
+                        dense[g].addmm_(f.u * f.s[g], f.v.T)
                 bucket.clear()
         self._width = 0
 
@@ -199,7 +230,7 @@ def top_rank(acc: WeightedSum, rank: int, method: str = "gram", residual: bool =
         raise ValueError(f"top_rank takes a G = 1 sum, got G = {acc.groups}")
     if acc.dense:
         m = acc.matrices()[0]
-        u, s, v = dense_top(m, rank)
+        u, s, v = dense_top(m, rank, products=acc.products)
         approx = Factors(u, s[None, :], v)
         rest = m - (u * s) @ v.T
         out = _pad(approx, rank)
@@ -277,7 +308,9 @@ def _pad(f: Factors, rank: int) -> Factors:
     return Factors(u, s, v)
 
 
-def dense_top(m: torch.Tensor, rank: int, max_iter: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_top(
+    m: torch.Tensor, rank: int, max_iter: int = 100, seed: int = 0, products: str = "float64"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``rank`` singular triplets of a dense matrix, to rounding.
 
     Block subspace iteration (``rank + max(rank, 8)`` columns) until every Ritz triplet's
@@ -290,7 +323,8 @@ def dense_top(m: torch.Tensor, rank: int, max_iter: int = 100, seed: int = 0) ->
     restarted Lanczos instead (:func:`lanczos_top`), whose cost grows with the square root
     of the inverse gap. Measured at d = 4096, K = 256 independent rank-16 clients, one
     thread: 83 s for 100 futile sweeps plus the Gram eigendecomposition before, 4.4 s by
-    Lanczos (``docs/benchmarks.md``).
+    Lanczos (``docs/benchmarks.md``). ``products="float32"``: Lanczos multiplies by a
+    float32 copy (a sum with float32 products is no more accurate than that).
     """
     d_out, d_in = m.shape
     width = min(rank + max(rank, 8), d_out, d_in)
@@ -309,7 +343,7 @@ def dense_top(m: torch.Tensor, rank: int, max_iter: int = 100, seed: int = 0) ->
             return u, s, v
         if width > rank and _sweeps_needed(sigma, rank, residual, tol * scale) > min(LANCZOS_SWEEPS, max_iter - sweep):
             break
-    return lanczos_top(m, rank, seed)
+    return lanczos_top(m, rank, seed, products)
 
 
 LANCZOS_SWEEPS = 10
@@ -326,21 +360,34 @@ def _sweeps_needed(sigma: torch.Tensor, rank: int, residual: float, target: floa
     return math.log(target / residual) / math.log(rate) if residual > target else 0.0
 
 
-def lanczos_top(m: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lanczos_top(
+    m: torch.Tensor, rank: int, seed: int = 0, products: str = "float64"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``rank`` singular triplets by implicitly restarted Lanczos (ARPACK, ``scipy.sparse.linalg.svds``).
 
     Used by :func:`dense_top` where the spectrum is too flat for subspace iteration; on the
-    CPU in float64, seeded start vector. Where ARPACK does not converge (or ``rank`` is the
-    whole matrix) it takes the full SVD: exact, ``O(d^3)``.
+    CPU in float64, seeded start vector; ``products="float32"`` multiplies by a float32
+    copy (memory-bound products at half the bytes: 1.1 s instead of 2.6 s at d = 4096,
+    K = 1000) and stops at float32's accuracy. Where ARPACK does not converge (or ``rank``
+    is the whole matrix) it takes the full SVD: exact, ``O(d^3)``.
     """
-    from scipy.sparse.linalg import ArpackNoConvergence, svds  # imported where needed: a second or so
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, svds  # imported where needed: a second or so
 
     d_out, d_in = m.shape
     wide = m.detach().to("cpu", torch.float64)
     if rank < min(d_out, d_in) - 1:
         start = torch.randn(min(d_out, d_in), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        operator, tol = wide.numpy(), 0.0
+        if products == "float32":
+            narrow = wide.numpy().astype(np.float32)
+            operator = LinearOperator(
+                narrow.shape, dtype=np.float64,
+                matvec=lambda x: (narrow @ x.astype(np.float32)).astype(np.float64),
+                rmatvec=lambda x: (narrow.T @ x.astype(np.float32)).astype(np.float64),
+            )
+            tol = 1e-6
         try:
-            u, s, v_t = svds(wide.numpy(), k=rank, v0=start.numpy(), solver="arpack")
+            u, s, v_t = svds(operator, k=rank, v0=start.numpy(), solver="arpack", tol=tol)
             order = s.argsort()[::-1].copy()
             u, s, v = (torch.from_numpy(a.copy()) for a in (u[:, order], s[order], v_t[order].T))
             return u.to(m), s.to(m), v.to(m)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..wire import FACTOR_SUFFIXES, is_fold_key, split_factor_key
-from .accumulate import WeightedSum, compact
+from .accumulate import FLOAT32_PRODUCTS_ENTRIES, PRODUCT_PRECISIONS, WeightedSum, compact
 from .align import procrustes_align, signed_permutation_align
 from .balance import balance_factors, lora_gauge_factors
 from .grouped import balance_grouped_factors
@@ -107,6 +107,12 @@ class RoundConfig:
     dense_above : int, optional
         Stacked width beyond which a layer's sum is accumulated densely (default half the
         layer's smaller side; see :mod:`fedlowrank.aggregation.accumulate`).
+    dense_products : {"auto", "float64", "float32"} (default: "auto")
+        Precision of the chunk products of a dense sum (always summed in float64; see
+        :mod:`fedlowrank.aggregation.accumulate`). ``"auto"``: float32 for layers of
+        ``FLOAT32_PRODUCTS_ENTRIES`` (2^22) entries or more, where the float64 GEMM would
+        dominate the round (about 1e-6 relative error in the result, logged once per
+        layer), float64 below.
     max_weight : float (default: 1e9)
         Largest accepted weight (``num-examples``) and per-group count; a reply above it is
         dropped (one site claiming 1e30 examples would otherwise become the global model).
@@ -148,6 +154,7 @@ class RoundConfig:
     gauge: str = "balanced"
     balance_cap: float | None = 1.0
     dense_above: int | None = None
+    dense_products: str = "auto"
     max_weight: float = MAX_WEIGHT
     robust: str | None = None
     robust_factor: float = 3.0
@@ -157,6 +164,8 @@ class RoundConfig:
     tail_weight: float = 1.0
     clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     """Layers whose clamped rank was logged (once per run)."""
+    narrowed: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    """Layers whose float32 dense products were logged (once per run)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rule, str) or self.rule_options:
@@ -164,6 +173,8 @@ class RoundConfig:
             self.rule_options = None
         if not 0.0 < self.server_learning_rate <= 1.0:
             raise ValueError(f"server_learning_rate must be in (0, 1], got {self.server_learning_rate}")
+        if self.dense_products not in ("auto", *PRODUCT_PRECISIONS):
+            raise ValueError(f"dense_products must be 'auto', 'float64' or 'float32', got {self.dense_products!r}")
         if self.gauge not in GAUGES:
             raise ValueError(f"gauge must be 'balanced' or 'lora', got {self.gauge!r}")
         if self.robust not in ROBUST_MODES:
@@ -282,8 +293,22 @@ class ServerRound:
             seed = self.state.server_round * 100_003 + index
             reference = layer_factors(self.sent, module)
             self._accs[module] = self.config.rule.accumulator(
-                reference, shares, dense_above=self.config.dense_above, seed=seed, tail_weight=self.config.tail_weight
+                reference, shares, dense_above=self.config.dense_above, seed=seed, tail_weight=self.config.tail_weight,
+                products=self.products(module, reference),
             )
+
+    def products(self, module: str, reference: Factors) -> str:
+        """The precision of the layer's dense chunk products (``dense_products``, resolved)."""
+        if self.config.dense_products != "auto":
+            return self.config.dense_products
+        entries = reference.u.shape[0] * reference.v.shape[0]
+        if entries < FLOAT32_PRODUCTS_ENTRIES:
+            return "float64"
+        if module not in self.config.narrowed:
+            self.config.narrowed.add(module)
+            self.log(logging.INFO, "%s: a dense sum takes float32 products (%d entries >= 2^22; about 1e-6 relative "
+                     "error; dense_products='float64' keeps float64)", module, entries)
+        return "float32"
 
     @property
     def modules(self) -> list[str]:
