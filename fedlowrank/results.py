@@ -7,9 +7,69 @@ default); anything that is not a results file is refused naming the file and wha
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class RunFailed(RuntimeError):
+    """A run in which no round kept a valid reply; the message names the cause as the sites reported it."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"no round kept a valid reply: {cause}")
+        self.cause = cause
+
+
+EXTRA_OF_MODULE = {"opacus": "dp", "monai": "imaging", "einops": "imaging", "torchvision": "imaging", "matplotlib": "plot"}
+"""The fedlowrank extra that installs a module a site may lack (``pyproject.toml``)."""
+
+_FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.S)
+"""Flower's error reason for a raising ClientApp: ``<class 'ModuleNotFoundError'>:<'No module named ...'>``
+(in simulation the class is Ray's wrapper and the text its traceback)."""
+
+_RAISED = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
+"""A traceback's last line: ``ModuleNotFoundError: No module named 'opacus'``."""
+
+_WRAPPERS = {"ClientAppException", "RayTaskError"}
+"""Exceptions that only wrap the site's own (Flower's ClientApp runner, Ray's actors)."""
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def readable_reason(reason: str) -> str:
+    """A site's error as a person reads it (``ModuleNotFoundError: No module named 'opacus'``),
+    one line, with the extra to install where a module is missing."""
+    text = _ANSI.sub("", reason).strip()
+    found = _FLOWER_REASON.match(text)
+    kind, body = (found.group(1).rsplit(".", 1)[-1], found.group(2)) if found else (None, text)
+    # The first exception a traceback names that is not a wrapper is the site's own (chained ones follow).
+    raised = [m for m in map(_RAISED.match, (line.strip() for line in body.splitlines())) if m and m.group(1) not in _WRAPPERS]
+    if raised:
+        text = f"{raised[0].group(1)}: {raised[0].group(2)}"
+    elif kind:
+        text = f"{kind}: {body}"
+    text = " ".join(text.split())
+    missing = re.search(r"No module named '(\w+)", text)
+    if missing and missing.group(1) in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_MODULE[missing.group(1)]
+        text += f"; install the [{extra}] extra (pip install 'fedlowrank[{extra}]')"
+    return text[:500]
+
+
+def failure_cause(site_errors: list[str], replies: int, asked: int, timeout: float) -> str:
+    """Why a run's rounds kept nothing: ``site_errors`` (the errors the sites sent), out of
+    ``replies`` received for ``asked`` requests over the run's rounds."""
+    if replies == 0:
+        return f"no site replied within round-timeout = {timeout:g} s ({asked} requests)"
+    if site_errors:
+        reason, count = Counter(readable_reason(r) for r in site_errors).most_common(1)[0]
+        if len(site_errors) == replies:
+            return f"every site failed: {reason}" + (f" ({count} of {replies} replies)" if count < replies else "")
+        return (f"{len(site_errors)} of {replies} replies were errors ({reason}); the strategy rejected the rest "
+                "(its 'Dropping reply' lines name each node and why)")
+    return f"the strategy rejected all {replies} replies (its 'Dropping reply' lines name each node and why)"
 
 
 @dataclass

@@ -38,6 +38,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedlowrank.results import RunFailed, failure_cause
+
 PREFIX = "round-"
 FILES = ("arrays.npz", "strategy.npz", "rng.npz", "meta.json")
 
@@ -206,6 +208,14 @@ def run(
         with the next round up to ``num_rounds``. ``initial_arrays`` is then unused.
     on_round : callable, optional
         ``(server_round, result)`` after every round (and round 0), e.g. to write results.
+
+    Raises
+    ------
+    RunFailed
+        After the last round, if no round kept a valid reply (the global model never
+        moved): the message names the cause as the sites reported it (the most common
+        error, with the extra to install for a missing module), or the timeout. A node
+        that does not reply within ``timeout`` is named in that round's log.
     """
     train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
@@ -228,12 +238,24 @@ def run(
                 result.evaluate_metrics_serverapp[0] = res
         if on_round:
             on_round(0, result)
+    site_errors: list[str] = []
+    replies_seen = asked = 0
+    # A resumed run whose earlier rounds aggregated (or has no round left) has kept something.
+    kept_any = first > num_rounds or bool(result.train_metrics_clientapp)
     for current in range(first, num_rounds + 1):
         log(DEBUG, "[ROUND %s/%s]", current, num_rounds)
-        replies = grid.send_and_receive(messages=strategy.configure_train(current, arrays, train_config, grid), timeout=timeout)
+        messages = list(strategy.configure_train(current, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
+        if silent:
+            log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
+        asked += len(messages)
+        replies_seen += len(replies)
+        site_errors += [r.error.reason for r in replies if r.has_error()]
         new_arrays, metrics = strategy.aggregate_train(current, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays
+            kept_any = True
         else:
             log(WARNING, "Round %d: no aggregate; the global model is kept", current)
         if metrics is not None:
@@ -253,4 +275,6 @@ def run(
             log(DEBUG, "checkpoint written: %s", saved)
         if on_round:
             on_round(current, result)
+    if not kept_any:
+        raise RunFailed(failure_cause(site_errors, replies_seen, asked, timeout))
     return result

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,28 @@ def test_a_failing_serverapp_fails_the_runner(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "unknown strategy 'bogus'" in proc.stdout and "finished:failed" in proc.stdout
+    assert not superlink_healthy()
+
+
+def test_a_run_where_every_site_fails_exits_non_zero_and_its_last_line_names_the_cause(tmp_path):
+    """Sites without Opacus asked for DP-SGD (a package on PYTHONPATH that fails to import, as a
+    missing one does): every ClientApp raises, so no round keeps a reply and no adapter is written."""
+    missing = tmp_path / "site-packages-without-opacus" / "opacus"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'opacus'\", name='opacus')\n")
+    results = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(missing.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "adult-married", "--supernodes", "2", "--run-config",
+         f"num-server-rounds=2 dp-noise-multiplier=1.0 results-file='{results}'"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == ("run failed: no round kept a valid reply: every site failed: ModuleNotFoundError: "
+                    "No module named 'opacus'; install the [dp] extra (pip install 'fedlowrank[dp]')"), last
+    assert "finished:failed" in proc.stdout
+    assert not results.with_suffix(".adapter.safetensors").exists()  # no "final adapter" equal to the base
     assert not superlink_healthy()
 
 

@@ -87,18 +87,34 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def stream(command: list[str], env: dict) -> tuple[int, int | None]:
-    """Run ``flwr run --stream``, echoing its output; return its exit code and the run ID."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    run_id = None
-    assert process.stdout is not None
-    for line in process.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        found = RUN_STARTED.search(line)
-        if found and run_id is None:
-            run_id = int(found.group(1))
-    return process.wait(), run_id
+RUN_FAILED = re.compile(r"RunFailed: (.+)$")
+"""The ServerApp's :class:`fedlowrank.results.RunFailed` in the streamed log: the run's cause of failure."""
+
+
+class Stream:
+    """``flwr run --stream``, echoed line by line; keeps the run ID and a failure's cause."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def __call__(self, command: list[str], env: dict) -> tuple[int, int | None]:
+        """Run it; its exit code and the run ID."""
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        run_id = None
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = RUN_STARTED.search(line)
+            if found and run_id is None:
+                run_id = int(found.group(1))
+            failed = RUN_FAILED.search(ANSI.sub("", line.rstrip()))
+            if failed:
+                self.failure = failed.group(1)
+        return process.wait(), run_id
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def run_status(run_id: int, env: dict, superlink: str = "local") -> str | None:
@@ -169,19 +185,34 @@ def main(argv: list[str] | None = None) -> int:
     own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    if args.deployment:
-        from .deploy import deploy
+    stream = Stream()
+    code = 1
+    try:
+        code = (deploy_app if args.deployment else simulate)(app, args, env, stream, own_home)
+    finally:
+        if code and stream.failure:
+            print(f"run failed: {stream.failure}", flush=True)  # the last line: what a person acts on
+    return code
 
-        code = 1
-        try:
-            code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
-            return code
-        finally:
-            if own_home:
-                if code == 0:
-                    shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
-                else:
-                    print(f"logs kept in {env['FLWR_HOME']}", flush=True)
+
+def deploy_app(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own_home: bool) -> int:
+    """``--deployment N``: the app on a loopback SuperLink and N SuperNodes."""
+    from .deploy import deploy
+
+    code = 1
+    try:
+        code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
+        return code
+    finally:
+        if own_home:
+            if code == 0:
+                shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+            else:
+                print(f"logs kept in {env['FLWR_HOME']}", flush=True)
+
+
+def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own_home: bool) -> int:
+    """The app in Flower's simulation engine on a local SuperLink (started here unless one runs)."""
     owned = None
     if not superlink_healthy():
         owned = start_superlink(env, Path(env["FLWR_HOME"]) / "superlink.log")
