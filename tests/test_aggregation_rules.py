@@ -275,7 +275,6 @@ def test_an_unknown_product_precision_is_refused_by_name():
 
 def test_large_layers_take_float32_products_by_default_and_say_so(caplog):
     """2048 x 2048 (2^22 entries): float32 products, logged; a smaller layer keeps float64's bits."""
-    gen = torch.Generator().manual_seed(19)
     results = {}
     for d, products in ((2048, "auto"), (2048, "float64"), (1024, "auto"), (1024, "float64")):
         start = {"fc.lora_U": np.zeros((d, 4), np.float32), "fc.lora_S": np.ones((1, 4), np.float32),

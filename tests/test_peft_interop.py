@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 
 from fedlowrank.adapters import exchange_state, load_exchange_state
