@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, tail_weight
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -94,6 +94,7 @@ class FedLowRank(FedAvg):
         dense_products: str = "auto",
         max_reply_bytes: int | None = None,
         max_weight: float = MAX_WEIGHT,
+        share_cap: float | None = 10.0,
         robust: str | None = None,
         robust_factor: float = 3.0,
         min_valid_replies: int = 1,
@@ -114,7 +115,7 @@ class FedLowRank(FedAvg):
             options.setdefault("method", aggregation_method)
         self.config = RoundConfig(
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
-            balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, robust=robust,
+            balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, share_cap=share_cap, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
             server_learning_rate=server_learning_rate, momentum=momentum, tail_weight=tail_weight,
         )

@@ -36,6 +36,13 @@ class LowRankState:
     group_shares: list[float] | None = None
     """Group shares sent to clients (grouped adapters)."""
     server_round: int = 0
+    median_weight: float | None = None
+    """The median reply weight of the last round with 3 or more valid replies (``share_cap``
+    falls back on it in a round with fewer)."""
+    median_norm: float | None = None
+    """The same round's median update norm (``robust`` falls back on it)."""
+    at_bound: dict[str, int] = field(default_factory=dict)
+    """Per node (as a string): consecutive rounds its reply was capped, clipped or dropped."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat ``name -> np.ndarray``; metadata as a JSON string in a uint8 array."""
@@ -53,6 +60,9 @@ class LowRankState:
             "server_round": self.server_round,
             "group_shares": self.group_shares,
             "has_global": self.global_arrays is not None,
+            "median_weight": self.median_weight,
+            "median_norm": self.median_norm,
+            "at_bound": self.at_bound,
         }
         out[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
         return out
@@ -62,6 +72,10 @@ class LowRankState:
         meta = json.loads(bytes(np.asarray(state[_META], dtype=np.uint8)).decode())
         self.server_round = int(meta["server_round"])
         self.group_shares = meta["group_shares"]
+        # Checkpoints written before these existed hold none.
+        self.median_weight = meta.get("median_weight")
+        self.median_norm = meta.get("median_norm")
+        self.at_bound = {str(k): int(v) for k, v in meta.get("at_bound", {}).items()}
         arrays = {k[len("global/"):]: np.array(v) for k, v in state.items() if k.startswith("global/")}
         self.global_arrays = arrays if meta["has_global"] else None
         self.residuals = _factor_table(state, "residual/")

@@ -1,0 +1,146 @@
+"""A client's influence on the global is bounded by the server, not by what the client claims.
+
+Measured in "honest rounds": the size of the move one all-honest round makes. Every bound is
+checked against a run of the same round without the attacker.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.aggregation.round import RoundConfig, ServerRound
+from fedlowrank.aggregation.state import LowRankState
+
+D_OUT, D_IN, RANK = 12, 10, 3
+
+
+def start():
+    gen = torch.Generator().manual_seed(0)
+    return {"fc.lora_U": np.zeros((D_OUT, RANK)), "fc.lora_S": np.ones((1, RANK)),
+            "fc.lora_V": torch.randn(D_IN, RANK, generator=gen, dtype=torch.float64).numpy() / D_IN**0.5}
+
+
+def product(arrays):
+    return arrays["fc.lora_U"] @ np.diag(arrays["fc.lora_S"][0]) @ arrays["fc.lora_V"].T
+
+
+def honest(arrays, seed, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    return {**arrays, "fc.lora_U": arrays["fc.lora_U"] + scale * torch.randn(D_OUT, RANK, generator=gen, dtype=torch.float64).numpy()}
+
+
+def attacker(arrays, size=1e6):
+    """Pushes the adapter far in one direction: U set to a huge constant."""
+    return {**arrays, "fc.lora_U": np.full((D_OUT, RANK), size)}
+
+
+def one_round(config, state, arrays, replies):
+    rnd = ServerRound(config, state, arrays, state.server_round + 1)
+    for node, (reply, weight) in enumerate(replies):
+        rnd.add(reply, weight, node=node)
+    return rnd.finish().arrays
+
+
+def move(before, after):
+    return float(np.linalg.norm(product(after) - product(before)))
+
+
+def honest_round_size(config, arrays, honest_count, state=None):
+    state = state or LowRankState()
+    replies = [(honest(arrays, s), 100.0) for s in range(honest_count)]
+    return move(arrays, one_round(config, state, arrays, replies))
+
+
+@pytest.mark.parametrize("robust", [None, "clip"])
+def test_one_client_claiming_a_billion_examples_gets_at_most_its_capped_share(robust):
+    """Share cap 10 x the median of 10 replies: the liar's weight is at most 10 / 19 of the round."""
+    config, arrays = RoundConfig(rank=RANK, robust=robust), start()
+    honest_replies = [(honest(arrays, s), 100.0) for s in range(9)]
+    lie = {**arrays, "fc.lora_U": arrays["fc.lora_U"] + 1.0}  # a modest update, a huge claim
+    out = one_round(config, LowRankState(), arrays, honest_replies + [(lie, 1e9)])
+    # Exact reference: the same round with the liar's weight set to the cap.
+    capped = one_round(RoundConfig(rank=RANK, robust=robust, share_cap=None), LowRankState(), arrays,
+                       honest_replies + [(lie, 1000.0)])
+    np.testing.assert_allclose(product(out), product(capped), atol=1e-12)
+    uncapped = one_round(RoundConfig(rank=RANK, robust=robust, share_cap=None), LowRankState(), arrays,
+                         honest_replies + [(lie, 1e9)])
+    assert move(arrays, out) < 0.6 * move(arrays, uncapped)  # the claim bought 10/19 of the round, not all of it
+
+
+def test_under_clip_one_client_moves_the_global_at_most_its_share_times_the_bound():
+    config, arrays = RoundConfig(rank=RANK, robust="clip"), start()
+    honest_size = honest_round_size(config, arrays, 9)
+    replies = [(honest(arrays, s), 100.0) for s in range(9)] + [(attacker(arrays), 1e9)]
+    out = one_round(config, LowRankState(), arrays, replies)
+    # Its share is at most 10/19; its update at most 3 x the median honest update.
+    single = float(np.median([move(arrays, r) for r, _ in replies[:9]]))
+    assert move(arrays, out) <= honest_size + (10 / 19) * 3 * single * (1 + 1e-9)
+    unbounded = one_round(RoundConfig(rank=RANK, share_cap=None), LowRankState(), arrays, replies)
+    assert move(arrays, unbounded) > 1e6 * move(arrays, out)
+
+
+@pytest.mark.parametrize("valid", [1, 2])
+def test_the_bounds_carry_over_to_rounds_with_one_or_two_valid_replies(valid):
+    """The medians of the last round with 3 or more replies bound a round with fewer."""
+    config, arrays, state = RoundConfig(rank=RANK, robust="clip"), start(), LowRankState()
+    after_first = one_round(config, state, arrays, [(honest(arrays, s), 100.0) for s in range(5)])
+    assert state.median_weight == 100.0 and state.median_norm > 0
+    honest_size = move(arrays, after_first)
+    replies = [(honest(after_first, 10 + s), 100.0) for s in range(valid - 1)] + [(attacker(after_first), 1e9)]
+    out = one_round(config, state, after_first, replies)
+    # Alone, the attacker is clipped to 3 x the carried median norm: a few honest rounds, not 1e6.
+    assert move(after_first, out) <= 3.5 * honest_size * 5, (move(after_first, out), honest_size)
+    unbounded = one_round(RoundConfig(rank=RANK, share_cap=None), LowRankState(), after_first, replies)
+    assert move(after_first, unbounded) > 1e4 * move(after_first, out)
+
+
+def test_three_colluders_of_ten_stay_within_the_documented_bound():
+    """k < K/2 colluders, each capped and clipped: together at most sum of their shares x the bound."""
+    config, arrays = RoundConfig(rank=RANK, robust="clip"), start()
+    honest_replies = [(honest(arrays, s), 100.0) for s in range(7)]
+    norms = [move(arrays, r) for r, _ in honest_replies]
+    direction = np.full((D_OUT, RANK), 1.0)
+    colluders = [({**arrays, "fc.lora_U": arrays["fc.lora_U"] + 2.9 * np.median(norms) * direction / 50}, 1e9) for _ in range(3)]
+    out = one_round(config, LowRankState(), arrays, honest_replies + colluders)
+    baseline = one_round(config, LowRankState(), arrays, honest_replies)
+    # Documented bound: each colluder's weight <= 10 x the median weight, its update <= 3 x the median norm.
+    median_weight, median_norm = 100.0, float(np.median(norms + [move(arrays, c) for c, _ in colluders]))
+    share = 3 * 10 * median_weight / (3 * 10 * median_weight + 7 * 100.0)
+    assert move(baseline, out) <= share * 3 * median_norm + move(arrays, baseline) * share + 1e-9
+
+
+def test_a_node_at_the_bound_round_after_round_is_logged(caplog):
+    config, arrays, state = RoundConfig(rank=RANK, robust="clip"), start(), LowRankState()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            replies = [(honest(arrays, s), 100.0) for s in range(4)] + [(attacker(arrays, 10.0), 1e9)]
+            arrays = one_round(config, state, arrays, replies)
+    steady = [r.getMessage() for r in caplog.records if "rounds in a row" in r.getMessage()]
+    assert steady == ["Node 4 has been at the share cap or clip bound 3 rounds in a row",
+                      "Node 4 has been at the share cap or clip bound 4 rounds in a row"]
+    assert state.at_bound == {"4": 4}
+
+
+def test_medians_and_bound_counts_survive_a_checkpoint():
+    config, arrays, state = RoundConfig(rank=RANK, robust="clip"), start(), LowRankState()
+    one_round(config, state, arrays, [(honest(arrays, s), 100.0 + s) for s in range(4)] + [(attacker(arrays), 1e9)])
+    restored = LowRankState()
+    restored.load_state_dict(state.state_dict())
+    assert (restored.median_weight, restored.median_norm, restored.at_bound) == (state.median_weight, state.median_norm, {"4": 1})
+
+
+def test_clean_rounds_are_unchanged_by_the_share_cap():
+    """Weights within 10x the median: the capped round is bit-identical to the uncapped one."""
+    arrays = start()
+    replies = [(honest(arrays, s), w) for s, w in enumerate([40.0, 100.0, 120.0, 300.0, 550.0])]
+    capped = one_round(RoundConfig(rank=RANK), LowRankState(), arrays, replies)
+    plain = one_round(RoundConfig(rank=RANK, share_cap=None), LowRankState(), arrays, replies)
+    for key in capped:
+        np.testing.assert_array_equal(capped[key], plain[key])
+
+
+def test_a_share_cap_below_one_is_refused():
+    with pytest.raises(ValueError, match="share_cap"):
+        RoundConfig(share_cap=0.5)
