@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, tail_weight
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, step_decay, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -100,6 +100,7 @@ class FedLowRank(FedAvg):
         min_valid_replies: int = 1,
         server_learning_rate: float = 1.0,
         momentum: float = 0.0,
+        step_decay: float = 1.0,
         tail_weight: float = 1.0,
         aggregation_method: str | None = None,
         balance_cap: float | None = 1.0,
@@ -117,7 +118,7 @@ class FedLowRank(FedAvg):
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
             balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, share_cap=share_cap, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
-            server_learning_rate=server_learning_rate, momentum=momentum, tail_weight=tail_weight,
+            server_learning_rate=server_learning_rate, momentum=momentum, step_decay=step_decay, tail_weight=tail_weight,
         )
         self.max_reply_bytes = max_reply_bytes
         self.state = LowRankState()

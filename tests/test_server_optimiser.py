@@ -113,6 +113,61 @@ def test_momentum_memory_is_bounded_by_the_layer_over_200_rounds():
     assert np.all(np.isfinite(product(arrays)))
 
 
+def oscillating_replies(g, server_round, seed=3):
+    """Clients that all pull towards +T in odd rounds and -T in even ones: each change opposes the last."""
+    rng = np.random.default_rng([seed, server_round])
+    sign = 1.0 if server_round % 2 else -1.0
+    target = np.random.default_rng(seed).normal(size=(D_OUT, 3)) @ np.random.default_rng(seed + 1).normal(size=(3, D_IN))
+    replies = []
+    for rank in RANKS:
+        head = head_arrays(g, rank)
+        replies.append(head_arrays(product(head) + sign * 0.2 * target + 0.01 * rng.normal(size=(D_OUT, D_IN)), rank))
+    return replies
+
+
+@pytest.mark.parametrize("dense_above", [None, 10**6])
+@pytest.mark.parametrize("replies_of", [lambda g, rnd: round_replies(g, rnd, 0.3), oscillating_replies], ids=["random", "oscillating"])
+def test_step_decay_is_kestens_rule_with_a_restart_against_a_dense_reference(dense_above, replies_of):
+    """v restarts and the step shrinks by the decay whenever <M - G, v> < 0; otherwise FedAvgM."""
+    beta, lr, decay, rounds = 0.6, 0.8, 0.5, 6
+    config = RoundConfig(rank=R, momentum=beta, server_learning_rate=lr, step_decay=decay, align=False, dense_above=dense_above)
+    state, arrays, restarts = LowRankState(), start_arrays(), 0
+    for server_round in range(1, rounds + 1):
+        rnd = ServerRound(config, state, arrays, server_round)
+        for reply, weight in zip(replies_of(product(arrays), server_round), WEIGHTS):
+            rnd.add(reply, weight)
+        result = rnd.finish()
+        arrays, restarts = result.arrays, restarts + int(result.metrics.get("agg-momentum-restart", 0))
+    g, v, step, expected = product(start_arrays()), None, lr, 0
+    shares = np.array(WEIGHTS) / sum(WEIGHTS)
+    for server_round in range(1, rounds + 1):
+        replies = replies_of(g, server_round)
+        change = sum(w * (product(c) + g - best(g, r)) for w, r, c in zip(shares, RANKS, replies)) - g
+        if v is not None and np.sum(change * v) < 0:
+            v, step, expected = None, step * decay, expected + 1
+        v = change if v is None else beta * v + change
+        g = best(g + step * v, R)
+    assert restarts == expected
+    if replies_of is oscillating_replies:
+        assert expected >= 3
+    assert state.step_scale == decay**expected
+    assert np.linalg.norm(product(arrays) - g) / np.linalg.norm(g) < 1e-9
+
+
+def test_step_decay_survives_a_checkpoint_and_leaves_an_unchanged_round_unchanged():
+    config = RoundConfig(rank=R, momentum=0.5, step_decay=0.5)
+    arrays, state = run(config, 10, scale=0.0)
+    assert np.linalg.norm(product(arrays) - product(start_arrays())) < 1e-9 * np.linalg.norm(product(start_arrays()))
+    state.step_scale = 0.25
+    restored = LowRankState()
+    restored.load_state_dict(state.state_dict())
+    assert restored.step_scale == 0.25
+    with pytest.raises(ValueError, match="momentum > 0"):
+        RoundConfig(step_decay=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        RoundConfig(momentum=0.5, step_decay=0.0)
+
+
 def test_momentum_is_refused_where_it_has_no_exact_update():
     with pytest.raises(ValueError, match="exact G = 1 rule"):
         RoundConfig(rule="fedit", momentum=0.9)

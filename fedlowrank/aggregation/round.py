@@ -154,6 +154,14 @@ class RoundConfig:
         ``G + server_learning_rate v``. ``v`` is kept exactly and bounded by the layer, not
         by rounds: its non-zero singular triplets while they are narrow, a dense matrix past
         ``dense_above`` (where that is cheaper). Exact G = 1 rules only; not with ``fold``.
+    step_decay : float in (0, 1] (default: 1.0, off)
+        With ``momentum``: Kesten's rule with an adaptive restart. When a round's exact
+        change points against the velocity (their inner product over all adapted layers is
+        negative: the server overshot, or the sampled clients' noise dominates), the
+        velocity restarts from this round's change and the server step (``lr``, then
+        ``lr`` times the decays so far) is multiplied by ``step_decay``; while changes keep
+        agreeing the step stays. The step is kept in the state (``step_scale``) and
+        reported as ``agg-server-step``.
     """
 
     rule: str | AggregationRule = "exact"
@@ -172,6 +180,7 @@ class RoundConfig:
     min_valid_replies: int = 1
     server_learning_rate: float = 1.0
     momentum: float = 0.0
+    step_decay: float = 1.0
     tail_weight: float = 1.0
     clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     """Layers whose clamped rank was logged (once per run)."""
@@ -200,6 +209,10 @@ class RoundConfig:
             raise ValueError(f"tail_weight must be in [0, 1], got {self.tail_weight}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 < self.step_decay <= 1.0:
+            raise ValueError(f"step_decay must be in (0, 1], got {self.step_decay}")
+        if self.step_decay < 1.0 and not self.momentum:
+            raise ValueError("step_decay tests the change against the server momentum: set momentum > 0")
         if self.momentum and (not self.rule.residual or self.rule.grouped):
             raise ValueError(f"momentum needs an exact G = 1 rule; rule '{self.rule.name}' is not one")
         if self.balance_cap is not None and not self.balance_cap >= 1.0:
@@ -483,6 +496,12 @@ class ServerRound:
         out: dict[str, np.ndarray] = {}
         errors, floors = [], []
         residual_mode = self.config.residual
+        if self.config.step_decay < 1.0:
+            if self.state.momentum and self._against_velocity():
+                self.state.step_scale *= self.config.step_decay
+                self.state.momentum.clear()  # the velocity restarts from this round's change
+                metrics["agg-momentum-restart"] = 1
+            metrics["agg-server-step"] = self.config.server_learning_rate * self.state.step_scale
         for module, acc in self._accs.items():
             if self.config.momentum:
                 self._step_momentum(module, acc)
@@ -529,10 +548,32 @@ class ServerRound:
             velocity.add_normalised(Factors(part.u, part.s / lr, part.v))
         velocity.add_normalised(Factors(reference.u, -reference.s / lr, reference.v))
         previous = self.state.momentum.get(module)
+        scale = self.state.step_scale  # 1 unless step_decay acted: then the target is G + lr scale v
+        change = self._change(acc) if scale != 1.0 else None
         if previous is not None:
             velocity.add_normalised(_scaled(previous, beta))
-            acc.add_carried(_scaled(previous, lr * beta))
+            acc.add_carried(_scaled(previous, lr * beta * scale))
+        if change is not None:
+            acc.add_carried(_scaled(change, lr * (scale - 1.0)))
         self.state.momentum[module] = velocity.matrices() if velocity.dense else compact(velocity)
+
+    def _change(self, acc: Accumulator) -> Factors | torch.Tensor:
+        """The round's exact change ``D = M - G`` of one layer (the accumulator holds ``G + lr D``)."""
+        lr, reference = self.config.server_learning_rate, acc.reference
+        if acc.sum.dense:
+            return (acc.sum.matrices()[0] - (reference.u * reference.s[0]) @ reference.v.T)[None] / lr
+        part = acc.sum.stacked()
+        return Factors(torch.cat([part.u, reference.u], 1), torch.cat([part.s, -reference.s], 1) / lr,
+                       torch.cat([part.v, reference.v], 1))
+
+    def _against_velocity(self) -> bool:
+        """Kesten's test: does this round's change point against the velocity, over all adapted layers?"""
+        total = 0.0
+        for module, acc in self._accs.items():
+            previous = self.state.momentum.get(module)
+            if previous is not None:
+                total += _inner(self._change(acc), previous)
+        return total < 0.0
 
     def _folded(self, module: str, residual: Factors | torch.Tensor) -> dict[str, np.ndarray]:
         """Add this round's residual to the layer's fold; its factors as sent to clients.
@@ -580,6 +621,17 @@ def _capped_counts(counts: np.ndarray | None, weight: float) -> np.ndarray | Non
     if counts is None or counts.sum() <= weight:
         return counts
     return counts * (weight / counts.sum())
+
+
+def _inner(a: Factors | torch.Tensor, b: Factors | torch.Tensor) -> float:
+    """Frobenius inner product of two G = 1 terms, each factored or dense (``1 x d_out x d_in``)."""
+    if isinstance(a, Factors) and isinstance(b, Factors):
+        return float(((a.s[0][:, None] * b.s[0][None, :]) * (a.u.T @ b.u) * (a.v.T @ b.v)).sum())
+    if isinstance(a, Factors):
+        a, b = b, a
+    if isinstance(b, Factors):
+        return float((((a[0] @ b.v) * b.u).sum(0) * b.s[0]).sum())
+    return float((a * b).sum())
 
 
 def _scaled(term: Factors | torch.Tensor, factor: float) -> Factors | torch.Tensor:

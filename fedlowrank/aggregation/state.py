@@ -41,6 +41,8 @@ class LowRankState:
     falls back on it in a round with fewer)."""
     median_norm: float | None = None
     """The same round's median update norm (``robust`` falls back on it)."""
+    step_scale: float = 1.0
+    """The server step's decay so far (``RoundConfig.step_decay``)."""
     at_bound: dict[str, int] = field(default_factory=dict)
     """Per node (as a string): consecutive rounds its reply was capped, clipped or dropped."""
 
@@ -63,6 +65,7 @@ class LowRankState:
             "median_weight": self.median_weight,
             "median_norm": self.median_norm,
             "at_bound": self.at_bound,
+            "step_scale": self.step_scale,
         }
         out[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
         return out
@@ -76,6 +79,7 @@ class LowRankState:
         self.median_weight = meta.get("median_weight")
         self.median_norm = meta.get("median_norm")
         self.at_bound = {str(k): int(v) for k, v in meta.get("at_bound", {}).items()}
+        self.step_scale = float(meta.get("step_scale", 1.0))
         arrays = {k[len("global/"):]: np.array(v) for k, v in state.items() if k.startswith("global/")}
         self.global_arrays = arrays if meta["has_global"] else None
         self.residuals = _factor_table(state, "residual/")
