@@ -53,6 +53,7 @@ class RunSettings:
     round_timeout: float = 3600.0
     checkpoint_dir: str = ""
     resume_from: str = ""
+    resume_force: bool = False
     stop_after_round: int = 0
     compression: str = "none"
     compression_default: str = "powersgd:2"

@@ -20,12 +20,15 @@ with an error naming the file, and the previous round's folder still loads.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import os
 import random
+import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import DEBUG, INFO, WARNING
@@ -40,6 +43,8 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedlowrank.results import RunFailed, failure_cause
 
+from .replies import read_npy
+
 PREFIX = "round-"
 FILES = ("arrays.npz", "strategy.npz", "rng.npz", "meta.json")
 
@@ -52,14 +57,96 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+KEY_ENV, KEY_FILE_ENV = "FEDLOWRANK_CHECKPOINT_KEY", "FEDLOWRANK_CHECKPOINT_KEY_FILE"
+"""The operator's checkpoint key: the key itself, or a file holding it."""
+
+SIGNATURE = "hmac-sha256"
+
+
+def checkpoint_key() -> bytes | None:
+    """The operator's key from the environment (``FEDLOWRANK_CHECKPOINT_KEY``, or the file named by
+    ``FEDLOWRANK_CHECKPOINT_KEY_FILE``); None if neither is set."""
+    if os.environ.get(KEY_FILE_ENV):
+        try:
+            key = Path(os.environ[KEY_FILE_ENV]).read_bytes().strip()
+        except OSError as err:
+            raise CheckpointError(f"{KEY_FILE_ENV}={os.environ[KEY_FILE_ENV]} cannot be read ({err})") from None
+    else:
+        key = os.environ.get(KEY_ENV, "").encode()
+    if key and len(key) < 16:
+        raise CheckpointError(f"the checkpoint key is {len(key)} bytes; use at least 16 (e.g. `openssl rand -hex 32`)")
+    return key or None
+
+
+def _signature(files: dict[str, str], key: bytes) -> str:
+    return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def run_fingerprint(strategy: Strategy, arrays: ArrayRecord, app: str | None = None) -> dict:
+    """What a checkpoint must share with the run that resumes it: the strategy (wrappers and
+    the wrapped), its round settings, the global arrays' names, shapes and dtypes, the app."""
+    chain, inner = [], strategy
+    while inner is not None:
+        chain.append(type(inner).__name__)
+        inner = getattr(inner, "strategy", None)
+        if not isinstance(inner, Strategy):
+            inner = None
+    config = getattr(_innermost(strategy), "config", None)
+    settings = config.fingerprint() if hasattr(config, "fingerprint") else None
+    shapes = {name: [list(a.shape), str(a.dtype)] for name, a in arrays.items() if not name.split(".")[-1].startswith("fold_")}
+    return {"strategy": " > ".join(chain), "settings": settings, "arrays": shapes, "app": app}
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
+
+
+def check_fingerprint(checkpoint: "Checkpoint", expected: dict) -> None:
+    """Refuse a checkpoint of another run, naming what differs and how to resume anyway."""
+    saved = checkpoint.meta.get("fingerprint")
+    if saved is None:
+        raise CheckpointError(f"{checkpoint.path} has no run fingerprint (written by an older fedlowrank); "
+                              "resume with force_resume=True (run config resume-force = true) to load it anyway")
+    differs = [f"{field}: checkpoint {saved.get(field)!r}, this run {expected.get(field)!r}"
+               for field in ("strategy", "settings", "app") if saved.get(field) != expected.get(field)]
+    saved_arrays, arrays = saved.get("arrays") or {}, expected.get("arrays") or {}
+    for name in sorted(set(saved_arrays) | set(arrays)):
+        if saved_arrays.get(name) != arrays.get(name):
+            differs.append(f"array {name}: checkpoint {saved_arrays.get(name)}, this run {arrays.get(name)}")
+    if differs:
+        raise CheckpointError(f"{checkpoint.path} is from another run ({'; '.join(differs[:4])}"
+                              f"{'; ...' if len(differs) > 4 else ''}); resume with force_resume=True "
+                              "(run config resume-force = true) to load it anyway")
+
+
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as out:
         np.savez(out, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """An ``.npz`` we wrote, each member checked before anything is decompressed or allocated.
+
+    :func:`save_checkpoint` stores members uncompressed, so a compressed one (a small file
+    that could expand without bound) is refused, and so is a ``.npy`` header declaring more
+    than its member holds.
+    """
+    data = path.read_bytes()
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            member = f"{path.name}:{info.filename}"
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                raise CheckpointError(f"{member} is compressed; checkpoints are written uncompressed (it could expand without bound)")
+            if not info.filename.endswith(".npy") or info.file_size > len(data):
+                raise CheckpointError(f"{member} is not an .npy array held in the file ({info.file_size} bytes declared)")
+            try:
+                out[info.filename[: -len(".npy")]] = read_npy(archive.read(info), member).copy()
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
+    return out
 
 
 def _metrics_json(history: dict[int, MetricRecord]) -> dict[str, dict]:
@@ -71,8 +158,14 @@ def _metrics_from_json(data: dict[str, dict]) -> dict[int, MetricRecord]:
 
 
 def save_checkpoint(root: str | Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, result: Result,
-                    keep: int = 3) -> Path:
-    """Write round ``server_round``'s checkpoint under ``root`` atomically; keep the last ``keep``."""
+                    keep: int = 3, fingerprint: dict | None = None) -> Path:
+    """Write round ``server_round``'s checkpoint under ``root`` atomically; keep the last ``keep``.
+
+    ``fingerprint`` (:func:`run_fingerprint`; default that of ``strategy`` and ``arrays``) is
+    what a resume must match. With an operator key in the environment (:func:`checkpoint_key`)
+    the manifest is signed (HMAC-SHA256), so a modified checkpoint with a recomputed manifest
+    is refused where the key is set.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{server_round:06d}"
@@ -89,6 +182,7 @@ def save_checkpoint(root: str | Path, server_round: int, arrays: ArrayRecord, st
         "round": server_round,
         "time": time.time(),
         "strategy": type(strategy).__name__,
+        "fingerprint": fingerprint or run_fingerprint(strategy, arrays),
         "rng": {"python": [python_state[0], list(python_state[1]), python_state[2]],
                 "numpy": [numpy_state[0], *[float(x) if isinstance(x, float) else int(x) for x in numpy_state[2:]]]},
         "train_metrics_clientapp": _metrics_json(result.train_metrics_clientapp),
@@ -96,7 +190,9 @@ def save_checkpoint(root: str | Path, server_round: int, arrays: ArrayRecord, st
         "evaluate_metrics_serverapp": _metrics_json(result.evaluate_metrics_serverapp),
     }
     (tmp / "meta.json").write_text(json.dumps(meta))
-    (tmp / "MANIFEST.json").write_text(json.dumps({name: _digest(tmp / name) for name in FILES}))
+    files = {name: _digest(tmp / name) for name in FILES}
+    key = checkpoint_key()
+    (tmp / "MANIFEST.json").write_text(json.dumps({**files, SIGNATURE: _signature(files, key)} if key else files))
     for handle in (tmp / name for name in (*FILES, "MANIFEST.json")):
         with open(handle, "rb") as f:
             os.fsync(f.fileno())
@@ -130,16 +226,28 @@ class Checkpoint:
 
     def restore_rng(self) -> None:
         """Put the Python, NumPy and torch random states back as they were after that round."""
-        version, state, gauss = self.meta["rng"]["python"]
-        random.setstate((version, tuple(state), gauss))
-        kind, pos, has_gauss, cached = self.meta["rng"]["numpy"]
-        np.random.set_state((kind, self.rng["numpy_keys"], int(pos), int(has_gauss), float(cached)))
-        torch.set_rng_state(torch.from_numpy(self.rng["torch"].copy()))
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            version, state, gauss = self.meta["rng"]["python"]
+            random.setstate((version, tuple(state), gauss))
+            kind, pos, has_gauss, cached = self.meta["rng"]["numpy"]
+            np.random.set_state((kind, self.rng["numpy_keys"], int(pos), int(has_gauss), float(cached)))
+            torch.set_rng_state(torch.from_numpy(self.rng["torch"].copy()))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+            raise CheckpointError(f"{self.path}: the saved random states are malformed ({type(err).__name__}: {err})") from None
+
+
+ROUND_FOLDER = re.compile(rf"^{PREFIX}\d{{6}}$")
 
 
 def latest(root: str | Path) -> Path | None:
-    """The newest ``round-*`` folder under ``root`` (None if there is none)."""
-    rounds = sorted(Path(root).glob(f"{PREFIX}[0-9]*"))
+    """The newest ``round-NNNNNN`` folder under ``root`` (None if there is none); a link is refused."""
+    rounds = sorted(p for p in Path(root).glob(f"{PREFIX}[0-9]*") if ROUND_FOLDER.match(p.name))
+    if rounds and rounds[-1].is_symlink():
+        raise CheckpointError(f"{rounds[-1]} is a link; a checkpoint round is a folder written by the run")
     return rounds[-1] if rounds else None
 
 
@@ -159,20 +267,36 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"no checkpoint ({PREFIX}NNNNNN folder) under {path}")
         path = found
     try:
+        if path.is_symlink() or not ROUND_FOLDER.match(path.name):
+            raise CheckpointError(f"{path} is not a round folder written by a run ({PREFIX}NNNNNN, not a link)")
         manifest = json.loads((path / "MANIFEST.json").read_text())
+        if not isinstance(manifest, dict):
+            raise CheckpointError("MANIFEST.json is not a table of checksums")
+        key = checkpoint_key()
+        if key is not None:
+            signature = manifest.get(SIGNATURE)
+            files = {name: manifest.get(name) for name in FILES}
+            if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(files, key)):
+                what = "is not signed" if signature is None else "has a signature that does not match the key"
+                raise CheckpointError(f"{path / 'MANIFEST.json'} {what} (a key is set in {KEY_ENV} or {KEY_FILE_ENV})")
         for name in FILES:
             if manifest.get(name) != _digest(path / name):
                 raise CheckpointError(f"{path / name} does not match its checksum (truncated or modified)")
         meta = json.loads((path / "meta.json").read_text())
+        server_round = meta.get("round") if isinstance(meta, dict) else None
+        if type(server_round) is not int or server_round < 0:
+            raise CheckpointError(f"meta.json's round is {server_round!r}, not a round number")
+        if path.name != f"{PREFIX}{server_round:06d}":
+            raise CheckpointError(f"meta.json says round {server_round} but the folder is {path.name} (moved or stale)")
         arrays = _load_npz(path / "arrays.npz")
         state = _load_npz(path / "strategy.npz")
         rng = _load_npz(path / "rng.npz")
     except CheckpointError as err:
         raise CheckpointError(f"{err}; refusing {path}{_previous_hint(path)}") from None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({err}){_previous_hint(path)}") from None
     record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
-    return Checkpoint(path, int(meta["round"]), record, state, meta, rng)
+    return Checkpoint(path, server_round, record, state, meta, rng)
 
 
 def _previous_hint(path: Path) -> str:
@@ -192,6 +316,8 @@ def run(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     on_round: Callable[[int, Result], None] | None = None,
+    app: str | None = None,
+    force_resume: bool = False,
 ) -> Result:
     """Flower's ``Strategy.start`` loop, checkpointed after every round and resumable.
 
@@ -208,6 +334,11 @@ def run(
         with the next round up to ``num_rounds``. ``initial_arrays`` is then unused.
     on_round : callable, optional
         ``(server_round, result)`` after every round (and round 0), e.g. to write results.
+    app : str, optional
+        The app's name, part of the run's fingerprint (:func:`run_fingerprint`).
+    force_resume : bool (default: False)
+        Resume from a checkpoint whose fingerprint (strategy, settings, array shapes, app)
+        differs from this run's; refused otherwise, naming what differs.
 
     Raises
     ------
@@ -220,10 +351,17 @@ def run(
     train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
     strategy.summary()
+    fingerprint = run_fingerprint(strategy, initial_arrays, app)
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from)
+        if not force_resume:
+            check_fingerprint(checkpoint, fingerprint)
         if hasattr(strategy, "load_state_dict"):
-            strategy.load_state_dict(checkpoint.strategy_state)
+            try:
+                strategy.load_state_dict(checkpoint.strategy_state)
+            except (KeyError, ValueError, TypeError, IndexError) as err:
+                raise CheckpointError(f"{checkpoint.path}: the strategy state does not fit {type(strategy).__name__} "
+                                      f"({type(err).__name__}: {err})") from None
         elif checkpoint.strategy_state:
             raise CheckpointError(f"{type(strategy).__name__} cannot load the strategy state in {checkpoint.path}")
         checkpoint.restore_rng()
@@ -271,7 +409,7 @@ def run(
             if res is not None:
                 result.evaluate_metrics_serverapp[current] = res
         if checkpoint_dir is not None:
-            saved = save_checkpoint(checkpoint_dir, current, arrays, strategy, result)
+            saved = save_checkpoint(checkpoint_dir, current, arrays, strategy, result, fingerprint=fingerprint)
             log(DEBUG, "checkpoint written: %s", saved)
         if on_round:
             on_round(current, result)

@@ -41,7 +41,11 @@ def read_array(array: Array, name: str, max_bytes: int | None = None) -> np.ndar
         raise ValueError(f"'{name}' is a {type(array).__name__}, not an Array")
     if array.stype != "numpy.ndarray":
         raise ValueError(f"'{name}' has serialisation type {array.stype!r}, expected 'numpy.ndarray'")
-    data = array.data
+    return read_npy(array.data, name, max_bytes)
+
+
+def read_npy(data: bytes, name: str, max_bytes: int | None = None) -> np.ndarray:
+    """:func:`read_array` for the bytes of one ``.npy`` file (e.g. a member of a checkpoint's ``.npz``)."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"'{name}' holds {len(data)} bytes, more than the {max_bytes} allowed")
     stream = io.BytesIO(data)

@@ -283,6 +283,8 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         checkpoint_dir=settings.checkpoint_dir.strip() or None,
         resume_from=settings.resume_from.strip() or None,
         on_round=write_results,
+        app=spec.name,
+        force_resume=settings.resume_force,
     )
     adapter_path = Path(settings.save_adapter.strip() or path.with_suffix(".adapter.safetensors"))
     save_adapter(adapter_path, {k: a.numpy() for k, a in result.arrays.items()},

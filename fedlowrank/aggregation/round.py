@@ -229,6 +229,14 @@ class RoundConfig:
                 f"residual mode {self.residual!r} {needs}; rule '{rule.name}' supports {list(rule.residual_modes)}"
             )
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run resuming it (JSON-able)."""
+        return {
+            "rule": self.rule.name, "residual": self.residual, "rank": self.rank, "gauge": self.gauge,
+            "server_learning_rate": self.server_learning_rate, "momentum": self.momentum,
+            "step_decay": self.step_decay, "tail_weight": self.tail_weight,
+        }
+
     def check_fits(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Refuse, before any client trains, global arrays this round cannot aggregate."""
         peft = sorted(k for k in arrays if PEFT_FACTOR.search(k))
