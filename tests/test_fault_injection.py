@@ -140,6 +140,8 @@ PLAIN_FAULTS = {  # arrays the server reads directly (no L-GreCo encoding in bet
     "rank 40000": lambda r, k: _rank(r, 40000),
     "rank above global": lambda r, k: _rank(r, R + 1),
     "wrong rows": lambda r, k: with_array(r, "fc.lora_U", Array(np.ones((D_OUT + 1, R), dtype=np.float32))),
+    "int64 factor": lambda r, k: with_array(r, "fc.lora_U", Array(np.ones((D_OUT, R), dtype=np.int64))),
+    "bool factor": lambda r, k: with_array(r, "fc.lora_U", Array(np.ones((D_OUT, R), dtype=bool))),
 }
 LGRECO_FAULTS = {
     "bucket 2**27": lambda r, k: _spec(r, lambda line: line + b"bucket_size=134217728" if line.endswith(b"|") else line),

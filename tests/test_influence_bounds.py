@@ -144,3 +144,4 @@ def test_clean_rounds_are_unchanged_by_the_share_cap():
 def test_a_share_cap_below_one_is_refused():
     with pytest.raises(ValueError, match="share_cap"):
         RoundConfig(share_cap=0.5)
+

@@ -5,6 +5,8 @@ import logging
 import numpy as np
 import pytest
 
+from fedlowrank.aggregation.round import RoundConfig, ServerRound
+from fedlowrank.aggregation.state import LowRankState
 from fedlowrank.strategies import FedLowRank
 from fedlowrank.strategies.testing import configure_round, run_round, train_reply
 
@@ -231,3 +233,10 @@ def test_every_registered_rule_is_a_strategy_and_grouped_rules_are_fairlora():
     assert (make_strategy("fairlora-paper", rank=4).mode, make_strategy("fairlora-exact", rank=4).mode) == ("paper", "exact")
     with pytest.raises(ValueError, match="unknown strategy 'fedsvd'.*choose one of"):
         make_strategy("fedsvd")
+
+
+def test_integer_or_bool_global_arrays_are_refused_before_any_client_trains():
+    arrays = {"fc.lora_U": np.zeros((4, 2)), "fc.lora_S": np.ones((1, 2)), "fc.lora_V": np.ones((3, 2)),
+              "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+    with pytest.raises(ValueError, match="'bn.num_batches_tracked' has dtype int64: FedLowRank aggregates float arrays only"):
+        ServerRound(RoundConfig(rank=2), LowRankState(), arrays, 1)

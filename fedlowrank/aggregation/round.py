@@ -247,6 +247,14 @@ class RoundConfig:
                 "fedlowrank.adapters.exchange_state(peft_model) instead: it reads each layer's (B, A, "
                 "scaling) as exact factors, and load_exchange_state writes the aggregate back into PEFT"
             )
+        # A mean of integer or bool arrays (a step counter, a mask) is not one; cast, it changes type.
+        other = sorted(k for k, a in arrays.items() if np.asarray(a).dtype.kind != "f")
+        if other:
+            raise ValueError(
+                f"array '{other[0]}' has dtype {np.asarray(arrays[other[0]]).dtype}{f' (and {len(other) - 1} more)' if len(other) > 1 else ''}: "
+                "FedLowRank aggregates float arrays only; keep integer and bool state (e.g. BatchNorm's "
+                "num_batches_tracked) out of the exchanged arrays"
+            )
         for module in factor_modules(arrays):
             rows = np.shape(arrays[f"{module}.lora_S"])[0]
             if rows > 1 and not self.rule.grouped:

@@ -99,7 +99,7 @@ def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.n
 
     The keys must be the same; factors (``*.lora_U/S/V``) may change rank but keep the
     layer's row counts, and a layer's three factors agree on it; every other array keeps
-    its shape. All float values must be finite.
+    its shape. Every array is float (integers and bools are refused by name) and finite.
     """
     if set(arrays) != set(sent):
         missing = sorted(set(sent) - set(arrays))
@@ -113,7 +113,9 @@ def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.n
                 raise ValueError(f"tensor '{key}' has shape {got.shape}, expected {tuple(np.shape(want))}")
         elif got.ndim != 2 or got.shape[0] != np.shape(want)[0]:
             raise ValueError(f"factor '{key}' has shape {got.shape}, expected ({np.shape(want)[0]}, rank)")
-        if got.dtype.kind == "f" and not np.all(np.isfinite(got)):
+        if got.dtype.kind != "f":
+            raise ValueError(f"tensor '{key}' has dtype {got.dtype}; only float arrays are aggregated (a mean of integers or bools is not one)")
+        if not np.all(np.isfinite(got)):
             raise ValueError(f"tensor '{key}' contains NaN or Inf")
     for module in {f[0] for f in map(split_factor_key, arrays) if f is not None}:
         ranks = {leaf: np.shape(arrays[f"{module}.{leaf}"])[1] for leaf in ("lora_U", "lora_S", "lora_V")}
