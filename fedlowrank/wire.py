@@ -69,3 +69,12 @@ order of grouped columns for clients of lower rank)."""
 REPLY_NODE_KEY = "fedlowrank-reply"
 """Server-internal: a ConfigRecord ``{"node-id": ...}`` the strategy adds to each evaluate
 reply's content before metric aggregation, so aggregation functions can name the node."""
+
+
+MAX_RECORD_KEYS = 1024
+"""Most metric and config keys one reply may carry in all (ours send a few dozen): more is
+refused with the node named, before any value is read."""
+
+MAX_RECORD_BYTES = 1 << 20
+"""Most bytes one reply's metric and config records may hold in all (keys, strings, bytes,
+lists), on top of its arrays' budget."""

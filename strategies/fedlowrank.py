@@ -27,7 +27,7 @@ from fedlowrank.aggregation.state import LowRankState
 from fedlowrank.aggregation.validate import MAX_WEIGHT
 from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
 
-from .replies import aggregate_reply_metrics, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
+from .replies import aggregate_reply_metrics, check_records, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
 
 
 @contextmanager
@@ -187,6 +187,7 @@ class FedLowRank(FedAvg):
         """Screen one reply and hand its arrays (read from ``msg`` unless given) to the round; raises on anything wrong."""
         if msg.has_error():
             raise ValueError(msg.error.reason)
+        check_records(msg.content)
         if arrays is None:
             arrays = reply_arrays(msg.content, rnd.sent.keys(), self.max_reply_bytes or default_reply_bytes(self.state.global_arrays))
         weight = reply_weight(msg.content, self.weighted_by_key, self.config.max_weight)

@@ -39,7 +39,7 @@ from fedlowrank.compression import CANDIDATES_KEY, DEFAULT_NUM_BINS, ENERGY_KEY,
 from fedlowrank.compression.controller import DEFAULT_CANDIDATES, LGreCoConfig, LGreCoController
 from fedlowrank.wire import is_fold_key
 
-from .replies import compressed_payload, default_reply_bytes, payload_bytes, single_array_record
+from .replies import check_records, compressed_payload, default_reply_bytes, payload_bytes, single_array_record
 
 class LGreCo(Strategy):
     """Strategy wrapper for layer-wise adaptive compression of client updates.
@@ -179,6 +179,7 @@ class LGreCo(Strategy):
                 continue
             node = int(reply.metadata.src_node_id)
             try:
+                check_records(reply.content)  # before anything is decoded
                 record = single_array_record(reply.content)
                 # Count first: a reply that fails to decode still travelled.
                 node_ids.append(node)

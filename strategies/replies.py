@@ -20,7 +20,7 @@ from flwr.common import log
 
 from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY, PAYLOAD_KEY, SPEC_KEY
-from fedlowrank.wire import REPLY_NODE_KEY, metric_reduction
+from fedlowrank.wire import MAX_RECORD_BYTES, MAX_RECORD_KEYS, REPLY_NODE_KEY, metric_reduction
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
 
@@ -69,6 +69,26 @@ def read_npy(data: bytes, name: str, max_bytes: int | None = None) -> np.ndarray
         )
     values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
     return values.reshape(shape, order="F" if fortran else "C")
+
+
+def check_records(content: RecordDict) -> None:
+    """Refuse a reply whose metric and config records exceed :data:`~fedlowrank.wire.MAX_RECORD_KEYS`
+    keys or :data:`~fedlowrank.wire.MAX_RECORD_BYTES` bytes; the keys are counted before any value is read."""
+    records = [*content.metric_records.values(), *content.config_records.values()]
+    keys = sum(len(record) for record in records)
+    if keys > MAX_RECORD_KEYS:
+        raise ValueError(f"reply carries {keys} metric and config keys, more than the {MAX_RECORD_KEYS} allowed")
+    size = sum(len(key) + _value_bytes(value) for record in records for key, value in record.items())
+    if size > MAX_RECORD_BYTES:
+        raise ValueError(f"reply's metric and config records hold {size} bytes, more than the {MAX_RECORD_BYTES} allowed")
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, list):  # homogeneous in Flower's records: numbers cost 8 bytes each, read in O(1)
+        return sum(len(v) for v in value) if value and isinstance(value[0], (str, bytes)) else 8 * len(value)
+    return 8
 
 
 def reply_metrics(content: RecordDict) -> MetricRecord:
@@ -160,6 +180,7 @@ def screen_evaluate_replies(
         try:
             if msg.has_error():
                 raise ValueError(msg.error.reason)
+            check_records(msg.content)
             reply_weight(msg.content, weighted_by_key, max_weight)
             for key, value in reply_metrics(msg.content).items():
                 for item in value if isinstance(value, list) else [value]:

@@ -130,6 +130,9 @@ FAULTS = {
     "weight negative": lambda r, k: (r.content["metrics"].__setitem__("num-examples", -5.0), r)[1],
     "weight as list": lambda r, k: (r.content["metrics"].__setitem__("num-examples", [1.0, 2.0]), r)[1],
     "error message": lambda r, k: _make_error(),
+    "1e5 metric keys": lambda r, k: (r.content["metrics"].update({f"m{i}": 1.0 for i in range(100_000)}), r)[1],
+    "1e5-key ConfigRecord": lambda r, k: (r.content.__setitem__("extra", ConfigRecord({f"c{i}": 1 for i in range(100_000)})), r)[1],
+    "2 MiB ConfigRecord": lambda r, k: (r.content.__setitem__("extra", ConfigRecord({"blob": b"\0" * (2 << 20)})), r)[1],
 }
 GROUP_FAULTS = {
     "group count 1e30": lambda r, k: (r.content["metrics"].__setitem__("group-count-g0", 1e30), r)[1],
@@ -246,6 +249,7 @@ def evaluate_reply(node, **metrics):
     ("list where others have a number", lambda: evaluate_reply(BAD_NODE, **{"eval-auc": [0.1, 0.2]})),
     ("extra key", lambda: evaluate_reply(BAD_NODE, **{"eval-extra": 3.0})),
     ("error message", _make_error),
+    ("1e5 metric keys", lambda: evaluate_reply(BAD_NODE, **{f"eval-m{i}": 1.0 for i in range(100_000)})),
 ])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_evaluate_reply_cannot_crash_aggregate_evaluate(kind, name, bad, caplog):
