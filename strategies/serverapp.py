@@ -154,6 +154,8 @@ def wait_for_sites(grid: Grid, expected: int, app_name: str, timeout: float = 12
     The sites are the data split: a federation of another size would silently be another
     experiment (plain ``flwr run`` simulates 2 SuperNodes by default), so it is an error.
     """
+    if type(grid).__name__ == "InMemoryGrid":  # a simulation: its SuperNodes exist from the start
+        timeout = min(timeout, 5.0)
     deadline = time.monotonic() + timeout
     while True:
         found = len(list(grid.get_node_ids()))
@@ -178,8 +180,10 @@ def results_path(settings: RunSettings, strategy: str, app_name: str) -> Path:
     if not given:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         rule = settings.rule if strategy == "fedlowrank" else ""
-        parts = [app_name.replace("-", "_"), strategy, rule, f"r{settings.rank}",
-                 settings.compression.replace(":", "-"), f"seed{settings.seed}", stamp]
+        ranks = settings.client_ranks.replace(",", "-").replace(" ", "")
+        parts = [app_name.replace("-", "_"), strategy, rule, f"r{settings.rank}", f"ranks{ranks}" if ranks else "",
+                 settings.compression.replace(":", "-"), f"dp{settings.dp_noise_multiplier:g}" if settings.dp_noise_multiplier else "",
+                 settings.robust.strip(), "resumed" if settings.resume_from.strip() else "", f"seed{settings.seed}", stamp]
         return (Path("results") / ("-".join(p for p in parts if p and p != "none") + ".json")).resolve()
     path = Path(given).expanduser().resolve()
     if path.exists() and not settings.resume_from.strip():
@@ -270,7 +274,10 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         results.write(path)
         if server_round and server_round == stop_after:
             # A drill: stop as a crash would, after the round's checkpoint is on disk.
-            raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp")
+            checkpoint = settings.checkpoint_dir.strip()
+            how = (f"resume with --run-config \"checkpoint-dir='{checkpoint}' resume-from='{checkpoint}'\" and the same settings"
+                   if checkpoint else "no checkpoint-dir was set, so this run cannot be resumed")
+            raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp as a crash would; {how}")
 
     result = run(
         strategy,

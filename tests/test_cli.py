@@ -14,6 +14,17 @@ def test_help_lists_the_commands_and_python_dash_m_works():
     assert done.returncode == 0 and all(c in done.stdout for c in ("run", "report", "certs"))
     done = subprocess.run(["fedlowrank", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--deployment" in done.stdout and "--secure" in done.stdout
+    # It names the apps and where their run-config keys are documented.
+    assert "adult-married, fairlora-images" in done.stdout and "[tool.flwr.app.config]" in done.stdout
+    done = subprocess.run(["fedlowrank", "certs", "--help"], capture_output=True, text=True)
+    assert all(f"--{option}" in done.stdout for option in ("sites", "hostname", "days")) and "site-1" in done.stdout
+
+
+def test_a_deployment_turns_central_evaluation_off_unless_asked():
+    from fedlowrank.cli.runner import with_default
+
+    assert with_default("num-server-rounds=3", "central-evaluation", "false") == "central-evaluation=false num-server-rounds=3"
+    assert with_default("central-evaluation=true", "central-evaluation", "false") == "central-evaluation=true"
 
 
 def test_unknown_command_and_misspelled_run_config_key_are_named(capsys):

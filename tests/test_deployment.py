@@ -27,7 +27,7 @@ def test_loopback_deployment_runs_saves_and_stops_every_process(tmp_path, secure
     home = tmp_path / "flwr-home"  # ours, so the runner keeps the logs for this test to read
     results = tmp_path / "results.json"
     command = [sys.executable, str(RUNNER), "adult-married", "--deployment", "3",
-               "--run-config", f"num-server-rounds=3 results-file='{results}'"]
+               "--run-config", f"num-server-rounds=3 results-file='{results}' central-evaluation=true"]  # loopback: the sites' own rows
     if secure:
         command += ["--secure", "--unregistered", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,

@@ -190,12 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     """``fedlowrank certs DIR --sites N``: certificates and node keys for ``docker/``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fedlowrank certs", description="Make TLS certificates and SuperNode keys for a deployment.")
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--sites", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        prog="fedlowrank certs",
+        description="Make TLS certificates (a CA, the SuperLink's certificate) and one SuperNode key pair per site "
+                    "for a deployment (docker/README.md). Writes FOLDER/certificates and FOLDER/keys.",
+    )
+    parser.add_argument("folder", type=Path, help="where to write certificates/ and keys/ (e.g. docker)")
+    parser.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make, site-1 .. site-N (default 3)")
     parser.add_argument("--hostname", action="append", default=["superlink", "localhost"],
-                        help="a name the SuperLink is reached by (repeatable)")
-    parser.add_argument("--days", type=int, default=365)
+                        help="a name the SuperLink is reached by, in its certificate (repeatable; default superlink, localhost)")
+    parser.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
     args = parser.parse_args(argv)
     paths = make_certificates(args.folder / "certificates", tuple(args.hostname), args.days)
     keys = [make_node_key(args.folder / "keys", f"site-{i}") for i in range(1, args.sites + 1)]

@@ -134,6 +134,11 @@ RUN_CONFIG_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 """A ``key=value`` pair of ``--run-config``, quoted values kept whole (as ``flwr run`` reads them)."""
 
 
+def with_default(run_config: str, key: str, value: str) -> str:
+    """``run_config`` with ``key=value`` in front, unless it sets ``key`` itself."""
+    return run_config if key in parse_run_config(run_config) else f"{key}={value} {run_config}".strip()
+
+
 def parse_run_config(text: str) -> dict:
     """``"a=1 b='x y'"`` -> ``{"a": 1, "b": "x y"}``: ``key=value`` pairs, values as TOML."""
     return tomllib.loads("\n".join(f"{k} = {v}" for k, v in RUN_CONFIG_PAIR.findall(text)))
@@ -161,8 +166,16 @@ def check_run_config(app: Path, overrides: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlowrank run", description="Run a fedlowrank simulation app end to end.")
-    parser.add_argument("app", help="a Flower app folder, or the name of one under the repository's simulations/ (adult-married)")
+    apps = sorted(p.name for p in HERE.iterdir() if (p / "pyproject.toml").exists()) if HERE.exists() else []
+    parser = argparse.ArgumentParser(
+        prog="fedlowrank run",
+        description="Run a fedlowrank simulation app end to end: a local SuperLink, flwr run, the run's status, "
+                    "and a non-zero exit with the cause when the run failed.",
+        epilog=f"Apps: {', '.join(apps) or 'none found'} (under {HERE}). Each app's run-config keys, with their "
+               "defaults and what they do, are in its pyproject.toml under [tool.flwr.app.config]; an unknown key "
+               "is refused before the run starts.",
+    )
+    parser.add_argument("app", help=f"a Flower app folder, or the name of one under the repository's simulations/ ({', '.join(apps)})")
     parser.add_argument("--supernodes", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 strategy='fedit'\"")
     parser.add_argument("--deployment", type=int, metavar="N", default=0,
@@ -179,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
     check_run_config(app, args.run_config)
     sites = args.deployment or args.supernodes
-    if "num-sites" in declared_config(app) and "num-sites" not in parse_run_config(args.run_config):
-        args.run_config = f"num-sites={sites} {args.run_config}".strip()  # the app checks it got them all
+    declared = declared_config(app)
+    if "num-sites" in declared:
+        args.run_config = with_default(args.run_config, "num-sites", str(sites))  # the app checks it got them all
+    if args.deployment and "central-evaluation" in declared:
+        # The server's test rows are the app's demo data, not the sites': a deployment reports the federated figures.
+        args.run_config = with_default(args.run_config, "central-evaluation", "false")
     env = {**os.environ, **QUIET_ENV}
     own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
