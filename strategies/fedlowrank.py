@@ -27,7 +27,7 @@ from fedlowrank.aggregation.state import LowRankState
 from fedlowrank.aggregation.validate import MAX_WEIGHT
 from fedlowrank.wire import FROZEN_KEY, TRUNCATION_KEY
 
-from .replies import aggregate_reply_metrics, check_records, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, weighted_metrics
+from .replies import aggregate_reply_metrics, check_records, default_reply_bytes, reply_arrays, reply_weight, screen_evaluate_replies, share_weight_cap, weighted_metrics
 
 
 @contextmanager
@@ -243,6 +243,7 @@ class FedLowRank(FedAvg):
         kept, dropped = screen_evaluate_replies(list(replies), self.weighted_by_key, self.config.max_weight)
         if not kept:
             return None
-        metrics = aggregate_reply_metrics(self.evaluate_metrics_aggr_fn, kept, self.weighted_by_key, "evaluate")
+        cap = share_weight_cap(kept, self.weighted_by_key, self.config.share_cap)  # as in training
+        metrics = aggregate_reply_metrics(self.evaluate_metrics_aggr_fn, kept, self.weighted_by_key, "evaluate", cap)
         metrics["eval-clients-dropped"] = dropped
         return metrics

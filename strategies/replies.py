@@ -193,10 +193,18 @@ def screen_evaluate_replies(
     return kept, dropped
 
 
-def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[RecordDict]:
+def share_weight_cap(replies: list[Message], weighted_by_key: str, share_cap: float | None) -> float | None:
+    """``share_cap`` times the median weight of 3 or more replies (None for fewer, or no cap):
+    no claimed sample count buys a site the federation's evaluate figures."""
+    if not share_cap or len(replies) < 3:
+        return None
+    return share_cap * float(np.median([float(reply_metrics(m.content)[weighted_by_key]) for m in replies]))
+
+
+def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap: float | None = None) -> list[RecordDict]:
     """The replies' MetricRecords with every metric kept only where it has one type and length
     across replies (Flower's weighted mean of a float and a list raises); dropped metrics are
-    logged with the node that sent them."""
+    logged with the node that sent them. A weight above ``weight_cap`` is capped (logged)."""
     shapes: dict[str, dict] = {}
     for msg in replies:
         for key, value in reply_metrics(msg.content).items():
@@ -205,7 +213,12 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[Rec
     contents = []
     for msg in replies:
         clean = MetricRecord()
-        for key, value in reply_metrics(msg.content).items():
+        metrics = reply_metrics(msg.content)
+        weight = metrics.get(weighted_by_key)
+        if weight_cap is not None and isinstance(weight, (int, float)) and weight > weight_cap:
+            log(WARNING, "Capping the weight of node %s: %.6g claimed, %.6g allowed", msg.metadata.src_node_id, weight, weight_cap)
+            weight = weight_cap
+        for key, value in metrics.items():
             shape = len(value) if isinstance(value, list) else None
             seen = shapes[key]
             majority = max(seen, key=lambda s: len(seen[s]))
@@ -214,16 +227,22 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str) -> list[Rec
             except ValueError as err:
                 log(WARNING, "Ignoring metric from node %s: %s", msg.metadata.src_node_id, err)
                 continue
+            # A count the federation sums (eval-n) cannot exceed the examples the reply claims.
+            if metric_reduction(key) == "sum" and isinstance(weight, (int, float)) and any(v > weight for v in items):
+                log(WARNING, "Ignoring metric '%s' from node %s: %r is more than its %s examples", key,
+                    msg.metadata.src_node_id, value, weight)
+                continue
             if shape != majority and key != weighted_by_key:
                 log(WARNING, "Ignoring metric '%s' from node %s: %r does not match the other replies", key,
                     msg.metadata.src_node_id, value)
                 continue
-            clean[key] = items if isinstance(value, list) else value
+            clean[key] = items if isinstance(value, list) else (weight if key == weighted_by_key else value)
         contents.append(RecordDict({"metrics": clean}))
     return contents
 
 
-def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: str, kind: str) -> MetricRecord:
+def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: str, kind: str,
+                            weight_cap: float | None = None) -> MetricRecord:
     """``aggr_fn`` (a strategy's ``*_metrics_aggr_fn``) over the replies' consistent metrics.
 
     Each content keeps its other records and gains the sender's node id
@@ -231,7 +250,7 @@ def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: st
     A function that raises loses the round's metrics, never the round (logged).
     """
     contents = []
-    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key)):
+    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key, weight_cap)):
         content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
         content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
         contents.append(content)

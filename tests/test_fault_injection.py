@@ -250,6 +250,7 @@ def evaluate_reply(node, **metrics):
     ("extra key", lambda: evaluate_reply(BAD_NODE, **{"eval-extra": 3.0})),
     ("error message", _make_error),
     ("1e5 metric keys", lambda: evaluate_reply(BAD_NODE, **{f"eval-m{i}": 1.0 for i in range(100_000)})),
+    ("eval-n above its examples", lambda: evaluate_reply(BAD_NODE, **{"eval-n": 1e9})),
 ])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_evaluate_reply_cannot_crash_aggregate_evaluate(kind, name, bad, caplog):
@@ -259,6 +260,19 @@ def test_a_bad_evaluate_reply_cannot_crash_aggregate_evaluate(kind, name, bad, c
     assert metrics is not None and metrics["eval-auc"] == pytest.approx(0.7)
     if name != "extra key":  # an extra metric is no fault: it is averaged where present
         assert f"node {BAD_NODE}" in caplog.text
+    assert metrics.get("eval-n", 0) <= 30  # three replies of 10 examples: no site inflates the federation's count
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_site_claiming_a_billion_evaluate_examples_gets_only_its_capped_share(kind, caplog):
+    strategy = make_strategy(kind)
+    honest = [evaluate_reply(node) for node in (1, 2, 3)]
+    liar = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1e9, "eval-auc": 0.1})}), metadata=metadata(BAD_NODE))
+    with caplog.at_level(logging.WARNING):
+        metrics = strategy.aggregate_evaluate(1, [*honest, liar])
+    # Capped at 10 x the median (10 examples): the liar weighs 100 against 30, not 1e9 against 30.
+    assert metrics["eval-auc"] == pytest.approx((30 * 0.7 + 100 * 0.1) / 130)
+    assert f"Capping the weight of node {BAD_NODE}" in caplog.text
 
 
 @pytest.mark.parametrize("attack", ["factors x 1e15", "weight 1e30"])
