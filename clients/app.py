@@ -16,6 +16,7 @@ from torch import nn
 from fedlowrank.adapters import FACTOR_SUFFIXES, adapter_layers, exchange_state, inject_adapters, load_exchange_state
 from fedlowrank.adapters.peft import freeze_factor, is_peft_model, lora_layers
 from fedlowrank.fairness import group_fairness_report, local_statistics
+from fedlowrank.aggregation.validate import MAX_ABS_VALUE
 from fedlowrank.wire import FAIRNESS_STATS_KEY, FROZEN_KEY, GROUP_COUNT_PREFIX, GROUP_SHARE_KEY, TRUNCATION_KEY
 
 from .compression import compress_reply
@@ -157,7 +158,7 @@ def build_client_app(
     local_epochs: int = 1,
     lr: float = 1e-3,
     dp: DPConfig | Callable[[Context], DPConfig | None] | None = None,
-    max_abs_global: float = 1e6,
+    max_abs_global: float = MAX_ABS_VALUE,
 ) -> ClientApp:
     """A ``ClientApp`` that loads the global adapter, trains locally, evaluates and replies.
 

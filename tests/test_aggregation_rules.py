@@ -334,11 +334,11 @@ def test_carry_loses_nothing_over_twenty_rounds(dense_above):
     assert rel(final + carried - start, exact_total) < 1e-6
 
 
-def test_plain_arrays_keep_their_shape_and_follow_fedavg_for_integers():
+def test_plain_arrays_keep_their_shape_and_integer_arrays_are_refused_not_averaged():
     gen = np.random.default_rng(12)
     arrays = {"fc.lora_U": gen.normal(size=(D_OUT, 2)), "fc.lora_S": np.ones((1, 2)), "fc.lora_V": gen.normal(size=(D_IN, 2)),
-              "temperature": np.array(1.5), "steps": np.array([3, 4], dtype=np.int64)}
-    other = dict(arrays, temperature=np.array(2.5), steps=np.array([4, 4], dtype=np.int64))
+              "temperature": np.array(1.5)}
+    other = dict(arrays, temperature=np.array(2.5))
     strategy = FedLowRank()
     current = array_record(arrays, dtype=None)
     for server_round in (1, 2):  # round 2 checks replies against round 1's output shapes
@@ -346,8 +346,10 @@ def test_plain_arrays_keep_their_shape_and_follow_fedavg_for_integers():
         record, metrics = run_round(strategy, current, replies, server_round=server_round)
         assert metrics["agg-clients-dropped"] == 0
         assert record["temperature"].numpy().shape == () and float(record["temperature"].numpy()) == pytest.approx(2.25)
-        np.testing.assert_allclose(record["steps"].numpy(), [3.75, 4.0])  # FedAvg's float mean
         current = record
+    # A step counter's mean (3.75 steps) is no step counter: refused before any client trains.
+    with pytest.raises(ValueError, match="'steps' has dtype int64"):
+        run_round(FedLowRank(), array_record({**arrays, "steps": np.array([3, 4], dtype=np.int64)}, dtype=None), [])
 
 
 def test_global_rank_above_a_layers_size_is_clamped_with_a_log_line(caplog):

@@ -66,6 +66,11 @@ def check_client_factors(
             raise ValueError(f"client {k}: weight {w.tolist()} must be finite and non-negative")
 
 
+MAX_ABS_VALUE = 1e6
+"""Largest entry a reply (and so the global) may hold. A client refuses a global above it
+(``build_client_app(max_abs_global=...)``), so a reply above it would end the federation: it is
+refused instead, whatever ``robust`` says (one client's factors x 1e15 cannot move the global)."""
+
 MAX_WEIGHT = 1e9
 """Default cap on a reply's weight (sample count) and per-group counts: larger values are
 refused (``1e30`` examples would make the global that client's model)."""
@@ -99,7 +104,8 @@ def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.n
 
     The keys must be the same; factors (``*.lora_U/S/V``) may change rank but keep the
     layer's row counts, and a layer's three factors agree on it; every other array keeps
-    its shape. Every array is float (integers and bools are refused by name) and finite.
+    its shape. Every array is float (integers and bools are refused by name), finite and at most
+    :data:`MAX_ABS_VALUE` in absolute value.
     """
     if set(arrays) != set(sent):
         missing = sorted(set(sent) - set(arrays))
@@ -117,6 +123,9 @@ def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.n
             raise ValueError(f"tensor '{key}' has dtype {got.dtype}; only float arrays are aggregated (a mean of integers or bools is not one)")
         if not np.all(np.isfinite(got)):
             raise ValueError(f"tensor '{key}' contains NaN or Inf")
+        peak = float(np.abs(got).max()) if got.size else 0.0
+        if peak > MAX_ABS_VALUE:
+            raise ValueError(f"tensor '{key}' has an entry of {peak:.3g}, above the {MAX_ABS_VALUE:g} a client accepts in a global")
     for module in {f[0] for f in map(split_factor_key, arrays) if f is not None}:
         ranks = {leaf: np.shape(arrays[f"{module}.{leaf}"])[1] for leaf in ("lora_U", "lora_S", "lora_V")}
         if len(set(ranks.values())) != 1:
