@@ -90,6 +90,8 @@ class RunResults:
     """Everything a run reports, round by round."""
 
     strategy: str | None = None
+    app: str | None = None
+    """The Flower app that ran (``adult-married``); reports group runs by it."""
     run_config: dict[str, Any] = field(default_factory=dict)
     num_sites: int | None = None
     group_names: list[str] = field(default_factory=list)

@@ -253,6 +253,7 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         """Results so far, every round: a run that stops loses nothing already measured."""
         results = RunResults(
             strategy=name,
+            app=spec.name,
             run_config=dict(cfg.items()),
             num_sites=num_sites,
             group_names=list(spec.group_names),

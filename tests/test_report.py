@@ -80,7 +80,8 @@ def test_html_report_labels_runs_by_differing_config_and_adds_bytes_and_epsilon_
     assert "AUC non-White" in text and "AUC White" in text
     assert pngs(out) == {"auc_acc.png", "group_auc.png", "es_auc.png", "fairness_gaps.png", "bytes.png", "epsilon.png"}
     assert all((out / name).read_bytes()[:8] == PNG for name in pngs(out))
-    assert all(f'src="{name}"' in text for name in pngs(out))
+    # Standalone: every figure embedded, none linked.
+    assert text.count('src="data:image/png;base64,') == len(pngs(out)) and not any(f'src="{name}"' in text for name in pngs(out))
     # Final bytes 3,000 (6,000 over all rounds) and epsilon 1.50 for the DP run only.
     assert "<td class=\"num\">3,000</td>" in text and "6,000" in text and "1.50" in text
 
@@ -141,3 +142,30 @@ def test_the_results_file_round_trips_and_older_files_still_read(tmp_path):
     older.write_text('{"run_config": {"rank": 2}, "rounds": [{"round": 0, "central": {"auc": 0.6}}]}')
     read = RunResults.read(older)
     assert read.strategy is None and read.group_names == [] and read.rounds[0].clients_train == {}
+
+
+def test_runs_of_different_apps_get_their_own_section_and_figures(tmp_path):
+    adult = [write(tmp_path / f"adult{i}.json", plain_rounds(0.01 * i), {**CONFIG, "seed": i}, app="adult-married")
+             for i in range(3)]
+    imaging = write(tmp_path / "img.json", plain_rounds(), {**CONFIG, "image-size": 64}, app="fairlora-images")
+    out = tmp_path / "mixed"
+    assert main(["report", *map(str, adult), str(imaging), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "4 runs of 2 apps (adult-married, fairlora-images)" in text
+    assert "## App adult-married" in text and "## App fairlora-images" in text
+    assert {"adult-married-auc_acc.png", "fairlora-images-auc_acc.png"} <= pngs(out)
+    # Within an app only what differs labels a run: the seed here, never the other app's image-size.
+    adult_part = text.split("## App fairlora-images")[0]
+    assert "fedlowrank seed=1" in adult_part and "image-size" not in adult_part
+
+
+def test_labels_leave_out_settings_that_are_empty():
+    runs = [Run(Path("a.json"), load_results_from({**CONFIG, "robust": ""})),
+            Run(Path("b.json"), load_results_from({**CONFIG, "robust": "clip"}))]
+    assert label_runs(runs) == ["fedlowrank", "fedlowrank robust=clip"]
+
+
+def load_results_from(config):
+    from fedlowrank.results import RunResults
+
+    return RunResults(strategy="fedlowrank", run_config=config, rounds=[])

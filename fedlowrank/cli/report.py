@@ -4,15 +4,16 @@
     python simulations/plot_results.py ...   (the same)
 
 Writes ``report.md`` (or ``report.html``) and one PNG per metric into DIR (default:
-``<first results file's stem>_report/`` next to it) and prints the report's path. Several
-files (e.g. one per strategy) are drawn on the same axes, each labelled by its strategy and
-the run-config entries that differ between the files. Needs matplotlib
-(``pip install fedlowrank[plot]``).
+``<first results file's stem>_report/`` next to it) and prints the report's path. Runs of one
+app are drawn on the same axes, each labelled by its strategy and the run-config entries that
+are set and differ between them; runs of different apps get a section and figures each. The
+HTML page is standalone (its images embedded). Needs matplotlib (``pip install fedlowrank[plot]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import html
 import json
 import math
@@ -59,6 +60,11 @@ class Run:
     def strategy(self) -> str:
         """The strategy's name (the file's stem for files that lack it)."""
         return str(self.results.strategy or self.results.run_config.get("strategy", self.path.stem))
+
+    @property
+    def app(self) -> str:
+        """The app that ran, as the results file records it ("" for files that predate it)."""
+        return str(self.results.app or "")
 
     @property
     def config(self) -> dict:
@@ -141,8 +147,8 @@ def label_runs(runs: list[Run]) -> list[str]:
         config = run.config
         shown = []
         for key in keys:
-            if key not in config or key in ("strategy", *BOOKKEEPING_KEYS):
-                continue
+            if key not in config or key in ("strategy", *BOOKKEEPING_KEYS) or show_value(config[key]) == "":
+                continue  # unset, bookkeeping, or empty (robust='' says nothing in a label)
             if key == "rule" and run.strategy != "fedlowrank" and len(runs) == 1:
                 continue  # only strategy 'fedlowrank' reads the rule
             if key == "compression" and len(runs) == 1 and show_value(config[key]) in ("", "none"):
@@ -183,15 +189,19 @@ class Plot:
     title: str
 
 
-def draw(runs: list[Run], out: Path) -> list[Plot]:
-    """Write the PNGs for the metrics present in at least one run; return them in order."""
+def draw(runs: list[Run], out: Path, prefix: str = "") -> list[Plot]:
+    """Write the PNGs (named ``<prefix><metric>.png``) for the metrics present in at least one run;
+    return them in order. Legends sit beside the axes, never over the data."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    colors = [f"C{i % 10}" for i in range(len(runs))]
+    # Up to 10 runs: matplotlib's default colours; more: 20 colours and a marker per block of 20.
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [plt.get_cmap("tab20")(i) for i in range(20)]
+    colors = [palette[i % len(palette)] for i in range(len(runs))]
+    markers = [("o", "s", "^", "D")[(i // len(palette)) % 4] for i in range(len(runs))]
     federated = {run.label: f"{run.label} [federated]" if run.source == "federated" else run.label for run in runs}
     plots: list[Plot] = []
 
@@ -200,11 +210,14 @@ def draw(runs: list[Run], out: Path) -> list[Plot]:
             ax.set_xlabel("round")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        # One legend beside the last axes (the runs are the same on every axes), outside the data.
+        handles, labels = fig.axes[-1].get_legend_handles_labels()
+        if handles:
+            fig.axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                borderaxespad=0.0, ncol=1 if len(labels) <= 24 else 2)
+        fig.savefig(out / (prefix + name), dpi=120, bbox_inches="tight")  # the legend and titles whole
         plt.close(fig)
-        plots.append(Plot(name, title))
+        plots.append(Plot(prefix + name, title))
 
     def line(ax, points: tuple[list[int], list[float]], *style, **kwargs) -> None:
         if points[0]:  # a run without the metric stays out of the legend
@@ -218,51 +231,54 @@ def draw(runs: list[Run], out: Path) -> list[Plot]:
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            for run, color in zip(runs, colors):
-                line(ax, run.series(key), marker="o", color=color, label=federated[run.label])
+            for run, color, marker in zip(runs, colors, markers):
+                line(ax, run.series(key), marker=marker, color=color, label=federated[run.label])
             ax.set(ylabel="AUC" if key == "auc" else "accuracy", title="AUC" if key == "auc" else "Accuracy")
         save(fig, "auc_acc.png", "AUC and accuracy per round")
 
     if any(GROUP_KEY.fullmatch(k) for run in runs for k in run.metric_keys()):
         fig, ax = plt.subplots(figsize=(7, 4))
         styles = ["-", "--", ":", "-."]
-        for run, color in zip(runs, colors):
+        names = runs[0].group_names
+        for run, color, marker in zip(runs, colors, markers):
             for g, name in enumerate(run.group_names):
-                line(ax, run.series(f"auc_g{g}"), styles[g % len(styles)], marker=".", color=color,
-                        label=f"{federated[run.label]}: {name}")
-        ax.set(ylabel="AUC", title="AUC per group")
+                # One legend entry per run (its colour); the line style names the group, in the title.
+                label = federated[run.label] if g == 0 else None
+                line(ax, run.series(f"auc_g{g}"), styles[g % len(styles)], marker=marker, markersize=3, color=color, label=label)
+        legend = ", ".join(f"{name} {('solid', 'dashed', 'dotted', 'dash-dot')[g % 4]}" for g, name in enumerate(names))
+        ax.set(ylabel="AUC", title=f"AUC per group ({legend})")
         save(fig, "group_auc.png", "AUC per group per round")
 
     if present("es_auc"):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in zip(runs, colors):
-            line(ax, run.series("es_auc"), marker="o", color=color, label=federated[run.label])
+        for run, color, marker in zip(runs, colors, markers):
+            line(ax, run.series("es_auc"), marker=marker, color=color, label=federated[run.label])
         ax.set(ylabel="ES-AUC", title="Equity-scaled AUC")
         save(fig, "es_auc.png", "Equity-scaled AUC (ES-AUC) per round")
 
     if present("dpd") or present("eod"):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in zip(runs, colors):
-            line(ax, run.series("dpd"), marker="o", color=color, label=f"{federated[run.label]}: DPD")
-            line(ax, run.series("eod"), "--", marker="x", color=color, label=f"{federated[run.label]}: EOD")
-        ax.set(ylabel="difference", title="Demographic parity (DPD) / equalized odds (EOD) differences")
+        for run, color, marker in zip(runs, colors, markers):
+            line(ax, run.series("dpd"), marker=marker, color=color, label=federated[run.label])
+            line(ax, run.series("eod"), "--", marker=marker, markersize=3, color=color)
+        ax.set(ylabel="difference", title="DPD (solid) and EOD (dashed)")
         save(fig, "fairness_gaps.png", "Demographic parity and equalized odds differences per round")
 
     if any(run.bytes_key() for run in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in zip(runs, colors):
+        for run, color, marker in zip(runs, colors, markers):
             if run.bytes_key():
-                line(ax, run.series(run.bytes_key(), train=True), marker="o", color=color,
+                line(ax, run.series(run.bytes_key(), train=True), marker=marker, color=color,
                         label=f"{run.label} ({run.bytes_key()})")
         ax.set(ylabel="bytes", title="Bytes sent per round")
         save(fig, "bytes.png", "Bytes sent per round")
 
     if any(run.has_epsilon() for run in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in zip(runs, colors):
+        for run, color, marker in zip(runs, colors, markers):
             if run.has_epsilon():
-                line(ax, run.series("dp_epsilon", train=True), marker="o", color=color, label=run.label)
-        ax.set(ylabel="epsilon", title="DP epsilon spent (worst site)")
+                line(ax, run.series("dp_epsilon", train=True), marker=marker, color=color, label=run.label)
+        ax.set(ylabel="epsilon", title="DP epsilon (worst site)")
         save(fig, "epsilon.png", "Differential-privacy epsilon spent per round (worst site)")
     return plots
 
@@ -310,9 +326,10 @@ def final_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return [columns[i][0] for i in keep], [[row[i] for i in keep] for row in cells]
 
 
-def describe(runs: list[Run], plots: list[Plot]) -> list[tuple]:
-    """The report's content as blocks, rendered to Markdown or HTML by :func:`render`."""
-    blocks: list[tuple] = [("h1", "fedlowrank report")]
+def describe(runs: list[Run], plots: list[Plot], app: str | None = None) -> list[tuple]:
+    """The report's content on one app's runs as blocks, rendered to Markdown or HTML by
+    :func:`render`; under an ``app`` heading (one level down) when the report has several."""
+    blocks: list[tuple] = [("h2", f"App {app or '(not recorded)'}")] if app is not None else []
     count = f"{len(runs)} run" + ("s" if len(runs) > 1 else "")
     text = f"{count}. Evaluation metrics are the server's central evaluation on the pooled test rows"
     if any(run.source == "federated" for run in runs):
@@ -331,14 +348,24 @@ def describe(runs: list[Run], plots: list[Plot]) -> list[tuple]:
         if seconds is not None:
             extra.append(f"{float(seconds):.0f} s")
         items.append((run.label, f"{run.path} ({'; '.join(extra)})"))
-    blocks.append(("h2", "Runs"))
+    sub = "h3" if app is not None else "h2"
+    blocks.append((sub, "Runs"))
     blocks.append(("list", items))
-    blocks.append(("h2", "Final round"))
+    blocks.append((sub, "Final round"))
     blocks.append(("table", *final_table(runs)))
     if plots:
-        blocks.append(("h2", "Per round"))
+        blocks.append((sub, "Per round"))
         blocks += [("image", plot.title, plot.name) for plot in plots]
     return blocks
+
+
+def by_app(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by the app that ran them, in the order given (each app's metrics, data and
+    groups are its own: drawing an Adult run beside an imaging run compares nothing)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.app, []).append(run)
+    return groups
 
 
 def md_cell(text: str) -> str:
@@ -346,15 +373,14 @@ def md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render(blocks: list[tuple], fmt: str) -> str:
-    """Markdown, or a standalone HTML page (images as relative links), from :func:`describe`'s blocks."""
+def render(blocks: list[tuple], fmt: str, folder: Path | None = None) -> str:
+    """Markdown (images as relative links), or a standalone HTML page (images embedded, read
+    from ``folder``), from :func:`describe`'s blocks."""
     lines: list[str] = []
     if fmt == "md":
         for kind, *rest in blocks:
-            if kind == "h1":
-                lines += [f"# {rest[0]}", ""]
-            elif kind == "h2":
-                lines += [f"## {rest[0]}", ""]
+            if kind in ("h1", "h2", "h3"):
+                lines += [f"{'#' * int(kind[1])} {rest[0]}", ""]
             elif kind == "p":
                 lines += [rest[0], ""]
             elif kind == "list":
@@ -366,7 +392,7 @@ def render(blocks: list[tuple], fmt: str) -> str:
                 lines += ["| " + " | ".join(map(md_cell, row)) + " |" for row in rows]
                 lines.append("")
             elif kind == "image":
-                lines += [f"### {rest[0]}", "", f"![{rest[0]}]({rest[1]})", ""]
+                lines += [f"**{rest[0]}**", "", f"![{rest[0]}]({rest[1]})", ""]
         return "\n".join(lines)
     esc = html.escape
     title = next(rest[0] for kind, *rest in blocks if kind == "h1")
@@ -375,7 +401,7 @@ def render(blocks: list[tuple], fmt: str) -> str:
               "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em}"
               "td.num{text-align:right}img{max-width:100%}</style>", "</head>", "<body>"]
     for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             lines.append(f"<{kind}>{esc(rest[0])}</{kind}>")
         elif kind == "p":
             lines.append(f"<p>{esc(rest[0])}</p>")
@@ -390,8 +416,11 @@ def render(blocks: list[tuple], fmt: str) -> str:
                                               for i, c in enumerate(row)) + "</tr>")
             lines.append("</table>")
         elif kind == "image":
-            lines.append(f"<h3>{esc(rest[0])}</h3>")
-            lines.append(f'<img src="{esc(rest[1], quote=True)}" alt="{esc(rest[0], quote=True)}">')
+            source = esc(rest[1], quote=True)
+            if folder is not None and (folder / rest[1]).exists():  # embedded: the page stands alone
+                source = "data:image/png;base64," + base64.b64encode((folder / rest[1]).read_bytes()).decode()
+            lines.append(f"<h4>{esc(rest[0])}</h4>")
+            lines.append(f'<img src="{source}" alt="{esc(rest[0], quote=True)}">')
     lines += ["</body>", "</html>", ""]
     return "\n".join(lines)
 
@@ -406,7 +435,7 @@ def write_report(paths: list[Path], out: Path | None = None, fmt: str = "md") ->
     out : pathlib.Path, optional
         The report's folder (created); default ``<first file's stem>_report`` next to it.
     fmt : {"md", "html"} (default: "md")
-        ``report.md`` or a standalone ``report.html``; the PNGs are relative links.
+        ``report.md`` (the PNGs as relative links) or a standalone ``report.html`` (embedded).
 
     Returns
     -------
@@ -424,12 +453,21 @@ def write_report(paths: list[Path], out: Path | None = None, fmt: str = "md") ->
     if not paths:
         raise ValueError("no results file given")
     runs = [Run(Path(p), load_results(Path(p))) for p in paths]
-    for run, label in zip(runs, label_runs(runs)):
-        run.label = label
     out = Path(out) if out is not None else runs[0].path.with_name(f"{runs[0].path.stem}_report")
     out.mkdir(parents=True, exist_ok=True)
+    apps = by_app(runs)
+    count = f"{len(runs)} run" + ("s" if len(runs) > 1 else "")
+    blocks: list[tuple] = [("h1", "fedlowrank report")]
+    if len(apps) > 1:
+        blocks.append(("p", f"{count} of {len(apps)} apps ({', '.join(apps)}), each drawn on its own figures."))
+    for app, app_runs in apps.items():
+        for run, label in zip(app_runs, label_runs(app_runs)):
+            run.label = label
+        several = len(apps) > 1
+        plots = draw(app_runs, out, prefix=f"{app or 'app'}-" if several else "")
+        blocks += describe(app_runs, plots, app if several else None)
     report = out / f"report.{fmt}"
-    report.write_text(render(describe(runs, draw(runs, out)), fmt))
+    report.write_text(render(blocks, fmt, out))
     return report
 
 
