@@ -22,7 +22,8 @@ class RunFailed(RuntimeError):
         self.cause = cause
 
 
-EXTRA_OF_MODULE = {"opacus": "dp", "monai": "imaging", "einops": "imaging", "torchvision": "imaging", "matplotlib": "plot"}
+EXTRA_OF_MODULE = {"opacus": "dp", "monai": "imaging", "einops": "imaging", "torchvision": "imaging", "matplotlib": "plot",
+                   "peft": "peft"}
 """The fedlowrank extra that installs a module a site may lack (``pyproject.toml``)."""
 
 _FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.S)

@@ -45,3 +45,17 @@ def test_certs_makes_a_ca_a_server_certificate_and_node_keys(tmp_path):
     assert {p.name for p in (tmp_path / "certificates").iterdir()} == {"ca.crt", "server.pem", "server.key"}
     assert {p.name for p in (tmp_path / "keys").iterdir()} == {"site-1.key", "site-1.pub", "site-2.key", "site-2.pub"}
     assert (tmp_path / "keys" / "site-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_a_simulation_that_needs_a_missing_extra_is_refused_before_it_starts(monkeypatch):
+    import importlib.util
+
+    from fedlowrank.cli.runner import HERE, missing_extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("opacus", "monai") else real(name, *a))
+    assert missing_extras(HERE / "adult-married", "num-server-rounds=2") == []
+    assert missing_extras(HERE / "adult-married", "dp-noise-multiplier=1.0") == ["dp"]
+    assert missing_extras(HERE / "fairlora-images", "dp-noise-multiplier=1.0") == ["dp", "imaging"]
+    with pytest.raises(SystemExit, match=r"needs the \[dp\] extra: pip install 'fedlowrank\[dp\]'"):
+        main(["run", "adult-married", "--run-config", "dp-noise-multiplier=1.0"])

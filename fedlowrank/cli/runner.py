@@ -134,6 +134,21 @@ RUN_CONFIG_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 """A ``key=value`` pair of ``--run-config``, quoted values kept whole (as ``flwr run`` reads them)."""
 
 
+def missing_extras(app: Path, run_config: str) -> list[str]:
+    """The fedlowrank extras this run needs and this environment lacks (the local ClientApps run here)."""
+    from importlib.util import find_spec
+
+    from fedlowrank.results import EXTRA_OF_MODULE
+
+    settings = {**declared_config(app), **parse_run_config(run_config)}
+    modules = []
+    if float(settings.get("dp-noise-multiplier", 0) or 0) > 0:
+        modules.append("opacus")
+    if app.name == "fairlora-images":
+        modules += ["monai", "einops", "torchvision"]
+    return sorted({EXTRA_OF_MODULE[m] for m in modules if find_spec(m) is None})
+
+
 def with_default(run_config: str, key: str, value: str) -> str:
     """``run_config`` with ``key=value`` in front, unless it sets ``key`` itself."""
     return run_config if key in parse_run_config(run_config) else f"{key}={value} {run_config}".strip()
@@ -191,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (app / "pyproject.toml").exists():
         raise SystemExit(f"no Flower app at {app} (expected a pyproject.toml there)")
     check_run_config(app, args.run_config)
+    if not args.deployment:  # a simulation's sites run in this environment: what they need is known now
+        lacking = missing_extras(app, args.run_config)
+        if lacking:
+            extras = ",".join(lacking)
+            raise SystemExit(f"{app.name} with these settings needs the [{extras}] extra{'s' if len(lacking) > 1 else ''}: "
+                             f"pip install 'fedlowrank[{extras}]' (or, from the repository, pip install -e '.[{extras}]')")
     sites = args.deployment or args.supernodes
     declared = declared_config(app)
     if "num-sites" in declared:
