@@ -34,8 +34,14 @@ def which(name: str) -> str:
     return shutil.which(name) or name
 
 
-def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost",), days: int = 2) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1 and ``hostnames``, signed by it (PEM)."""
+def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost",), days: int = 2,
+                      ca_key_file: Path | None = None) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 and ``hostnames``, signed by it (PEM).
+
+    With ``ca_key_file``: the CA's private key is kept there (owner-only), and where it and
+    ``folder/ca.crt`` exist already, only the server certificate is issued again, by the same
+    CA (a new server hostname, an expired certificate), so sites keep the ``ca.crt`` they have.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,14 +49,24 @@ def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost",),
 
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlowrank loopback CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    if ca_key_file is not None and ca_key_file.exists() and (folder / "ca.crt").exists():
+        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+        ca_name = ca_cert.subject
+    else:
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlowrank loopback CA")])
+        ca_cert = (
+            x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        if ca_key_file is not None:
+            ca_key_file.parent.mkdir(parents=True, exist_ok=True)
+            ca_key_file.write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+            os.chmod(ca_key_file, 0o600)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
@@ -193,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fedlowrank certs",
         description="Make TLS certificates (a CA, the SuperLink's certificate) and one SuperNode key pair per site "
-                    "for a deployment (docker/README.md). Writes FOLDER/certificates and FOLDER/keys.",
+                    "for a deployment (docker/README.md). Writes FOLDER/certificates, FOLDER/keys and the CA's "
+                    "private key FOLDER/ca/ca.key; run again, it keeps the CA and existing site keys and issues "
+                    "the SuperLink's certificate again (e.g. for a new --hostname).",
     )
     parser.add_argument("folder", type=Path, help="where to write certificates/ and keys/ (e.g. docker)")
     parser.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make, site-1 .. site-N (default 3)")
@@ -201,9 +219,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="a name the SuperLink is reached by, in its certificate (repeatable; default superlink, localhost)")
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
     args = parser.parse_args(argv)
-    paths = make_certificates(args.folder / "certificates", tuple(args.hostname), args.days)
-    keys = [make_node_key(args.folder / "keys", f"site-{i}") for i in range(1, args.sites + 1)]
+    ca_key = args.folder / "ca" / "ca.key"
+    if ca_key.exists():
+        print(f"{ca_key} exists: issuing the SuperLink's certificate again from the same CA (sites keep their ca.crt)")
+    paths = make_certificates(args.folder / "certificates", tuple(args.hostname), args.days, ca_key_file=ca_key)
+    keys = []
+    for i in range(1, args.sites + 1):
+        if (args.folder / "keys" / f"site-{i}.key").exists():  # a site's key is its identity: never replaced
+            print(f"kept {args.folder / 'keys' / f'site-{i}.key'}")
+            continue
+        keys.append(make_node_key(args.folder / "keys", f"site-{i}"))
     for path in [*paths.values(), *(k for pair in keys for k in pair)]:
         print(path)
+    print(f"The CA's private key is {ca_key}: keep it off the servers (it is mounted in no container); "
+          "rerun this command with another --hostname to issue the SuperLink's certificate again.")
     print("Flower's containers run as uid 49999: sudo chown -R 49999:49999 on these folders before docker compose up")
 
