@@ -59,3 +59,18 @@ def test_a_simulation_that_needs_a_missing_extra_is_refused_before_it_starts(mon
     assert missing_extras(HERE / "fairlora-images", "dp-noise-multiplier=1.0") == ["dp", "imaging"]
     with pytest.raises(SystemExit, match=r"needs the \[dp\] extra: pip install 'fedlowrank\[dp\]'"):
         main(["run", "adult-married", "--run-config", "dp-noise-multiplier=1.0"])
+
+
+def test_certs_again_keeps_the_ca_and_the_site_keys_and_issues_a_server_certificate_for_a_new_name(tmp_path):
+    from cryptography import x509
+
+    main(["certs", str(tmp_path), "--sites", "2", "--days", "1"])
+    ca, site_key = (tmp_path / "certificates" / "ca.crt").read_bytes(), (tmp_path / "keys" / "site-1.key").read_bytes()
+    assert oct((tmp_path / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
+    main(["certs", str(tmp_path), "--sites", "3", "--days", "1", "--hostname", "new.example.org"])
+    assert (tmp_path / "certificates" / "ca.crt").read_bytes() == ca  # sites keep their ca.crt
+    assert (tmp_path / "keys" / "site-1.key").read_bytes() == site_key and (tmp_path / "keys" / "site-3.key").exists()
+    server = x509.load_pem_x509_certificate((tmp_path / "certificates" / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "new.example.org" in names
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))  # signed by the same CA
