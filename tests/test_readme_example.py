@@ -28,6 +28,9 @@ def test_readme_app_runs_through_flwr_run(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finished:completed" in done.stdout
+    # Quiet: no Flower line that is untrue of a run the runner started, no app warnings.
+    assert "Created default configuration" not in done.stdout and "changed from 10 to 2" not in done.stdout
+    assert "Recommended property" not in done.stdout
     loss = float(re.search(r"final train loss ([0-9.eE+-]+)", done.stdout).group(1))
     # Three rounds of adapter training on a learnable task: far below chance-level loss (0.69).
     assert loss < 0.4

@@ -45,6 +45,7 @@ def test_flwr_run_with_heterogeneous_ranks_improves_on_the_base(tmp_path):
     assert len(lines) <= 45 and max(len(line) for line in lines) <= 250, (len(lines), out[-3000:])
     assert "Warning" not in out, out
     assert "finished:completed" in out
+    assert "\x1b[" not in out  # a redirected log carries no colour codes
 
 
 def test_hundred_sites_ten_sampled_mixed_ranks_rule_from_run_config(tmp_path):

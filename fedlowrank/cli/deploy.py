@@ -199,7 +199,7 @@ def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stre
         return code
     finally:
         stop_all(processes)
-        print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes; logs in {work}", flush=True)
+        print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

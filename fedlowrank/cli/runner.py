@@ -102,8 +102,11 @@ class Stream:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         run_id = None
         assert process.stdout is not None
+        plain = not sys.stdout.isatty()  # Flower colours its log lines always; a redirected log gets none
         for line in process.stdout:
-            sys.stdout.write(line)
+            if FLOWER_NOISE.search(line):
+                continue
+            sys.stdout.write(ANSI.sub("", line) if plain else line)
             sys.stdout.flush()
             found = RUN_STARTED.search(line)
             if found and run_id is None:
@@ -115,6 +118,15 @@ class Stream:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+FLOWER_NOISE = re.compile(
+    r"Flower configuration not found\. Created default configuration"
+    r"|default simulated SuperNodes changed from 10 to 2"
+    r"|To change federation size, use the following command"
+    r"|flwr federation simulation-config "
+)
+"""Flower lines that say nothing true of a run started here: the runner makes its own Flower home
+and always passes the number of simulated SuperNodes."""
 
 
 def run_status(run_id: int, env: dict, superlink: str = "local") -> str | None:
@@ -242,11 +254,10 @@ def deploy_app(app: Path, args: argparse.Namespace, env: dict, stream: Stream, o
         code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
         return code
     finally:
-        if own_home:
-            if code == 0:
-                shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
-            else:
-                print(f"logs kept in {env['FLWR_HOME']}", flush=True)
+        if own_home and code == 0:  # a temporary home: nothing to keep after a clean run
+            shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
+        else:
+            print(f"logs kept in {Path(env['FLWR_HOME']) / 'deployment'}", flush=True)
 
 
 def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own_home: bool) -> int:
