@@ -245,6 +245,11 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
             raise ValueError(f"{spec.name} has no central test data: set central-evaluation = false")
         evaluate_fn = central_evaluation(spec.global_model(rank, groups), spec.central_test(cfg, num_sites), pick_device())
     strategy = with_compression(build_strategy(name, rank, settings), settings)
+    data = f", dataset {cfg['dataset']}" if str(cfg.get("dataset", "")).strip() else ""
+    rule = f" (rule {settings.rule})" if name == "fedlowrank" else ""
+    rounds = settings.num_server_rounds
+    log(INFO, "%s: %d sites, %d round%s, strategy %s%s, rank %d%s", spec.name, num_sites, rounds, "s" * (rounds != 1),
+        name, rule, rank, data)
     started = time.time()
     path = results_path(settings, name, spec.name)
     stop_after = settings.stop_after_round
