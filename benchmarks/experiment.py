@@ -427,9 +427,17 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--reference", default=None, help="rule the others are paired against")
     s.add_argument("--markdown", default=None)
     s.add_argument("--plots", default=None, help="folder for curve plots")
+    o = sub.add_parser("loso", help="choose a default leaving each setting out, judge it there")
+    o.add_argument("results", nargs="+", help="results files; files of one setting are paired by seed")
+    o.add_argument("--candidates", required=True, help="comma-separated rules the default is chosen from")
+    o.add_argument("--baselines", required=True, help="comma-separated adapter baselines (the best per setting counts)")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args)
+    elif args.command == "loso":
+        from experiment_summary import loso_main
+
+        loso_main(args.results, split_rules(args.candidates), split_rules(args.baselines))
     else:
         from experiment_summary import summary_main
 

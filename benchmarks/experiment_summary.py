@@ -267,3 +267,59 @@ def summary_main(args) -> None:
         print(f"wrote {args.markdown}")
     else:
         print(text)
+
+
+def setting_label(results: dict) -> str:
+    """A short name for a setting and regime (``digits lr 0.001 E1 lora``, with sites or ranks where set)."""
+    regime = results["regime"]
+    label = f"{results['setting']} lr {regime['lr']:g} E{regime['local_epochs']} {regime['init']}"
+    if regime["client_ranks"]:
+        label += " ranks " + ",".join(map(str, regime["client_ranks"]))
+    if regime["sites"] != 5:
+        label += f" {regime['sites']} sites x {regime['fraction']:g}"
+    return label
+
+
+def finals(results: dict, rule: str, metric: str) -> np.ndarray:
+    return np.array([results["seeds"][s]["runs"][rule][-1][metric] for s in sorted(results["seeds"], key=int)])
+
+
+def leave_one_setting_out(settings: dict[str, dict], candidates: list[str], baselines: list[str]) -> list[dict]:
+    """Choose a default without looking at the setting it is judged on.
+
+    For each held-out setting ``h``, each candidate is scored by its worst mean paired
+    difference to the best adapter baseline over every other setting (the baseline with the
+    highest mean there); the best-scoring candidate is then judged on ``h`` alone: its paired
+    difference to ``h``'s best baseline, with a 95% t-interval.
+    """
+    def gap(name: str, rule: str) -> np.ndarray:
+        results = settings[name]
+        metric = primary_metric(results)
+        present = [b for b in baselines if b in next(iter(results["seeds"].values()))["runs"]]
+        best = max(present, key=lambda b: float(np.mean(finals(results, b, metric))))
+        return finals(results, rule, metric) - finals(results, best, metric), best
+
+    rows = []
+    for held in settings:
+        scores = {c: min(float(np.mean(gap(s, c)[0])) for s in settings if s != held) for c in candidates}
+        chosen = max(candidates, key=lambda c: scores[c])
+        diffs, best = gap(held, chosen)
+        mean, low, high = t_interval(diffs)
+        rows.append({"held_out": held, "chosen": chosen, "score": scores[chosen], "baseline": best,
+                     "diff": mean, "low": low, "high": high, "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum())})
+    return rows
+
+
+def loso_main(paths: list[str], candidates: list[str], baselines: list[str]) -> None:
+    settings = {setting_label(results): results for _, results in merged(paths)}
+    missing = [(name, rule) for name, results in settings.items() for rule in candidates
+               if any(rule not in seed["runs"] for seed in results["seeds"].values())]
+    if missing:
+        raise SystemExit(f"candidates missing from settings: {missing[:5]}")
+    print(f"Leave-one-setting-out over {len(settings)} settings; candidates {candidates}; baselines {baselines}\n")
+    print("| held-out setting | chosen on the others (worst gap there) | best baseline here | chosen - baseline (x100, 95% CI) | wins/losses |")
+    print("|---|---|---|---:|---:|")
+    for row in leave_one_setting_out(settings, candidates, baselines):
+        print(f"| {row['held_out']} | `{row['chosen']}` ({100 * row['score']:+.2f}) | {row['baseline']} | "
+              f"{100 * row['diff']:+.2f} [{100 * row['low']:+.2f}, {100 * row['high']:+.2f}] | {row['wins']}/{row['losses']} |")
+

@@ -139,3 +139,27 @@ def test_rules_with_several_options_survive_the_comma_separated_list():
     rules = split_rules("fedit, exact/momentum=0.9,server_learning_rate=0.3,zero-pad,exact/gauge=lora")
     assert rules == ["fedit", "exact/momentum=0.9,server_learning_rate=0.3", "zero-pad", "exact/gauge=lora"]
     assert parse_rule(rules[1]) == ("exact", {"momentum": 0.9, "server_learning_rate": 0.3})
+
+
+def test_leave_one_setting_out_chooses_without_the_held_out_setting():
+    """'steady' is never far behind the baseline; 'bold' wins big in two settings and collapses in
+    the third. Judged on the collapse setting, the choice made on the other two is 'bold' (it never
+    saw the collapse); judged on either other, the collapse counts and 'steady' is chosen."""
+    from experiment_summary import leave_one_setting_out
+
+    def setting(finals: dict[str, list[float]]) -> dict:
+        seeds = {str(s): {"runs": {rule: [{"acc": 0.5}, {"acc": values[s]}] for rule, values in finals.items()}}
+                 for s in range(4)}
+        return {"seeds": seeds}
+
+    base = [0.70, 0.71, 0.69, 0.70]
+    plus = lambda d: [v + d for v in base]  # noqa: E731
+    settings = {
+        "a": setting({"fedit": base, "steady": plus(0.01), "bold": plus(0.05)}),
+        "b": setting({"fedit": base, "steady": plus(0.00), "bold": plus(0.04)}),
+        "collapse": setting({"fedit": base, "steady": plus(-0.01), "bold": plus(-0.20)}),
+    }
+    rows = {r["held_out"]: r for r in leave_one_setting_out(settings, ["steady", "bold"], ["fedit"])}
+    assert rows["collapse"]["chosen"] == "bold" and rows["collapse"]["diff"] == pytest.approx(-0.20)
+    assert rows["a"]["chosen"] == "steady" and rows["b"]["chosen"] == "steady"
+    assert rows["a"]["diff"] == pytest.approx(0.01) and rows["a"]["baseline"] == "fedit"
