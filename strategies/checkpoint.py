@@ -106,6 +106,8 @@ def _innermost(strategy: Strategy) -> Strategy:
 def check_fingerprint(checkpoint: "Checkpoint", expected: dict) -> None:
     """Refuse a checkpoint of another run, naming what differs and how to resume anyway."""
     saved = checkpoint.meta.get("fingerprint")
+    if saved is not None and (not isinstance(saved, dict) or not isinstance(saved.get("arrays", {}), dict)):
+        raise CheckpointError(f"{checkpoint.path}: its run fingerprint is malformed ({type(saved).__name__})")
     if saved is None:
         raise CheckpointError(f"{checkpoint.path} has no run fingerprint (written by an older fedlowrank); "
                               "resume with force_resume=True (run config resume-force = true) to load it anyway")
@@ -126,14 +128,14 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(out, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
     """An ``.npz`` we wrote, each member checked before anything is decompressed or allocated.
 
     :func:`save_checkpoint` stores members uncompressed, so a compressed one (a small file
     that could expand without bound) is refused, and so is a ``.npy`` header declaring more
     than its member holds.
     """
-    data = path.read_bytes()
+    data = path.read_bytes() if data is None else data
     out = {}
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         for info in archive.infolist():
@@ -279,18 +281,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(files, key)):
                 what = "is not signed" if signature is None else "has a signature that does not match the key"
                 raise CheckpointError(f"{path / 'MANIFEST.json'} {what} (a key is set in {KEY_ENV} or {KEY_FILE_ENV})")
+        # Each file is read once: the bytes checked are the bytes parsed (no swap in between).
+        data = {name: (path / name).read_bytes() for name in FILES}
         for name in FILES:
-            if manifest.get(name) != _digest(path / name):
+            if manifest.get(name) != hashlib.sha256(data[name]).hexdigest():
                 raise CheckpointError(f"{path / name} does not match its checksum (truncated or modified)")
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads(data["meta.json"].decode())
         server_round = meta.get("round") if isinstance(meta, dict) else None
         if type(server_round) is not int or server_round < 0:
             raise CheckpointError(f"meta.json's round is {server_round!r}, not a round number")
         if path.name != f"{PREFIX}{server_round:06d}":
             raise CheckpointError(f"meta.json says round {server_round} but the folder is {path.name} (moved or stale)")
-        arrays = _load_npz(path / "arrays.npz")
-        state = _load_npz(path / "strategy.npz")
-        rng = _load_npz(path / "rng.npz")
+        arrays, state, rng = (_load_npz(path / name, data[name]) for name in ("arrays.npz", "strategy.npz", "rng.npz"))
+        for table in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+            if not isinstance(meta.get(table, {}), dict) or not all(isinstance(m, dict) for m in meta.get(table, {}).values()):
+                raise CheckpointError(f"meta.json's {table} is not a table of round metrics")
     except CheckpointError as err:
         raise CheckpointError(f"{err}; refusing {path}{_previous_hint(path)}") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -365,7 +370,11 @@ def run(
         elif checkpoint.strategy_state:
             raise CheckpointError(f"{type(strategy).__name__} cannot load the strategy state in {checkpoint.path}")
         checkpoint.restore_rng()
-        result, arrays, first = checkpoint.result(), checkpoint.arrays, checkpoint.server_round + 1
+        try:
+            result = checkpoint.result()
+        except (ValueError, TypeError) as err:  # a metric Flower's MetricRecord refuses
+            raise CheckpointError(f"{checkpoint.path}: its metrics cannot be restored ({err})") from None
+        arrays, first = checkpoint.arrays, checkpoint.server_round + 1
         log(INFO, "Resuming from %s: round %d of %d next", checkpoint.path, first, num_rounds)
     else:
         result, arrays, first = Result(), initial_arrays, 1
@@ -389,7 +398,8 @@ def run(
             log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
         asked += len(messages)
         replies_seen += len(replies)
-        site_errors += [r.error.reason for r in replies if r.has_error()]
+        if not kept_any:  # the cause of a failed run; once a round kept a reply none is needed
+            site_errors += [r.error.reason for r in replies if r.has_error()]
         new_arrays, metrics = strategy.aggregate_train(current, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays

@@ -221,14 +221,14 @@ class FedLowRank(FedAvg):
         if result.arrays is None:
             return None, None
         accepted = set(rnd.accepted)
-        metrics = self.round_metrics([m for m in kept if m.metadata.src_node_id in accepted], seen)
+        metrics = self.round_metrics([m for m in kept if m.metadata.src_node_id in accepted], seen, rnd.weight_cap)
         metrics.update(result.metrics)
         # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d array into shape (1,).
         return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in result.arrays.items()}), metrics
 
-    def round_metrics(self, kept: list[Message], seen: int) -> MetricRecord:
-        """The accepted replies' train metrics, aggregated, plus how many were kept/dropped."""
-        metrics = aggregate_reply_metrics(self.train_metrics_aggr_fn, kept, self.weighted_by_key, "train")
+    def round_metrics(self, kept: list[Message], seen: int, weight_cap: float | None = None) -> MetricRecord:
+        """The accepted replies' train metrics, aggregated (weights capped as in the round), plus how many were kept/dropped."""
+        metrics = aggregate_reply_metrics(self.train_metrics_aggr_fn, kept, self.weighted_by_key, "train", weight_cap)
         metrics["agg-clients-dropped"] = seen - len(kept)
         metrics["agg-clients-kept"] = len(kept)
         return metrics

@@ -201,7 +201,8 @@ def share_weight_cap(replies: list[Message], weighted_by_key: str, share_cap: fl
     return share_cap * float(np.median([float(reply_metrics(m.content)[weighted_by_key]) for m in replies]))
 
 
-def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap: float | None = None) -> list[RecordDict]:
+def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap: float | None = None,
+                       log_caps: bool = True) -> list[RecordDict]:
     """The replies' MetricRecords with every metric kept only where it has one type and length
     across replies (Flower's weighted mean of a float and a list raises); dropped metrics are
     logged with the node that sent them. A weight above ``weight_cap`` is capped (logged)."""
@@ -214,9 +215,10 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
     for msg in replies:
         clean = MetricRecord()
         metrics = reply_metrics(msg.content)
-        weight = metrics.get(weighted_by_key)
+        weight = claimed = metrics.get(weighted_by_key)
         if weight_cap is not None and isinstance(weight, (int, float)) and weight > weight_cap:
-            log(WARNING, "Capping the weight of node %s: %.6g claimed, %.6g allowed", msg.metadata.src_node_id, weight, weight_cap)
+            if log_caps:
+                log(WARNING, "Capping the weight of node %s: %.6g claimed, %.6g allowed", msg.metadata.src_node_id, weight, weight_cap)
             weight = weight_cap
         for key, value in metrics.items():
             shape = len(value) if isinstance(value, list) else None
@@ -228,9 +230,9 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
                 log(WARNING, "Ignoring metric from node %s: %s", msg.metadata.src_node_id, err)
                 continue
             # A count the federation sums (eval-n) cannot exceed the examples the reply claims.
-            if metric_reduction(key) == "sum" and isinstance(weight, (int, float)) and any(v > weight for v in items):
+            if metric_reduction(key) == "sum" and isinstance(claimed, (int, float)) and any(v > claimed for v in items):
                 log(WARNING, "Ignoring metric '%s' from node %s: %r is more than its %s examples", key,
-                    msg.metadata.src_node_id, value, weight)
+                    msg.metadata.src_node_id, value, claimed)
                 continue
             if shape != majority and key != weighted_by_key:
                 log(WARNING, "Ignoring metric '%s' from node %s: %r does not match the other replies", key,
@@ -250,7 +252,8 @@ def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: st
     A function that raises loses the round's metrics, never the round (logged).
     """
     contents = []
-    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key, weight_cap)):
+    # Training caps were logged by the round itself.
+    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key, weight_cap, log_caps=kind != "train")):
         content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
         content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
         contents.append(content)

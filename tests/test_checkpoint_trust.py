@@ -160,3 +160,22 @@ def test_a_linked_or_misnamed_round_folder_is_not_a_resume_target(tmp_path):
     os.remove(tmp_path / "run" / "round-999999")
     (tmp_path / "run" / "round-00000x").mkdir()  # not a round folder: ignored
     assert load_checkpoint(tmp_path / "run").server_round == 1
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda meta: meta.update(fingerprint="x"), "fingerprint is malformed"),
+        (lambda meta: meta.update(train_metrics_clientapp={"1": [1, 2]}), "train_metrics_clientapp is not a table"),
+    ],
+    ids=["fingerprint", "metrics"],
+)
+def test_a_malformed_fingerprint_or_metric_table_is_a_named_error_on_resume(tmp_path, spoil, message):
+    run_rounds(tmp_path, 1)
+    folder = tmp_path / "round-000001"
+    meta = json.loads((folder / "meta.json").read_text())
+    spoil(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    rewrite_manifest(folder)
+    with pytest.raises(CheckpointError, match=message):
+        run_rounds(tmp_path, 2, resume_from=tmp_path)

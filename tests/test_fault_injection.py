@@ -276,7 +276,7 @@ def test_a_site_claiming_a_billion_evaluate_examples_gets_only_its_capped_share(
     assert f"Capping the weight of node {BAD_NODE}" in caplog.text
 
 
-@pytest.mark.parametrize("attack", ["factors x 1e5", "weight 1e30"])
+@pytest.mark.parametrize("attack", ["factors x 10", "weight 1e30"])
 def test_one_client_cannot_take_over_the_global_under_the_robust_option(attack):
     """Bound (docs/reliability.md): a client moves the global by at most its share times
     robust_factor times the round's median update norm; 1e30 examples is refused outright."""
@@ -286,8 +286,8 @@ def test_one_client_cannot_take_over_the_global_under_the_robust_option(attack):
     def replies(config):
         good = [good_reply(kind, n, config) for n in (1, 2, 3)]
         arrays = local_arrays(kind, BAD_NODE)
-        if attack == "factors x 1e5":  # entries within the value bound (1e6): only the clip stops it
-            arrays = {k: (v * 1e5 if k.startswith("fc.") else v).astype(np.float32) for k, v in arrays.items()}
+        if attack == "factors x 10":  # a product x 1000, within the value bound (1e6): only the clip stops it
+            arrays = {k: (v * 10 if k.startswith("fc.") else v).astype(np.float32) for k, v in arrays.items()}
             bad = good_reply(kind, BAD_NODE, config, arrays=arrays)
         else:
             bad = FAULTS["weight 1e30"](good_reply(kind, BAD_NODE, config), kind)
@@ -306,8 +306,8 @@ def test_one_client_cannot_take_over_the_global_under_the_robust_option(attack):
     assert np.isfinite(moved) and moved <= bound * (1 + 1e-5) + 1e-6, (moved, bound)
     plain = make_strategy(kind)
     unprotected, _ = plain.aggregate_train(1, replies(configure(plain, kind)))
-    if attack == "factors x 1e5":  # without the option the attacker owns the global
-        assert np.linalg.norm(product(unprotected) - product_np(glob)) > 1e8
+    if attack == "factors x 10":  # without the option the attacker owns the global
+        assert np.linalg.norm(product(unprotected) - product_np(glob)) > 100
 
 
 def product(record):

@@ -217,7 +217,7 @@ def test_only_norms_with_every_parameter_frozen_go_to_eval_mode():
 
 
 @pytest.mark.parametrize("noise", [0.0, 1.0], ids=["plain", "dp-sgd"])
-def test_client_and_server_apps_run_a_round_in_process(tmp_path, noise, caplog):
+def test_client_and_server_apps_run_a_round_in_process(tmp_path, noise):
     """The real ServerApp main and ClientApp, on Flower messages, without a SuperLink (digits, 2 sites).
 
     With DP-SGD too: Opacus checks only trainable layers, and the frozen BatchNorms stay in eval mode.
@@ -226,10 +226,21 @@ def test_client_and_server_apps_run_a_round_in_process(tmp_path, noise, caplog):
     config = app_config(**{"dataset": "digits", "site-images": 120, "num-server-rounds": 1, "num-sites": 2,
                            "results-file": str(results), "local-epochs": 1, "dp-noise-multiplier": noise})
     grid = InProcessGrid(client_app.app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], config)
-    with caplog.at_level("INFO"):
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    flower, level = logging.getLogger("flwr"), logging.getLogger("flwr").level
+    flower.addHandler(handler)  # Flower's own logger (it does not propagate; other tests may quiet it)
+    flower.setLevel(logging.INFO)
+    try:
         server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    finally:
+        flower.removeHandler(handler)
+        flower.setLevel(level)
     # The console says what ran, dataset included.
-    assert "fairlora-images: 2 sites, 1 round, strategy fairlora-exact, rank 4, dataset digits" in caplog.text
+    assert "fairlora-images: 2 sites, 1 round, strategy fairlora-exact, rank 4, dataset digits" in lines
     written = json.loads(results.read_text())
     assert written["strategy"] == "fairlora-exact" and written["group_names"] == list(data.GROUP_NAMES)
     assert [r["round"] for r in written["rounds"]] == [0, 1]

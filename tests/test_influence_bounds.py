@@ -31,7 +31,7 @@ def honest(arrays, seed, scale=0.05):
     return {**arrays, "fc.lora_U": arrays["fc.lora_U"] + scale * torch.randn(D_OUT, RANK, generator=gen, dtype=torch.float64).numpy()}
 
 
-def attacker(arrays, size=1e6):
+def attacker(arrays, size=1e4):
     """Pushes the adapter far in one direction: U set to a huge constant."""
     return {**arrays, "fc.lora_U": np.full((D_OUT, RANK), size)}
 
@@ -78,7 +78,7 @@ def test_under_clip_one_client_moves_the_global_at_most_its_share_times_the_boun
     single = float(np.median([move(arrays, r) for r, _ in replies[:9]]))
     assert move(arrays, out) <= honest_size + (10 / 19) * 3 * single * (1 + 1e-9)
     unbounded = one_round(RoundConfig(rank=RANK, share_cap=None), LowRankState(), arrays, replies)
-    assert move(arrays, unbounded) > 1e6 * move(arrays, out)
+    assert move(arrays, unbounded) > 1e4 * move(arrays, out)
 
 
 @pytest.mark.parametrize("valid", [1, 2])
@@ -117,9 +117,9 @@ def test_a_node_at_the_bound_round_after_round_is_logged(caplog):
         for _ in range(4):
             replies = [(honest(arrays, s), 100.0) for s in range(4)] + [(attacker(arrays, 10.0), 1e9)]
             arrays = one_round(config, state, arrays, replies)
-    steady = [r.getMessage() for r in caplog.records if "rounds in a row" in r.getMessage()]
-    assert steady == ["Node 4 has been at the share cap or clip bound 3 rounds in a row",
-                      "Node 4 has been at the share cap or clip bound 4 rounds in a row"]
+    steady = [r.getMessage() for r in caplog.records if "in its last" in r.getMessage()]
+    assert steady == ["Node 4 has been at the share cap or clip bound in its last 3 rounds",
+                      "Node 4 has been at the share cap or clip bound in its last 4 rounds"]
     assert state.at_bound == {"4": 4}
 
 
@@ -145,3 +145,72 @@ def test_a_share_cap_below_one_is_refused():
     with pytest.raises(ValueError, match="share_cap"):
         RoundConfig(share_cap=0.5)
 
+
+
+def test_factors_within_the_entry_limit_whose_product_exceeds_it_are_refused_whatever_robust_says():
+    """Every factor entry exactly 1e6: each entry is allowed, the product (entries 3e12) is not."""
+    arrays = start()
+    extreme = {**arrays, "fc.lora_U": np.full((D_OUT, RANK), 1e6), "fc.lora_V": np.full((D_IN, RANK), 1e6)}
+    rnd = ServerRound(RoundConfig(rank=RANK), LowRankState(), arrays, 1)
+    with pytest.raises(ValueError, match=r"its product can reach 3e\+12, above the 1e\+06"):
+        rnd.add(extreme, 100.0, node=9)
+    for s in range(9):
+        rnd.add(honest(arrays, s), 100.0, node=s)
+    out = rnd.finish().arrays
+    assert np.abs(product(out)).max() < 1.0  # the global stays where honest clients put it
+
+
+def test_two_site_federations_are_neither_capped_nor_frozen_by_a_site_without_data(caplog):
+    """Fewer than 3 replies and no earlier median: no cap (a median of two says nothing)."""
+    arrays = start()
+    with caplog.at_level(logging.WARNING):
+        out = one_round(RoundConfig(rank=RANK), LowRankState(), arrays, [(honest(arrays, 0), 100.0), (honest(arrays, 1), 2000.0)])
+        plain = one_round(RoundConfig(rank=RANK, share_cap=None), LowRankState(), arrays,
+                          [(honest(arrays, 0), 100.0), (honest(arrays, 1), 2000.0)])
+        empty_site = one_round(RoundConfig(rank=RANK), LowRankState(), arrays, [(honest(arrays, 0), 0.0), (honest(arrays, 1), 500.0)])
+    assert "Capping" not in caplog.text
+    np.testing.assert_array_equal(product(out), product(plain))
+    assert empty_site is not None and move(arrays, empty_site) > 0  # the site with data moved the global
+
+
+def test_a_grouped_reply_cannot_buy_a_group_with_its_counts(caplog):
+    """FairLoRA weighs each group by counts: a reply within the weight cap claiming one group
+    wholly is capped at 10x that group's median count (50 here, not 1000)."""
+    gen = torch.Generator().manual_seed(3)
+    arrays = {"fc.lora_U": np.zeros((D_OUT, RANK)), "fc.lora_S": np.ones((2, RANK)),
+              "fc.lora_V": torch.randn(D_IN, RANK, generator=gen, dtype=torch.float64).numpy() / D_IN**0.5}
+
+    def aggregate(config, attacker_counts):
+        rnd = ServerRound(config, LowRankState(), arrays, 1)
+        for node in range(9):
+            rnd.add(honest(arrays, node), 100.0, np.array([95.0, 5.0]), node=node)
+        rnd.add(attacker(arrays, 1.0), 1000.0, np.array(attacker_counts), node=9)
+        out = rnd.finish().arrays
+        return out["fc.lora_U"] @ np.diag(out["fc.lora_S"][1]) @ out["fc.lora_V"].T  # group 1's product
+
+    with caplog.at_level(logging.WARNING):
+        capped = aggregate(RoundConfig(rule="fairlora-exact", rank=RANK), [0.0, 1000.0])
+    assert "Capping the group counts of node 9: [0.0, 1000.0] claimed, at most [950.0, 50.0]" in caplog.text
+    reference = aggregate(RoundConfig(rule="fairlora-exact", rank=RANK, share_cap=None), [0.0, 50.0])
+    np.testing.assert_allclose(capped, reference, atol=1e-10)
+
+
+def test_a_round_that_keeps_the_global_leaves_the_state_as_it_was():
+    config, state = RoundConfig(rank=RANK, robust="clip", min_valid_replies=5), LowRankState()
+    arrays = start()
+    assert one_round(config, state, arrays, [(honest(arrays, s), 100.0) for s in range(3)] + [(attacker(arrays), 1e9)]) is None
+    assert (state.median_weight, state.median_norm, state.at_bound) == (None, None, {})
+
+
+@pytest.mark.parametrize(("field", "value"), [("step_scale", -1e6), ("step_scale", 2.0), ("median_weight", "abc"),
+                                              ("median_norm", float("inf")), ("at_bound", [])])
+def test_a_malformed_carried_field_is_refused_by_name(field, value):
+    import json
+
+    state = LowRankState()
+    saved = state.state_dict()
+    meta = json.loads(bytes(saved["meta"]).decode())
+    meta[field] = value
+    saved["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+    with pytest.raises(ValueError, match=field):
+        LowRankState().load_state_dict(saved)

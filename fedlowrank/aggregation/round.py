@@ -117,13 +117,16 @@ class RoundConfig:
         Largest accepted weight (``num-examples``) and per-group count; a reply above it is
         dropped (one site claiming 1e30 examples would otherwise become the global model).
     share_cap : float or None (default: 10.0)
-        Each reply's weight is capped at ``share_cap`` times the median weight of the
-        round's valid replies (with fewer than 3, the median of the last round that had 3
-        or more; none yet: the smallest weight of the round), so that no claimed sample
-        count buys a client more than ``share_cap / (share_cap + K - 1)`` of a round of K.
-        Capped replies are logged with their node. On clean Dirichlet splits (alpha 0.5,
-        5 to 100 sites) the largest weight was at most 5.5x the median (``docs/reliability.md``),
-        so 10 does not act there. None: weights as claimed (up to ``max_weight``).
+        Each reply's weight is capped at ``share_cap`` times the median positive weight of
+        the round's valid replies (with fewer than 3, the median of the last round that had
+        3 or more; none yet: no cap), and for grouped rules each group count at
+        ``share_cap`` times that group's median count, so that no claimed sample count buys
+        a client more than ``share_cap / (share_cap + K - 1)`` of a round of K. Capped
+        replies are logged with their node. On Dirichlet splits (alpha 0.5, 5 to 100 sites)
+        the largest weight was at most 5.5x the median (``docs/reliability.md``), so 10 did
+        not act there; a federation whose largest site is more than 10x its median site is
+        capped (and logged every round): raise it, or None for weights as claimed (up to
+        ``max_weight``).
     robust : {None, "clip", "reject"} (default: None)
         Bound each client's update norm (its completed adapter products and other arrays,
         relative to the global sent) by ``robust_factor`` times the round's median: clip
@@ -315,6 +318,8 @@ class ServerRound:
     _sums: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
     _total: float = field(init=False, repr=False, default=0.0)
     _failure: str | None = field(init=False, repr=False, default=None)
+    weight_cap: float | None = field(init=False, default=None)
+    """The round's cap on a reply's weight once :meth:`finish` ran (``share_cap`` x the median), or None."""
 
     def __post_init__(self) -> None:
         self.log = self.log or _logger.log
@@ -395,9 +400,9 @@ class ServerRound:
         """Check one client's arrays and add them; ``ValueError`` (nothing added) if they fail.
 
         ``weight`` is the client's sample count; ``group_counts`` its per-group counts
-        (grouped rules weigh each group's sum by them). Without ``robust`` the reply is
-        folded in at once; with it, it waits for the round's median update norm (the
-        arrays are kept as given, typically views into the messages).
+        (grouped rules weigh each group's sum by them). With neither ``share_cap`` nor
+        ``robust`` the reply is folded in at once; with either, it waits for the round's
+        medians (the arrays are kept as given, typically views into the messages).
         """
         if self._failure is not None:
             raise RuntimeError(f"the round already failed: {self._failure}")
@@ -441,24 +446,28 @@ class ServerRound:
         self._kept.append(_Reply(None, reply.weight, reply.counts, reply.node))  # arrays released
 
     def _fold_held(self) -> None:
-        """Cap weights (``share_cap``), clip or drop updates (``robust``), then fold in order."""
+        """Cap weights and group counts (``share_cap``), clip or drop updates (``robust``), then fold in order."""
         held, self._held = self._held, []
         state, config = self.state, self.config
-        if len(held) >= 3:  # a median of fewer says nothing: carry the last one that did
-            state.median_weight = float(np.median([r.weight for r in held]))
+        positive = [r.weight for r in held if r.weight > 0]  # a site with no data says nothing of the others
+        if len(positive) >= 3:  # a median of fewer says nothing: carry the last one that did
+            state.median_weight = float(np.median(positive))
             if config.robust is not None:
                 state.median_norm = float(np.median([r.norm for r in held]))
-        weight_cap = None
-        if config.share_cap is not None and held:
-            median = state.median_weight if state.median_weight is not None else min(r.weight for r in held)
-            weight_cap = config.share_cap * median
+        if config.share_cap is not None and state.median_weight:
+            self.weight_cap = config.share_cap * state.median_weight
+        group_caps = self._group_caps(held)
         norm_bound = None if config.robust is None or state.median_norm is None else config.robust_factor * state.median_norm
         for reply in held:
             shrink, bounded = 1.0, False
-            if weight_cap is not None and reply.weight > weight_cap:
+            if self.weight_cap is not None and reply.weight > self.weight_cap:
                 self.log(logging.WARNING, "Capping the weight of node %s: %.6g claimed, %.6g allowed (%g x the median)",
-                         reply.node, reply.weight, weight_cap, config.share_cap)
-                reply.weight, reply.counts, bounded = weight_cap, _capped_counts(reply.counts, weight_cap), True
+                         reply.node, reply.weight, self.weight_cap, config.share_cap)
+                reply.weight, reply.counts, bounded = self.weight_cap, _capped_counts(reply.counts, self.weight_cap), True
+            if group_caps is not None and reply.counts is not None and np.any(reply.counts > group_caps):
+                self.log(logging.WARNING, "Capping the group counts of node %s: %s claimed, at most %s (%g x each group's median)",
+                         reply.node, reply.counts.tolist(), group_caps.tolist(), config.share_cap)
+                reply.counts, bounded = np.minimum(reply.counts, group_caps), True
             if norm_bound is not None and reply.norm > norm_bound and reply.norm != 0:
                 bounded = True
                 if config.robust == "reject":
@@ -470,8 +479,18 @@ class ServerRound:
             self._count_bound(reply.node, bounded)
             self._fold(reply, config.server_learning_rate * shrink)
 
+    def _group_caps(self, held: list[_Reply]) -> np.ndarray | None:
+        """Grouped rules weigh each group by the replies' counts: ``share_cap`` times each group's
+        median count (3 or more replies with counts; a group most sites lack is not capped)."""
+        counts = [r.counts for r in held if r.counts is not None]
+        if self.config.share_cap is None or len(counts) < 3:
+            return None
+        medians = np.median(np.stack(counts), axis=0)
+        return np.where(medians > 0, self.config.share_cap * medians, np.inf)
+
     def _count_bound(self, node: Any, bounded: bool) -> None:
-        """Consecutive rounds a node sat at a bound; logged from the third on (a steady push, not noise)."""
+        """Consecutive rounds (of those it took part in) a node sat at a bound; logged from the third on
+        (a steady push, not noise)."""
         key = str(node)
         if not bounded:
             self.state.at_bound.pop(key, None)
@@ -479,7 +498,7 @@ class ServerRound:
         rounds = self.state.at_bound.get(key, 0) + 1
         self.state.at_bound[key] = rounds
         if rounds >= 3:
-            self.log(logging.WARNING, "Node %s has been at the share cap or clip bound %d rounds in a row", node, rounds)
+            self.log(logging.WARNING, "Node %s has been at the share cap or clip bound in its last %d rounds", node, rounds)
 
     # -- the result -----------------------------------------------------------
     def layer_rank(self, module: str) -> int:
@@ -496,8 +515,20 @@ class ServerRound:
         """The round's new global arrays, metrics and state.
 
         With fewer accepted replies than ``min_valid_replies`` (or no positive weight) the
-        arrays are None and the state is unchanged: the previous global is kept.
+        arrays are None and the state is unchanged: the previous global is kept. If the
+        aggregation raises, the state is left as it was too.
         """
+        before = self.state.snapshot()
+        try:
+            result = self._finish()
+        except Exception:
+            self.state.restore(before)
+            raise
+        if result.arrays is None:
+            self.state.restore(before)
+        return result
+
+    def _finish(self) -> RoundResult:
         self._fold_held()
         if self._failure is not None:
             raise RuntimeError(f"aggregation failed while adding a reply ({self._failure})")

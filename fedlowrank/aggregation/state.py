@@ -11,6 +11,7 @@ arrays and JSON-able values, never pickled objects.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,16 @@ class LowRankState:
     at_bound: dict[str, int] = field(default_factory=dict)
     """Per node (as a string): consecutive rounds its reply was capped, clipped or dropped."""
 
+    def snapshot(self) -> dict:
+        """What :meth:`restore` needs to undo a round that failed (the tables shallow-copied:
+        a round replaces their entries, never changes them in place)."""
+        return {name: dict(value) if isinstance(value, dict) else value for name, value in vars(self).items()}
+
+    def restore(self, snapshot: dict) -> None:
+        """Back to a :meth:`snapshot`."""
+        for name, value in snapshot.items():
+            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat ``name -> np.ndarray``; metadata as a JSON string in a uint8 array."""
         out: dict[str, np.ndarray] = {}
@@ -75,11 +86,17 @@ class LowRankState:
         meta = json.loads(bytes(np.asarray(state[_META], dtype=np.uint8)).decode())
         self.server_round = int(meta["server_round"])
         self.group_shares = meta["group_shares"]
-        # Checkpoints written before these existed hold none.
-        self.median_weight = meta.get("median_weight")
-        self.median_norm = meta.get("median_norm")
-        self.at_bound = {str(k): int(v) for k, v in meta.get("at_bound", {}).items()}
-        self.step_scale = float(meta.get("step_scale", 1.0))
+        # Checkpoints written before these existed hold none; a malformed one is refused by name.
+        self.median_weight = _positive_or_none(meta.get("median_weight"), "median_weight")
+        self.median_norm = _positive_or_none(meta.get("median_norm"), "median_norm")
+        at_bound = meta.get("at_bound", {})
+        if not isinstance(at_bound, dict) or not all(isinstance(v, int) and v >= 0 for v in at_bound.values()):
+            raise ValueError(f"state field at_bound is {at_bound!r}, not a table of round counts")
+        self.at_bound = {str(k): v for k, v in at_bound.items()}
+        step_scale = meta.get("step_scale", 1.0)
+        if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not 0.0 < step_scale <= 1.0:
+            raise ValueError(f"state field step_scale is {step_scale!r}, not in (0, 1]")
+        self.step_scale = float(step_scale)
         arrays = {k[len("global/"):]: np.array(v) for k, v in state.items() if k.startswith("global/")}
         self.global_arrays = arrays if meta["has_global"] else None
         self.residuals = _factor_table(state, "residual/")
@@ -97,3 +114,12 @@ def _factor_table(state: dict[str, np.ndarray], prefix: str) -> dict[str, Factor
         module: torch.from_numpy(p["dense"]) if "dense" in p else Factors(*(torch.from_numpy(p[leaf]) for leaf in "usv"))
         for module, p in parts.items()
     }
+
+
+def _positive_or_none(value, name: str) -> float | None:
+    """A carried median: None, or a finite number >= 0 (else a ValueError naming the field)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"state field {name} is {value!r}, not a finite number >= 0")
+    return float(value)

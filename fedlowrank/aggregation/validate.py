@@ -67,9 +67,10 @@ def check_client_factors(
 
 
 MAX_ABS_VALUE = 1e6
-"""Largest entry a reply (and so the global) may hold. A client refuses a global above it
-(``build_client_app(max_abs_global=...)``), so a reply above it would end the federation: it is
-refused instead, whatever ``robust`` says (one client's factors x 1e15 cannot move the global)."""
+"""Largest entry a reply's arrays, and its adapters' products, may hold (the products by the
+row-norm bound). A client refuses a global above it (``build_client_app(max_abs_global=...)``),
+so a reply above it would end the federation: it is refused instead, whatever ``robust`` says,
+and the weighted mean of accepted replies stays within it."""
 
 MAX_WEIGHT = 1e9
 """Default cap on a reply's weight (sample count) and per-group counts: larger values are
@@ -130,3 +131,11 @@ def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.n
         ranks = {leaf: np.shape(arrays[f"{module}.{leaf}"])[1] for leaf in ("lora_U", "lora_S", "lora_V")}
         if len(set(ranks.values())) != 1:
             raise ValueError(f"factors of '{module}' disagree on rank: {ranks}")
+        # Entries of U diag(S[g]) V^T are at most (row norm of U diag(|S[g]|)) x (row norm of V)
+        # (Cauchy-Schwarz): bounded in O((d_out + d_in) r), without forming the product.
+        u, s, v = (np.asarray(arrays[f"{module}.{leaf}"], dtype=np.float64) for leaf in ("lora_U", "lora_S", "lora_V"))
+        if u.size and v.size:
+            bound = float(np.linalg.norm(u[None] * np.abs(s)[:, None, :], axis=2).max() * np.linalg.norm(v, axis=1).max())
+            if bound > MAX_ABS_VALUE:
+                raise ValueError(f"adapter '{module}': its product can reach {bound:.3g}, above the {MAX_ABS_VALUE:g} "
+                                 "a client accepts in a global")
