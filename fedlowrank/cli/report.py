@@ -159,12 +159,29 @@ def label_runs(runs: list[Run]) -> list[str]:
     if len(runs) == 1:
         labels = [" ".join([runs[0].strategy, *entries(runs[0], MAIN_KEYS)])]
     else:
-        keys = sorted({k for run in runs for k in run.config})
-        differing = [k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True) for run in runs}) > 1]
-        labels = [" ".join([run.strategy, *entries(run, differing)]) for run in runs]
+        # A setting that differs between runs labels only the runs that depart from its usual value
+        # (said once, in the report's text): "fedlowrank compression=lgreco", not "compression=none" on every run.
+        usual = usual_settings(runs)
+        labels = [" ".join([run.strategy, *entries(run, [k for k in sorted(run.config) if k in usual and
+                                                          json.dumps(run.config.get(k), sort_keys=True) != usual[k]])])
+                  for run in runs]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({run.path.stem})" for label, run in zip(labels, runs)]
     return labels
+
+
+def usual_settings(runs: list[Run]) -> dict[str, str | None]:
+    """Each run-config key whose value differs between runs, with the value more than half the
+    runs share (JSON), or None where no value has a majority (then every run shows its own)."""
+    from collections import Counter
+
+    out: dict[str, str | None] = {}
+    for key in sorted({k for run in runs for k in run.config}):
+        values = Counter(json.dumps(run.config.get(key), sort_keys=True) for run in runs)
+        if len(values) > 1:
+            value, count = values.most_common(1)[0]
+            out[key] = value if 2 * count > len(runs) else None
+    return out
 
 
 def shared_settings(runs: list[Run]) -> list[str]:
@@ -339,6 +356,10 @@ def describe(runs: list[Run], plots: list[Plot], app: str | None = None) -> list
     shared = shared_settings(runs)
     if shared:
         blocks.append(("p", "Shared settings: " + ", ".join(shared) + "."))
+    usual = {k: v for k, v in usual_settings(runs).items() if v is not None and k not in ("strategy", "seed", *BOOKKEEPING_KEYS)}
+    shown = [f"{k}={show_value(json.loads(v))}" for k, v in usual.items() if json.loads(v) not in (None, "")]
+    if len(runs) > 1 and shown:
+        blocks.append(("p", "Unless a run's label says otherwise: " + ", ".join(shown) + "."))
     items = []
     for run in runs:
         seconds = run.results.seconds
