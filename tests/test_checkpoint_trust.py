@@ -41,6 +41,17 @@ def rewrite_manifest(folder):
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
+def checkpoint_with_meta(tmp_path, spoil):
+    """One round's checkpoint whose meta.json ``spoil`` changed, the manifest recomputed to match."""
+    run_rounds(tmp_path, 1)
+    folder = tmp_path / "round-000001"
+    meta = json.loads((folder / "meta.json").read_text())
+    spoil(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    rewrite_manifest(folder)
+    return folder
+
+
 def forge_arrays(folder):
     with np.load(folder / "arrays.npz") as data:
         arrays = {k: data[k] for k in data.files}
@@ -142,12 +153,7 @@ def test_a_member_declaring_a_terabyte_is_refused_before_allocation(tmp_path):
     ids=["round-text", "round-moved", "rng"],
 )
 def test_every_malformed_field_is_a_named_checkpoint_error(tmp_path, spoil, message):
-    run_rounds(tmp_path, 1)
-    folder = tmp_path / "round-000001"
-    meta = json.loads((folder / "meta.json").read_text())
-    spoil(meta)
-    (folder / "meta.json").write_text(json.dumps(meta))
-    rewrite_manifest(folder)
+    folder = checkpoint_with_meta(tmp_path, spoil)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(folder).restore_rng()
 
@@ -171,11 +177,6 @@ def test_a_linked_or_misnamed_round_folder_is_not_a_resume_target(tmp_path):
     ids=["fingerprint", "metrics"],
 )
 def test_a_malformed_fingerprint_or_metric_table_is_a_named_error_on_resume(tmp_path, spoil, message):
-    run_rounds(tmp_path, 1)
-    folder = tmp_path / "round-000001"
-    meta = json.loads((folder / "meta.json").read_text())
-    spoil(meta)
-    (folder / "meta.json").write_text(json.dumps(meta))
-    rewrite_manifest(folder)
+    checkpoint_with_meta(tmp_path, spoil)
     with pytest.raises(CheckpointError, match=message):
         run_rounds(tmp_path, 2, resume_from=tmp_path)
