@@ -286,8 +286,8 @@ def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own
         if owned is not None:
             stop(owned)
             print(f"stopped SuperLink (pid {owned.pid})", flush=True)
-        if own_home and owned is not None:  # our FLWR_HOME: installed apps, config, the SuperLink log
-            if code == 0:
+        if own_home:  # our FLWR_HOME: installed apps, config, the SuperLink log if we started it
+            if code == 0 or owned is None:
                 shutil.rmtree(env["FLWR_HOME"], ignore_errors=True)
             else:
                 print(f"SuperLink log kept in {env['FLWR_HOME']}", flush=True)
