@@ -318,6 +318,8 @@ class ServerRound:
     _sums: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
     _total: float = field(init=False, repr=False, default=0.0)
     _failure: str | None = field(init=False, repr=False, default=None)
+    _summed: int = field(init=False, repr=False, default=0)
+    _summed_counts: list[np.ndarray] = field(init=False, repr=False, default_factory=list)
     weight_cap: float | None = field(init=False, default=None)
     """The round's cap on a reply's weight once :meth:`finish` ran (``share_cap`` x the median), or None."""
 
@@ -415,6 +417,54 @@ class ServerRound:
             if self.config.robust is not None:
                 reply.norm = self.update_norm(arrays, factors)
             self._held.append(reply)  # its arrays as given (views); factors are formed again when folded
+
+    def add_sum(
+        self,
+        products: Mapping[str, Factors],
+        weight: float,
+        rank_weights: Mapping[int, float | np.ndarray],
+        plain: Mapping[str, np.ndarray],
+        clients: int,
+        group_counts: np.ndarray | None = None,
+    ) -> None:
+        """Add replies that arrive already summed (secure aggregation: the server sees no single reply).
+
+        ``products[module]`` is ``sum_k w_k P_k`` as factors (per group row: ``sum_k c_kg P_k,g``),
+        ``weight`` the replies' total weight, ``rank_weights[r]`` the total weight (per group:
+        counts) of the replies of rank ``r``, whose tails the server adds itself, ``plain[key]``
+        ``sum_k w_k a_k``, ``group_counts`` the total group counts (grouped rules). The sum
+        enters the round exactly as the ``clients`` replies would have, server learning rate
+        and momentum included. Nothing here looks at one reply, so neither ``share_cap`` nor
+        ``robust`` can act: both must be off, and only rules that aggregate products take sums.
+        """
+        if self._failure is not None:
+            raise RuntimeError(f"the round already failed: {self._failure}")
+        if self.config.share_cap is not None or self.config.robust is not None:
+            raise ValueError("a summed contribution has no single reply to cap or clip: set share_cap=None and robust=None")
+        for acc in self._accs.values():
+            if type(acc).collect is not Accumulator.collect:
+                raise ValueError(f"rule {self.config.rule!r} needs each reply's factors; a secure sum gives products only")
+        weight = check_weight(weight, "weight", self.config.max_weight * max(clients, 1))
+        lr = self.config.server_learning_rate
+        totals = None if group_counts is None else torch.as_tensor(group_counts, dtype=torch.float64)
+        for module, acc in self._accs.items():
+            w = acc.product_weights(weight, totals)
+            acc.sum.count(w)
+            acc.sum.add(products[module], lr, count=False)
+            for rank, rank_weight in rank_weights.items():
+                if rank < acc.reference.rank and acc.tail_weight:
+                    part = acc.product_weights(float(np.sum(rank_weight)), None if totals is None else torch.as_tensor(rank_weight, dtype=torch.float64))
+                    acc.sum.add(acc.tail(rank), lr * acc.tail_weight * part, count=False)
+            if lr < 1.0:
+                acc.sum.add(acc.reference, (1.0 - lr) * w, count=False)
+        for key in self.plain_keys:
+            ref = np.asarray(self.sent[key], dtype=np.float64)
+            term = (1.0 - lr) * weight * ref + lr * np.asarray(plain[key], dtype=np.float64)
+            self._sums[key] = term if key not in self._sums else self._sums[key] + term
+        self._total += weight
+        self._summed += clients
+        if totals is not None:
+            self._summed_counts.append(totals.numpy())
 
     def update_norm(self, arrays: Mapping[str, np.ndarray], factors: dict[str, Factors] | None = None) -> float:
         """The norm of a reply's change: adapter products (completed) and plain arrays."""
@@ -532,7 +582,7 @@ class ServerRound:
         self._fold_held()
         if self._failure is not None:
             raise RuntimeError(f"aggregation failed while adding a reply ({self._failure})")
-        kept = len(self._kept)
+        kept = len(self._kept) + self._summed
         metrics: dict[str, float] = {"agg-clients-kept": kept}
         if kept < self.config.min_valid_replies or self._total <= 0:
             self.log(
@@ -570,7 +620,7 @@ class ServerRound:
             out[key] = mean.astype(dtype) if np.issubdtype(dtype, np.floating) else mean
         arrays = {k: out[k] for k in [*self.sent, *(k for k in out if is_fold_key(k))]}
         metrics.update(error_metrics(errors, floors))
-        counts = [r.counts for r in self._kept if r.counts is not None]
+        counts = [r.counts for r in self._kept if r.counts is not None] + self._summed_counts
         if counts and float(np.sum(counts)) > 0:
             total = np.sum(counts, axis=0)
             self.state.group_shares = (total / total.sum()).tolist()

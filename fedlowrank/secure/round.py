@@ -1,0 +1,192 @@
+"""One round of exact low-rank aggregation from two secure sums: what each side computes.
+
+Sum ``"range"``: every client's ``w P Omega`` per adapted layer (with the probe columns).
+Sum ``"corange"``: every client's ``w P^T Q`` per layer, its weight, its weight in the slot
+of its rank (the server adds the tails of lower-rank clients itself, from the per-rank
+totals), its group counts (grouped adapters) and ``w a`` for every other array. Weights
+enter as ``w / weight_bound`` (at most 1), so every value is bounded by ``value_bound``;
+what exceeds its bound is clipped and counted (:func:`fedlowrank.secure.secagg.quantise`).
+
+The server then holds ``sum_k w_k P_k`` factored (:func:`fedlowrank.secure.sketch.recover`)
+and hands it to :meth:`fedlowrank.aggregation.round.ServerRound.add_sum`: the rule, the
+server learning rate, momentum and the tails act on it as on the replies one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..aggregation.ranks import Factors
+from ..aggregation.round import ServerRound, factor_modules
+from ..aggregation.validate import MAX_ABS_VALUE
+from .sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
+
+RANGE, CORANGE = "range", "corange"
+LABELS = (RANGE, CORANGE)
+
+
+@dataclass
+class SketchPlan:
+    """What the server tells every client about this round's two sums (the same for all).
+
+    Parameters
+    ----------
+    seed : int
+        Draws each layer's ``Omega`` (:func:`~fedlowrank.secure.sketch.sketch_matrix`).
+    widths : dict
+        Sketch width per adapted layer: exact when at least the rank of the sum.
+    ranks : list of int
+        The client ranks of the round, in slot order.
+    groups : int
+        Rows of ``s`` (1, or FairLoRA's groups).
+    shapes : dict
+        ``(d_out, d_in)`` per adapted layer, and the shape of every other array (``plain``).
+    plain : list of str
+        The arrays that are not adapter factors (heads, biases), summed as ``w a``.
+    weight_bound : float
+        A weight above it is clipped to it (and counted).
+    value_bound : float
+        Every sketched or summed value is clipped to ``+-value_bound`` (and counted).
+    """
+
+    seed: int
+    widths: dict[str, int]
+    ranks: list[int]
+    groups: int
+    shapes: dict[str, tuple[int, ...]]
+    plain: list[str]
+    weight_bound: float
+    value_bound: float = MAX_ABS_VALUE
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.widths)
+
+    def omega(self, module: str) -> np.ndarray:
+        return sketch_matrix(self.seed, module, self.shapes[module][1], self.widths[module])
+
+    def range_bounds(self) -> list[float]:
+        return [self.value_bound] * len(self.widths)
+
+    def corange_bounds(self) -> list[float]:
+        # layers' sketches, layers' probes, [weight, per-rank weights, group counts], plain arrays
+        return [self.value_bound] * (2 * len(self.widths)) + [1.0] + [self.value_bound] * len(self.plain)
+
+
+def plan_round(
+    global_arrays: Mapping[str, np.ndarray], client_ranks: Iterable[int], seed: int, weight_bound: float,
+    width: int | None = None, value_bound: float = MAX_ABS_VALUE,
+) -> SketchPlan:
+    """The round's plan: sketch widths exact for these client ranks unless ``width`` is given."""
+    ranks = sorted(set(int(r) for r in client_ranks))
+    counts = list(client_ranks)
+    if not counts or min(counts) < 1:
+        raise ValueError(f"client ranks must be positive integers, got {counts}")
+    widths, shapes = {}, {}
+    groups = 1
+    for module in factor_modules(global_arrays):
+        u, s, v = (np.asarray(global_arrays[f"{module}.lora_{x}"]) for x in "USV")
+        d_out, d_in = u.shape[0], v.shape[0]
+        groups = int(np.atleast_2d(s).shape[0])
+        exact = sum(min(r, d_out, d_in) for r in counts)  # the rank of each group's sum is at most this
+        widths[module] = min(int(width), d_out, d_in) if width else min(exact, d_out, d_in)
+        shapes[module] = (d_out, d_in)
+    plain = [k for k in global_arrays if not any(k.startswith(f"{m}.lora_") for m in widths) and ".fold_" not in k]
+    shapes.update({k: tuple(np.asarray(global_arrays[k]).shape) for k in plain})
+    if not weight_bound > 0:
+        raise ValueError(f"weight_bound must be positive, got {weight_bound}")
+    return SketchPlan(int(seed), widths, ranks, groups, shapes, plain, float(weight_bound), float(value_bound))
+
+
+def _scaled_weights(plan: SketchPlan, weight: float, group_counts: np.ndarray | None) -> tuple[float, np.ndarray, int]:
+    """``w / weight_bound`` (clipped to 1), the per-group product weights, and 1 if the weight was clipped."""
+    clipped = int(weight > plan.weight_bound)
+    scaled = min(float(weight), plan.weight_bound) / plan.weight_bound
+    if plan.groups > 1:
+        counts = np.asarray(group_counts, dtype=np.float64)
+        if counts.shape != (plan.groups,):
+            raise ValueError(f"{plan.groups} group counts needed, got shape {counts.shape}")
+        clipped += int(np.count_nonzero(counts > plan.weight_bound))
+        return scaled, np.minimum(counts, plan.weight_bound) / plan.weight_bound, clipped
+    return scaled, np.array([scaled]), clipped
+
+
+def range_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weight: float,
+                       group_counts: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
+    """A client's vectors for the ``"range"`` sum, and how many weights it clipped."""
+    _, product_weights, clipped = _scaled_weights(plan, weight, group_counts)
+    out = []
+    for module in plan.modules:
+        u, s, v = (np.asarray(arrays[f"{module}.lora_{x}"]) for x in "USV")
+        out.append(range_sketch(u, s, v, plan.omega(module), product_weights))
+    return out, clipped
+
+
+def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weight: float, bases: Mapping[str, np.ndarray],
+                         group_counts: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
+    """A client's vectors for the ``"corange"`` sum (its rank read off its factors), and how many weights it clipped."""
+    scaled, product_weights, clipped = _scaled_weights(plan, weight, group_counts)
+    out = []
+    rank = None
+    for module in plan.modules:
+        u, s, v = (np.asarray(arrays[f"{module}.lora_{x}"]) for x in "USV")
+        rank = u.shape[1] if rank is None else rank
+        basis = np.asarray(bases[module], dtype=np.float64)
+        if basis.shape != (plan.groups, plan.shapes[module][0], plan.widths[module]):
+            raise ValueError(f"'{module}': basis of shape {basis.shape}, expected {(plan.groups, plan.shapes[module][0], plan.widths[module])}")
+        out.append(corange_sketch(u, s, v, basis, product_weights))
+    for module in plan.modules:
+        # The probes again, over the clients of this sum: the error estimate is of the sum that is recovered
+        # (a client that dropped after the first sum is in Q but not here).
+        u, s, v = (np.asarray(arrays[f"{module}.lora_{x}"]) for x in "USV")
+        out.append(range_sketch(u, s, v, plan.omega(module)[:, plan.widths[module]:], product_weights))
+    if rank is not None and rank not in plan.ranks:
+        raise ValueError(f"this client's rank {rank} is not one the server assigned ({plan.ranks})")
+    # [weight, weight per rank slot (per group: group counts per rank slot), group counts]
+    slots = np.zeros((1 + len(plan.ranks)) * plan.groups + (plan.groups if plan.groups > 1 else 0))
+    slots[0] = scaled
+    if rank is not None:
+        start = 1 + plan.ranks.index(rank) * plan.groups
+        slots[start:start + plan.groups] = product_weights
+    if plan.groups > 1:
+        slots[-plan.groups:] = product_weights
+    out.append(slots)
+    out.extend(scaled * np.asarray(arrays[k], dtype=np.float64) for k in plan.plain)
+    return out, clipped
+
+
+def bases_from_range(plan: SketchPlan, range_sum: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's orthonormal ``Q`` (``G x d_out x width``) from the summed range sketches."""
+    return {m: range_basis(y, plan.widths[m]) for m, y in zip(plan.modules, range_sum, strict=True)}
+
+
+def add_to_round(server_round: ServerRound, plan: SketchPlan, range_sum: list[np.ndarray], bases: Mapping[str, np.ndarray],
+                 corange_sum: list[np.ndarray], clients: int) -> dict[str, float]:
+    """Recover ``sum_k w_k P_k`` per layer and add it to the round; the sketch's metrics.
+
+    ``agg-sketch-error-rel``: the largest estimated ``||M - Q Q^T M|| / ||M||`` over layers,
+    ``M`` the sum over the clients of the second sum (quantisation noise when the width is
+    exact; more when a client dropped between the sums and the clients' ranks add up to
+    more than a layer's smaller side).
+    """
+    modules = plan.modules
+    layers = len(modules)
+    products, errors = {}, []
+    for index, module in enumerate(modules):
+        basis = np.asarray(bases[module])
+        found = recover(basis, corange_sum[index], np.concatenate([range_sum[index][:, :, : plan.widths[module]], corange_sum[layers + index]], 2))
+        products[module] = Factors(*(t * plan.weight_bound if i == 1 else t for i, t in enumerate(found.factors)))
+        errors.append(found.error)
+    slots = corange_sum[2 * layers] * plan.weight_bound
+    weight = float(slots[0])
+    groups = plan.groups
+    per_rank = {r: slots[1 + i * groups:1 + (i + 1) * groups] for i, r in enumerate(plan.ranks)}
+    group_counts = slots[-groups:] if groups > 1 else None
+    rank_weights = {r: (w if groups > 1 else float(w[0])) for r, w in per_rank.items()}
+    plain = {k: s * plan.weight_bound for k, s in zip(plan.plain, corange_sum[2 * layers + 1:], strict=True)}
+    server_round.add_sum(products, weight, rank_weights, plain, clients, group_counts)
+    return {"agg-sketch-error-rel": max(errors, default=0.0)}
+
