@@ -391,16 +391,20 @@ def run(
     kept_any = first > num_rounds or bool(result.train_metrics_clientapp)
     for current in range(first, num_rounds + 1):
         log(DEBUG, "[ROUND %s/%s]", current, num_rounds)
-        messages = list(strategy.configure_train(current, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
-        silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
-        if silent:
-            log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
-        asked += len(messages)
+        if hasattr(strategy, "train_round"):  # a round of several exchanges (secure aggregation)
+            new_arrays, metrics, sampled, replies = strategy.train_round(current, arrays, train_config, grid, timeout)
+        else:
+            messages = list(strategy.configure_train(current, arrays, train_config, grid))
+            replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+            sampled = [m.metadata.dst_node_id for m in messages]
+            silent = sorted(set(sampled) - {r.metadata.src_node_id for r in replies})
+            if silent:
+                log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
+            new_arrays, metrics = strategy.aggregate_train(current, replies)
+        asked += len(sampled)
         replies_seen += len(replies)
         if not kept_any:  # the cause of a failed run; once a round kept a reply none is needed
             site_errors += [r.error.reason for r in replies if r.has_error()]
-        new_arrays, metrics = strategy.aggregate_train(current, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays
             kept_any = True

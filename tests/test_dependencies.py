@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fedlowrank": ROOT / "fedlowrank", "fedlowrank.strategies": ROOT / "strategies", "fedlowrank.clients": ROOT / "clients"}
-FLOWER_LAYERS = ("fedlowrank.strategies", "fedlowrank.clients")
+# fedlowrank.secure: the secure-aggregation protocol over Flower's crypto primitives, shared by both sides.
+FLOWER_LAYERS = ("fedlowrank.strategies", "fedlowrank.clients", "fedlowrank.secure")
 
 
 def modules() -> dict[str, tuple[Path, bool]]:

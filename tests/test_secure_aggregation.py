@@ -11,7 +11,7 @@ import torch
 
 from fedlowrank.aggregation.round import RoundConfig, ServerRound
 from fedlowrank.aggregation.state import LowRankState
-from fedlowrank.secure.round import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, corange_contribution, plan_round, range_contribution
+from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, corange_contribution, plan_round, range_contribution
 from fedlowrank.secure.secagg import (
     SecureSetup,
     SecureSumClient,
@@ -20,7 +20,7 @@ from fedlowrank.secure.secagg import (
     quantisation_bits,
     quantise,
 )
-from fedlowrank.secure.sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
+from fedlowrank.aggregation.sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
 
 from test_server_optimiser import D_IN, D_OUT, R, best, client_reply, head_arrays, product, start_arrays
 

@@ -13,7 +13,7 @@ ECDH + HKDF shared keys, Fernet encryption of the shares, Shamir sharing. Our ow
 why:
 
 - **Several sums per setup.** Exact low-rank aggregation needs two sums a round
-  (:mod:`fedlowrank.secure.sketch`). Each sum has its own pairwise key pair and private
+  (:mod:`fedlowrank.aggregation.sketch`). Each sum has its own pairwise key pair and private
   seed per client, all shared at setup, so a client that finishes the first sum and drops
   before the second reveals the second sum's pairwise key only: its first vector stays
   masked. (Deriving both sums' masks from one key would unmask it.)

@@ -7,7 +7,7 @@ totals), its group counts (grouped adapters) and ``w a`` for every other array. 
 enter as ``w / weight_bound`` (at most 1), so every value is bounded by ``value_bound``;
 what exceeds its bound is clipped and counted (:func:`fedlowrank.secure.secagg.quantise`).
 
-The server then holds ``sum_k w_k P_k`` factored (:func:`fedlowrank.secure.sketch.recover`)
+The server then holds ``sum_k w_k P_k`` factored (:func:`fedlowrank.aggregation.sketch.recover`)
 and hands it to :meth:`fedlowrank.aggregation.round.ServerRound.add_sum`: the rule, the
 server learning rate, momentum and the tails act on it as on the replies one by one.
 """
@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..aggregation.ranks import Factors
-from ..aggregation.round import ServerRound, factor_modules
-from ..aggregation.validate import MAX_ABS_VALUE
+from .ranks import Factors
+from .round import ServerRound, factor_modules
+from .validate import MAX_ABS_VALUE
 from .sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
 
 RANGE, CORANGE = "range", "corange"
+CLIP_COUNT_BOUND = 2**40
+"""Values one client may report clipped (its count is summed like the rest)."""
 LABELS = (RANGE, CORANGE)
 
 
@@ -35,7 +37,7 @@ class SketchPlan:
     Parameters
     ----------
     seed : int
-        Draws each layer's ``Omega`` (:func:`~fedlowrank.secure.sketch.sketch_matrix`).
+        Draws each layer's ``Omega`` (:func:`~fedlowrank.aggregation.sketch.sketch_matrix`).
     widths : dict
         Sketch width per adapted layer: exact when at least the rank of the sum.
     ranks : list of int
@@ -60,6 +62,8 @@ class SketchPlan:
     plain: list[str]
     weight_bound: float
     value_bound: float = MAX_ABS_VALUE
+    extras: tuple[str, ...] = ()
+    """Per-client metrics summed as ``w x value`` (their weighted means reported), e.g. ``train-loss``."""
 
     @property
     def modules(self) -> list[str]:
@@ -72,13 +76,15 @@ class SketchPlan:
         return [self.value_bound] * len(self.widths)
 
     def corange_bounds(self) -> list[float]:
-        # layers' sketches, layers' probes, [weight, per-rank weights, group counts], plain arrays
-        return [self.value_bound] * (2 * len(self.widths)) + [1.0] + [self.value_bound] * len(self.plain)
+        # layers' sketches, layers' probes, [weight, per-rank weights, group counts], weighted extras,
+        # [values clipped so far], plain arrays
+        layers = [self.value_bound] * (2 * len(self.widths))
+        return layers + [1.0, self.value_bound, float(CLIP_COUNT_BOUND)] + [self.value_bound] * len(self.plain)
 
 
 def plan_round(
     global_arrays: Mapping[str, np.ndarray], client_ranks: Iterable[int], seed: int, weight_bound: float,
-    width: int | None = None, value_bound: float = MAX_ABS_VALUE,
+    width: int | None = None, value_bound: float = MAX_ABS_VALUE, extras: Iterable[str] = (),
 ) -> SketchPlan:
     """The round's plan: sketch widths exact for these client ranks unless ``width`` is given."""
     ranks = sorted(set(int(r) for r in client_ranks))
@@ -98,7 +104,7 @@ def plan_round(
     shapes.update({k: tuple(np.asarray(global_arrays[k]).shape) for k in plain})
     if not weight_bound > 0:
         raise ValueError(f"weight_bound must be positive, got {weight_bound}")
-    return SketchPlan(int(seed), widths, ranks, groups, shapes, plain, float(weight_bound), float(value_bound))
+    return SketchPlan(int(seed), widths, ranks, groups, shapes, plain, float(weight_bound), float(value_bound), tuple(extras))
 
 
 def _scaled_weights(plan: SketchPlan, weight: float, group_counts: np.ndarray | None) -> tuple[float, np.ndarray, int]:
@@ -126,8 +132,13 @@ def range_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weigh
 
 
 def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weight: float, bases: Mapping[str, np.ndarray],
-                         group_counts: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
-    """A client's vectors for the ``"corange"`` sum (its rank read off its factors), and how many weights it clipped."""
+                         group_counts: np.ndarray | None = None, extras: Mapping[str, float] | None = None,
+                         clipped_before: int = 0) -> tuple[list[np.ndarray], int]:
+    """A client's vectors for the ``"corange"`` sum (its rank read off its factors), and how many weights it clipped.
+
+    ``extras`` gives the values of ``plan.extras``; ``clipped_before`` what the client clipped
+    in the first sum (the count is summed, so the server learns only the total).
+    """
     scaled, product_weights, clipped = _scaled_weights(plan, weight, group_counts)
     out = []
     rank = None
@@ -154,6 +165,12 @@ def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], wei
     if plan.groups > 1:
         slots[-plan.groups:] = product_weights
     out.append(slots)
+    extras = extras or {}
+    missing = [name for name in plan.extras if name not in extras]
+    if missing:
+        raise ValueError(f"the secure round sums {missing}, which this client did not report")
+    out.append(np.array([scaled * float(extras[name]) for name in plan.extras]))
+    out.append(np.array([float(clipped_before + clipped)]))
     out.extend(scaled * np.asarray(arrays[k], dtype=np.float64) for k in plan.plain)
     return out, clipped
 
@@ -186,7 +203,11 @@ def add_to_round(server_round: ServerRound, plan: SketchPlan, range_sum: list[np
     per_rank = {r: slots[1 + i * groups:1 + (i + 1) * groups] for i, r in enumerate(plan.ranks)}
     group_counts = slots[-groups:] if groups > 1 else None
     rank_weights = {r: (w if groups > 1 else float(w[0])) for r, w in per_rank.items()}
-    plain = {k: s * plan.weight_bound for k, s in zip(plan.plain, corange_sum[2 * layers + 1:], strict=True)}
+    weighted_extras, clipped = corange_sum[2 * layers + 1] * plan.weight_bound, corange_sum[2 * layers + 2]
+    plain = {k: s * plan.weight_bound for k, s in zip(plan.plain, corange_sum[2 * layers + 3:], strict=True)}
     server_round.add_sum(products, weight, rank_weights, plain, clients, group_counts)
-    return {"agg-sketch-error-rel": max(errors, default=0.0)}
+    metrics = {"agg-sketch-error-rel": max(errors, default=0.0), "secure-clipped": float(np.rint(clipped[0]))}
+    if weight > 0:
+        metrics.update({name: float(value / weight) for name, value in zip(plan.extras, weighted_extras)})
+    return metrics
 

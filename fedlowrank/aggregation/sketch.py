@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..aggregation.ranks import Factors
+from .ranks import Factors
 
 PROBES = 8
 """Extra Gaussian columns of ``Omega`` that estimate the error of a narrow sketch."""
