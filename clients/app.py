@@ -22,6 +22,7 @@ from fedlowrank.wire import FAIRNESS_STATS_KEY, FROZEN_KEY, GROUP_COUNT_PREFIX, 
 from .compression import compress_reply
 from .persist import persist_state, restore_state
 from .private import DPConfig, train_private
+from .secure import make_secure_mod
 from fedlowrank.runconfig import RunSettings, parse_ranks  # noqa: F401  (parse_ranks re-exported)
 from fedlowrank.training import TrainResult, describe_compute, pick_device, predict, train_local
 
@@ -203,7 +204,8 @@ def build_client_app(
     A ``group-share`` list in the round's config sets the layers' shares for unknown
     groups.
     """
-    app = ClientApp()
+    # Train messages of a secure round go through the secure-aggregation stages first (clients/secure.py).
+    app = ClientApp(mods=[make_secure_mod(lambda context: client_rank(context, adapter.rank))])
     device = pick_device()
 
     def prepare(msg: Message, context: Context) -> tuple[nn.Module, ClientData]:

@@ -64,6 +64,12 @@ class RunSettings:
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 8.0
+    secure: bool = False
+    secure_weight_bound: float = 1e6
+    secure_value_bound: float = 1e4
+    secure_sketch_width: int = 0
+    secure_share_fraction: float = 1.0
+    secure_threshold: float = 0.5
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **defaults: Any) -> RunSettings:
@@ -105,8 +111,24 @@ class RunSettings:
                 raise ValueError(f"run config '{key}' = {value!r} must be in [0, 1]")
         if not 0.0 < self.dp_delta < 1.0:
             raise ValueError(f"run config 'dp-delta' = {self.dp_delta!r} must be in (0, 1)")
-        if self.robust.strip() not in ("", "clip", "reject"):
-            raise ValueError(f"run config 'robust' = {self.robust!r} must be '', 'clip' or 'reject'")
+        if self.robust.strip() not in ("", "clip", "reject", "auto"):
+            raise ValueError(f"run config 'robust' = {self.robust!r} must be '', 'clip', 'reject' or 'auto'")
+        if self.secure:
+            if self.robust.strip() in ("clip", "reject"):
+                raise ValueError(f"run config 'robust' = {self.robust!r} cannot act with secure = true: the server sees no "
+                                 "single update (set robust = 'auto' or ''; secure-value-bound and secure-weight-bound "
+                                 "bound each site on its side)")
+            if self.compression.strip() != "none":
+                raise ValueError(f"run config 'compression' = {self.compression!r} with secure = true: a masked sum "
+                                 "cannot be decoded per site; use compression = 'none'")
+            for key, value in (("secure-weight-bound", self.secure_weight_bound), ("secure-value-bound", self.secure_value_bound)):
+                if not value > 0:
+                    raise ValueError(f"run config '{key}' = {value!r} must be > 0")
+            for key, value in (("secure-share-fraction", self.secure_share_fraction), ("secure-threshold", self.secure_threshold)):
+                if not 0.0 < value <= 1.0:
+                    raise ValueError(f"run config '{key}' = {value!r} must be in (0, 1]")
+            if self.secure_sketch_width < 0:
+                raise ValueError(f"run config 'secure-sketch-width' = {self.secure_sketch_width!r} must be >= 0 (0: exact)")
         if self.residual.strip() not in ("", "drop", "carry", "fold"):
             raise ValueError(f"run config 'residual' = {self.residual!r} must be '', 'drop', 'carry' or 'fold'")
         ranks = self.ranks  # parses client-ranks
@@ -116,6 +138,14 @@ class RunSettings:
                 f"run config 'client-ranks' = {self.client_ranks!r} gives {len(ranks)} ranks for num-sites = "
                 f"{self.num_sites}: at most one rank per site (they repeat over the sites)"
             )
+
+    @property
+    def robust_mode(self) -> str | None:
+        """``robust`` resolved: ``"auto"`` is ``"clip"`` in plain runs and off under ``secure`` (no single update to bound)."""
+        mode = self.robust.strip()
+        if mode == "auto":
+            return None if self.secure else "clip"
+        return mode or None
 
     @property
     def ranks(self) -> list[int]:

@@ -36,6 +36,7 @@ from .federated_fairness import FederatedFairnessMetrics
 from .fedlowrank import FedLowRank
 from .initial import initial_arrays
 from .lgreco import LGreCo
+from .secure import SecureLowRank
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ def sampling(settings: RunSettings) -> dict:
         # Every strategy merges the sites' fairness statistics into federation-wide metrics.
         "evaluate_metrics_aggr_fn": FederatedFairnessMetrics(num_groups=2),
         # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
-        "robust": settings.robust.strip() or None,
+        "robust": settings.robust_mode,
         "robust_factor": settings.robust_factor,
+        # A secure sum has no single weight to cap: each site bounds its own (secure-weight-bound).
+        **({"share_cap": None} if settings.secure else {}),
     }
 
 
@@ -100,7 +103,24 @@ def check_strategy(settings: RunSettings) -> tuple[str, int, int]:
     groups = settings.groups
     if rule.grouped != (groups > 1):
         raise ValueError(f"strategy {name!r} with groups = {groups}: FairLoRA needs groups = 2, the others groups = 1")
+    if settings.secure and not rule.sums_products:
+        raise ValueError(f"strategy {name!r} averages factors, which a secure sum of products cannot give: with "
+                         "secure = true use 'fedlowrank' (rule exact, flexlora-dense or flora) or 'fairlora-exact'")
     return name, rank, groups
+
+
+def with_secure_aggregation(strategy: Strategy, settings: RunSettings) -> Strategy:
+    """Wrap ``strategy`` in :class:`SecureLowRank` when the run config says ``secure = true``."""
+    if not settings.secure:
+        return strategy
+    return SecureLowRank(
+        strategy,
+        share_fraction=settings.secure_share_fraction,
+        threshold_fraction=settings.secure_threshold,
+        weight_bound=settings.secure_weight_bound,
+        value_bound=settings.secure_value_bound,
+        sketch_width=settings.secure_sketch_width or None,
+    )
 
 
 def with_compression(strategy: Strategy, settings: RunSettings) -> Strategy:
@@ -183,7 +203,8 @@ def results_path(settings: RunSettings, strategy: str, app_name: str) -> Path:
         ranks = settings.client_ranks.replace(",", "-").replace(" ", "")
         parts = [app_name.replace("-", "_"), strategy, rule, f"r{settings.rank}", f"ranks{ranks}" if ranks else "",
                  settings.compression.replace(":", "-"), f"dp{settings.dp_noise_multiplier:g}" if settings.dp_noise_multiplier else "",
-                 settings.robust.strip(), "resumed" if settings.resume_from.strip() else "", f"seed{settings.seed}", stamp]
+                 settings.robust_mode or "", "secure" if settings.secure else "", "resumed" if settings.resume_from.strip() else "",
+                 f"seed{settings.seed}", stamp]
         return (Path("results") / ("-".join(p for p in parts if p and p != "none") + ".json")).resolve()
     path = Path(given).expanduser().resolve()
     if path.exists() and not settings.resume_from.strip():
@@ -244,7 +265,7 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         if spec.central_test is None:
             raise ValueError(f"{spec.name} has no central test data: set central-evaluation = false")
         evaluate_fn = central_evaluation(spec.global_model(rank, groups), spec.central_test(cfg, num_sites), pick_device())
-    strategy = with_compression(build_strategy(name, rank, settings), settings)
+    strategy = with_compression(with_secure_aggregation(build_strategy(name, rank, settings), settings), settings)
     data = f", dataset {cfg['dataset']}" if str(cfg.get("dataset", "")).strip() else ""
     rule = f" (rule {settings.rule})" if name == "fedlowrank" else ""
     rounds = settings.num_server_rounds

@@ -441,9 +441,8 @@ class ServerRound:
             raise RuntimeError(f"the round already failed: {self._failure}")
         if self.config.share_cap is not None or self.config.robust is not None:
             raise ValueError("a summed contribution has no single reply to cap or clip: set share_cap=None and robust=None")
-        for acc in self._accs.values():
-            if type(acc).collect is not Accumulator.collect:
-                raise ValueError(f"rule {self.config.rule!r} needs each reply's factors; a secure sum gives products only")
+        if not self.config.rule.sums_products:
+            raise ValueError(f"rule {self.config.rule!r} needs each reply's factors; a secure sum gives products only")
         weight = check_weight(weight, "weight", self.config.max_weight * max(clients, 1))
         lr = self.config.server_learning_rate
         totals = None if group_counts is None else torch.as_tensor(group_counts, dtype=torch.float64)

@@ -51,6 +51,8 @@ class FedITRule(AggregationRule):
     Not the average of the products; kept as the baseline. Needs equal ranks.
     """
 
+    sums_products = False
+
     source = "FedIT (Zhang et al., ICASSP 2024): FedAvg of the LoRA factors"
     mixed_ranks = False
 
@@ -75,6 +77,8 @@ class FairFedMedRule(AggregationRule):
     server_momentum : float in [0, 1) (default: 0)
         The result is ``m * previous + (1 - m) * average``.
     """
+
+    sums_products = False
 
     source = "FairFedMed (Li et al., 2025): FairLoRA with group-wise singular values"
     grouped = True
@@ -115,6 +119,8 @@ class FFARule(AggregationRule):
     the global one is dropped. Clients are told to freeze ``lora_V`` (``frozen``); a
     client of rank ``r`` keeps the first ``r`` columns.
     """
+
+    sums_products = False
 
     source = "FFA-LoRA (Sun et al., ICLR 2024): freeze A, average B"
     truncation = "columns"
@@ -166,6 +172,8 @@ class ZeroPadRule(AggregationRule):
     before ``U``, ``S`` and ``V`` are averaged entry by entry. The baseline the exact rule
     is compared with on heterogeneous ranks; at equal ranks it is FedIT.
     """
+
+    sums_products = False
 
     source = "HetLoRA (Cho et al., 2024) / HeteroLoRA: zero-padded factors averaged entry by entry"
     truncation = "columns"

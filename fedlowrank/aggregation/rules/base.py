@@ -97,6 +97,9 @@ class AggregationRule(ABC):
         Whether :meth:`Accumulator.result` returns the residual (``carry``/``fold``).
     residual_modes : tuple of str
         The strategy's residual modes this rule supports; the first is its default.
+    sums_products : bool
+        The result depends on the replies only through the weighted sum of their completed
+        products, so a secure sum of products can give it (rules that average factors: no).
     """
 
     name: ClassVar[str] = ""
@@ -107,6 +110,7 @@ class AggregationRule(ABC):
     frozen: ClassVar[tuple[str, ...]] = ()
     residual: ClassVar[bool] = False
     residual_modes: ClassVar[tuple[str, ...]] = ("drop",)
+    sums_products: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
