@@ -175,8 +175,16 @@ def make_strategy(rule: str, regime: Regime):
     from fedlowrank.strategies import make_strategy as library_strategy
 
     name, options = parse_rule(rule)
-    return library_strategy(name, regime.rank, fraction_evaluate=0.0, fraction_train=regime.fraction, min_train_nodes=2,
-                            min_available_nodes=2, **options)
+    secure = bool(options.pop("secure", False))
+    if secure:  # secure aggregation: no single reply to cap (SecureLowRank bounds weights on the clients)
+        options.setdefault("share_cap", None)
+    strategy = library_strategy(name, regime.rank, fraction_evaluate=0.0, fraction_train=regime.fraction, min_train_nodes=2,
+                                min_available_nodes=2, **options)
+    if secure:
+        from fedlowrank.strategies.secure import SecureLowRank
+
+        strategy = SecureLowRank(strategy)
+    return strategy
 
 
 def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[dict]:
@@ -205,7 +213,8 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
     sent: dict[int, int] = {}
     errors: dict[int, float] = {}
     refused: dict[int, int] = {}
-    strategy = RecordingStrategy(run.strategy, sent, refused, errors)
+    recording = SecureRecordingStrategy if hasattr(run.strategy, "train_round") else RecordingStrategy
+    strategy = recording(run.strategy, sent, refused, errors)
 
     def evaluate_fn(server_round, arrays):
         run.load(arrays)
@@ -215,9 +224,14 @@ def federated(setting: Setting, regime: Regime, rule: str, seed: int) -> list[di
         curve.append(point)
         return None
 
-    strategy.start(grid=grid, initial_arrays=run.initial, num_rounds=regime.rounds,
-                   train_config=ConfigRecord({"lr": regime.lr, "local-epochs": regime.local_epochs}),
-                   evaluate_fn=evaluate_fn)
+    train_config = ConfigRecord({"lr": regime.lr, "local-epochs": regime.local_epochs})
+    if hasattr(strategy, "train_round"):  # several exchanges a round: fedlowrank's run loop drives them
+        from fedlowrank.strategies.checkpoint import run as run_rounds
+
+        run_rounds(strategy, grid, run.initial, num_rounds=regime.rounds, train_config=train_config, evaluate_fn=evaluate_fn)
+    else:
+        strategy.start(grid=grid, initial_arrays=run.initial, num_rounds=regime.rounds, train_config=train_config,
+                       evaluate_fn=evaluate_fn)
     return curve
 
 
@@ -251,6 +265,22 @@ class RecordingStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+class SecureRecordingStrategy(RecordingStrategy):
+    """:class:`RecordingStrategy` for a secure round: bytes are every stage's, per client, from the round's metrics."""
+
+    def train_round(self, server_round, arrays, config, grid, timeout):
+        outcome = self.strategy.train_round(server_round, arrays, config, grid, timeout)
+        metrics = outcome.metrics or {}
+        self.sent[server_round] = int(metrics.get("secure-bytes-per-client", 0) * metrics.get("agg-clients-kept", 0))
+        self.refused[server_round] = sum(m.has_error() for m in outcome.replies)
+        rel = [float(v) for k, v in metrics.items() if k.startswith("agg-error-rel")]
+        self.errors[server_round] = max(rel) if rel else float("nan")
+        return outcome
+
+    def state_dict(self):
+        return self.strategy.state_dict()
 
 
 @dataclass

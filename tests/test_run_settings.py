@@ -22,7 +22,7 @@ def test_the_apps_keys_become_typed_fields():
     ("lr", "fast", "'lr' = 'fast' must be a number"),
     ("lr", 0.0, "'lr' = 0.0 must be > 0"),
     ("fraction-train", 1.5, r"'fraction-train' = 1.5 must be in \[0, 1\]"),
-    ("robust", "median", "'robust' = 'median' must be '', 'clip' or 'reject'"),
+    ("robust", "median", "'robust' = 'median' must be '', 'clip', 'reject' or 'auto'"),
     ("central-evaluation", "maybe", "'central-evaluation' = 'maybe' must be true or false"),
     ("dp-delta", 1.0, r"'dp-delta' = 1.0 must be in \(0, 1\)"),
     ("client-ranks", "2,x", "must be comma-separated integers"),
@@ -42,3 +42,32 @@ def test_a_strategy_whose_rule_cannot_mix_ranks_is_refused_before_round_one(stra
         check_strategy(settings)
     for accepted in ("fedlowrank", "ffa"):  # their rules declare mixed ranks (ffa: the first columns)
         assert check_strategy(RunSettings.from_config({**APP, "strategy": accepted, "client-ranks": "2,4"}))[0] == accepted
+
+
+def test_auto_robust_is_clip_in_plain_runs_and_off_under_secure_aggregation():
+    assert RunSettings.from_config({**APP, "robust": "auto"}).robust_mode == "clip"
+    assert RunSettings.from_config({**APP, "robust": "auto", "secure": True}).robust_mode is None
+    assert RunSettings.from_config({**APP, "robust": ""}).robust_mode is None
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"robust": "clip"}, "'robust' = 'clip' cannot act with secure = true"),
+    ({"robust": "auto", "compression": "lgreco"}, "'compression' = 'lgreco' with secure = true"),
+    ({"robust": "auto", "secure-threshold": 0.0}, r"'secure-threshold' = 0.0 must be in \(0, 1\]"),
+    ({"robust": "auto", "secure-weight-bound": -1.0}, "'secure-weight-bound' = -1.0 must be > 0"),
+    ({"robust": "auto", "secure-sketch-width": -2}, "'secure-sketch-width' = -2 must be >= 0"),
+])
+def test_settings_secure_aggregation_cannot_honour_are_refused_by_name(extra, message):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_config({**APP, "secure": True, **extra})
+
+
+@pytest.mark.parametrize("strategy,extra", [("fedit", {}), ("fedlowrank", {"rule": "ffa"}), ("fairfedmed", {"groups": 2})])
+def test_a_strategy_that_averages_factors_is_refused_under_secure_aggregation(strategy, extra):
+    from fedlowrank.strategies.serverapp import check_strategy
+
+    settings = RunSettings.from_config({**APP, "strategy": strategy, "robust": "auto", "secure": True, **extra})
+    with pytest.raises(ValueError, match="averages factors, which a secure sum of products cannot give"):
+        check_strategy(settings)
+    ok = RunSettings.from_config({**APP, "strategy": "fedlowrank", "robust": "auto", "secure": True})
+    assert check_strategy(ok)[0] == "fedlowrank"
