@@ -14,51 +14,19 @@ from fedlowrank.aggregation.state import LowRankState
 from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, corange_contribution, plan_round, range_contribution
 from fedlowrank.secure.secagg import (
     SecureSetup,
-    SecureSumClient,
     SecureSumError,
     mask_stream,
     quantisation_bits,
     quantise,
 )
+from fedlowrank.secure.simulate import InProcessSecureSums
 from fedlowrank.aggregation.sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
 
 from test_server_optimiser import D_IN, D_OUT, R, best, client_reply, head_arrays, product, start_arrays
 
 
-# -- the protocol, driven in process (each stage's payloads are what the messages carry) ---------------------
-class Federation:
-    """Server and clients of one round; ``drop`` names the stage after which a node stops answering."""
-
-    def __init__(self, nodes, share_num=None, threshold=None, labels=("a",), drop=None):
-        self.drop = drop or {}
-        share_num = share_num or len(nodes)
-        threshold = threshold or max(2, share_num // 2 + 1)
-        self.setup = SecureSetup(list(nodes), tuple(labels), share_num, threshold)
-        config = self.setup.setup_config()
-        self.clients = {n: SecureSumClient(n, tuple(config["labels"]), config["threshold"], config["share-num"]) for n in nodes}
-        for n, client in self.clients.items():
-            if self.alive(n, "keys"):
-                self.setup.add_keys(n, client.setup())
-        for n, client in self.clients.items():
-            if self.alive(n, "shares"):
-                self.setup.add_shares(n, client.share_keys(self.setup.keys_for(n)))
-        for n in self.setup.sharing:
-            self.clients[n].receive_shares(self.setup.shares_for(n))
-
-    def alive(self, node, stage):
-        order = ["keys", "shares", *(f"{label}:{step}" for label in self.setup.labels for step in ("mask", "unmask"))]
-        return node not in self.drop or order.index(stage) < order.index(self.drop[node])
-
-    def secure_sum(self, label, vectors, bounds):
-        """``vectors[node]``: that node's arrays for this sum. The sum over the nodes still answering."""
-        summed = self.setup.secure_sum(label, bounds)
-        for n in self.setup.sharing:
-            if self.alive(n, f"{label}:mask"):
-                masked, clipped = self.clients[n].mask(label, vectors[n], bounds, summed.bits)
-                summed.add(n, masked, clipped)
-        survivors, dropped = summed.request()
-        shares = {n: self.clients[n].unmask(label, survivors, dropped) for n in survivors if self.alive(n, f"{label}:unmask")}
-        return summed, summed.unmask(shares), survivors
+def Federation(nodes, share_num=None, threshold=None, labels=("a",), drop=None):
+    return InProcessSecureSums(list(nodes), tuple(labels), share_num, threshold, drop)
 
 
 def random_vectors(nodes, shapes, seed=0, scale=1.0):
@@ -74,10 +42,16 @@ def test_secure_sum_equals_the_plain_sum_to_quantisation_error():
     fed = Federation(nodes)
     summed, total, survivors = fed.secure_sum("a", vectors, [10.0, 10.0])
     assert survivors == sorted(nodes) and summed.clipped == 0
-    step = 2 * 10.0 / (2**summed.bits - 1)
-    rounding = 4 * 10.0 * np.finfo(float).eps  # dequantising subtracts K x bound: float64's own error at that size
+    step = 10.0 / 2**summed.bits
     for got, want in zip(total, [sum(vectors[n][i] for n in nodes) for i in range(2)]):
-        assert np.max(np.abs(got - want)) <= len(nodes) * (step / 2 + rounding)
+        # Each value within half a step, plus float64's own rounding of the sum.
+        assert np.max(np.abs(got - want)) <= len(nodes) * step / 2 + 4 * np.finfo(float).eps * np.max(np.abs(want))
+    # Small values keep their own precision (signed integers, no offset by the bound): 1e-6 summed under a bound of 1e6.
+    tiny = {n: [np.full(3, 1e-6 * (i + 1))] for i, n in enumerate(nodes)}
+    summed, small, _ = Federation(nodes).secure_sum("a", tiny, [1e6])
+    error = np.max(np.abs(small[0] - 1e-6 * sum(range(1, len(nodes) + 1))))
+    offset_resolution = 2e6 * 2.0**-53  # what x + bound in float64 could resolve
+    assert error <= len(nodes) * 1e6 / 2 ** (summed.bits + 1) < offset_resolution / 10
     # Every masked vector alone is uniform noise: none is near its client's quantised values.
     q, _ = quantise(vectors[4], [10.0, 10.0], summed.bits)
     again = Federation(nodes)
@@ -143,7 +117,7 @@ def test_values_beyond_the_bound_are_clipped_and_counted_never_wrapped():
     assert np.allclose(total[0], [6.0, 1e6 - 1.0, -1e6 + 3.0], atol=1e-6)
     # Even every client at the top of the range sums below 2^63: no wrap for any values.
     for clients in (1, 7, 1000, 100_000):
-        assert clients * (2 ** quantisation_bits(clients) - 1) < 2**63
+        assert clients * 2 ** quantisation_bits(clients) <= 2**62
 
 
 def test_setup_refuses_keys_or_shares_that_do_not_fit():

@@ -21,9 +21,10 @@ why:
   bits (a seed space a server can search); masks here are PCG64 streams seeded with
   SHA-256 of the key and the sum's label.
 - **Quantisation that never wraps.** Values are clipped to a bound each array declares
-  (counted, not silent), mapped to ``bits``-bit integers (53 at most, so the float64 step
-  is exact), and summed modulo 2^64 with ``bits`` chosen so that the sum of all clients'
-  integers stays below 2^63: no sum wraps, whatever the values.
+  (counted, not silent), scaled to signed ``bits``-bit integers and summed modulo 2^64 (two's
+  complement), ``bits`` chosen so that the sum of all clients' integers stays within int64:
+  no sum wraps, whatever the values. (Flower's ``quantize`` offsets values by the clipping
+  range first, which keeps only the range's precision; signed integers keep each value's.)
 
 The neighbour graph is SecAgg+'s: the nodes in a ring, each with the ``share_num``
 (odd) nodes centred on it (all nodes when ``share_num`` covers them: SecAgg).
@@ -47,38 +48,40 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-MAX_BITS = 53
-"""float64 holds every integer below 2^53: a finer grid would round in the quantiser itself."""
-
 
 class SecureSumError(RuntimeError):
     """The protocol cannot go on (too few clients left, a malformed or replayed message)."""
 
 
 def quantisation_bits(clients: int) -> int:
-    """Bits per value such that ``clients`` values of that many bits sum below 2^63."""
+    """Bits per value (sign apart) such that the sum of ``clients`` values stays within int64: ``clients x 2^bits <= 2^62``."""
     if clients < 1:
         raise ValueError(f"a secure sum needs at least one client, got {clients}")
-    return min(MAX_BITS, 63 - math.ceil(math.log2(clients + 1)))
+    return 62 - math.ceil(math.log2(clients + 1))
 
 
 def quantise(arrays: list[np.ndarray], bounds: list[float], bits: int) -> tuple[list[np.ndarray], int]:
-    """Each array clipped to ``+-bound`` and mapped to ``[0, 2^bits - 1]`` (uint64); and how many values were clipped."""
-    levels = float(2**bits - 1)
+    """Each array clipped to ``+-bound`` and scaled to signed integers of ``bits`` bits (two's complement in
+    uint64, so that sums modulo 2^64 are the signed sums); and how many values were clipped.
+
+    Signed, not offset by the bound: ``x + bound`` in float64 would keep only ``bound``'s
+    precision, losing ``log2(bound / |x|)`` bits of every small value.
+    """
     out, clipped = [], 0
     for array, bound in zip(arrays, bounds, strict=True):
         x = np.asarray(array, dtype=np.float64)
         if not np.all(np.isfinite(x)):
             raise ValueError("a secure sum takes finite values only")
         clipped += int(np.count_nonzero(np.abs(x) > bound))
-        out.append(np.rint((np.clip(x, -bound, bound) + bound) * (levels / (2 * bound))).astype(np.uint64))
+        scaled = np.rint(np.clip(x, -bound, bound) * (2.0**bits / bound))
+        out.append(scaled.astype(np.int64).view(np.uint64))
     return out, clipped
 
 
-def dequantise(totals: list[np.ndarray], bounds: list[float], bits: int, clients: int) -> list[np.ndarray]:
-    """The float sums of ``clients`` quantised contributions (each value within ``bound / (2^bits - 1)``)."""
-    levels = float(2**bits - 1)
-    return [t.astype(np.float64) * (2 * bound / levels) - clients * bound for t, bound in zip(totals, bounds, strict=True)]
+def dequantise(totals: list[np.ndarray], bounds: list[float], bits: int) -> list[np.ndarray]:
+    """The float sums of quantised contributions (each value within ``bound / 2^(bits + 1)`` of what was sent)."""
+    return [np.asarray(t, dtype=np.uint64).view(np.int64).astype(np.float64) * (bound / 2.0**bits)
+            for t, bound in zip(totals, bounds, strict=True)]
 
 
 def mask_stream(seed: bytes, label: str, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -305,7 +308,7 @@ class SecureSum:
                     else:
                         value += mask
         self.total = None  # the masked total is of no further use
-        return dequantise(total, self.bounds, self.bits, len(survivors))
+        return dequantise(total, self.bounds, self.bits)
 
     def _secret(self, node: int, collected: dict[int, list[bytes]]) -> bytes:
         got = collected.get(node, [])
