@@ -120,6 +120,23 @@ def test_values_beyond_the_bound_are_clipped_and_counted_never_wrapped():
         assert clients * 2 ** quantisation_bits(clients) <= 2**62
 
 
+def test_a_client_sending_values_beyond_the_bound_gets_the_sum_refused():
+    """A masked vector cannot be checked alone: a client that skips the clipping shows in the sum, which is refused."""
+    nodes = [1, 2, 3, 4]
+    vectors = random_vectors(nodes, [(5,)])
+    fed = Federation(nodes)
+    summed = fed.setup.secure_sum("a", [1.0])
+    for n in nodes:
+        masked, _ = fed.clients[n].mask("a", vectors[n], [1.0], summed.bits)
+        if n == 3:  # node 3 adds what no value within the bound quantises to
+            masked[0] += np.uint64(2**62)  # 8 x the bound at 59 bits
+        summed.add(n, masked, 0)
+    survivors, dropped = summed.request()
+    shares = {n: fed.clients[n].unmask("a", survivors, dropped) for n in survivors}
+    with pytest.raises(SecureSumError, match="exceeds what 4 clients within"):
+        summed.unmask(shares)
+
+
 def test_setup_refuses_keys_or_shares_that_do_not_fit():
     setup = SecureSetup([1, 2, 3], ("a",), 3, 2)
     with pytest.raises(ValueError, match="was not sampled"):

@@ -308,7 +308,14 @@ class SecureSum:
                     else:
                         value += mask
         self.total = None  # the masked total is of no further use
-        return dequantise(total, self.bounds, self.bits)
+        sums = dequantise(total, self.bounds, self.bits)
+        # Honest clients clip to the bound: a sum beyond contributors x bound carries a value no honest client
+        # sends (a masked vector cannot be checked alone). Refused, so no client moves the global without bound.
+        for index, (values, bound) in enumerate(zip(sums, self.bounds)):
+            if values.size and float(np.max(np.abs(values))) > len(survivors) * bound * (1 + 1e-9):
+                raise SecureSumError(f"sum {self.label!r}: array {index} exceeds what {len(survivors)} clients within "
+                                     f"+-{bound:g} can give; a client sent values outside the bound: the sum is refused")
+        return sums
 
     def _secret(self, node: int, collected: dict[int, list[bytes]]) -> bytes:
         got = collected.get(node, [])
