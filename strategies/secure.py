@@ -24,10 +24,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.aggregation.round import ServerRound
-from fedlowrank.secure import wire
-from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, plan_round
-from fedlowrank.secure.secagg import SecureSetup, SecureSum, SecureSumError
 from fedlowrank.aggregation.sketch import PROBES
+from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, plan_round
+from fedlowrank.secure import wire
+from fedlowrank.secure.secagg import SecureSetup, SecureSum, SecureSumError
+from fedlowrank.wire import metric_reduction
 
 from .fedlowrank import FedLowRank, flower_quiet
 
@@ -184,6 +185,7 @@ class SecureLowRank(Strategy):
                                                                **{f"ct:{s}": c for s, c in setup.shares_for(n).items()}}) for n in sharing})
         for node, reply in replies.items():
             self._add_masked(server_round, range_sum, node, reply, range_shapes)
+        privacy = {n: reply["metrics"] for n, reply in replies.items() if "metrics" in reply.metric_records}
         range_total = self._unmask(server_round, exchange, range_sum, wire.UNMASK_RANGE)
         bases = bases_from_range(plan, range_total)
         bases_record = ArrayRecord({m: Array(np.ascontiguousarray(b)) for m, b in bases.items()})
@@ -205,6 +207,7 @@ class SecureLowRank(Strategy):
         if result.arrays is None:
             return TrainRound(None, None, nodes, exchange.train_replies)
         metrics.update(result.metrics)
+        metrics.update(_privacy_metrics([privacy[n] for n in contributors if n in privacy]))
         metrics.update({"agg-clients-kept": len(contributors), "agg-clients-dropped": len(nodes) - len(contributors),
                         "secure-bytes-per-client": exchange.bytes_per_node(contributors)})
         if metrics["secure-clipped"]:
@@ -238,6 +241,21 @@ class SecureLowRank(Strategy):
             except (ValueError, TypeError) as err:
                 log(WARNING, "Round %d: node %s sent malformed shares: %s", server_round, node, err)
         return summed.unmask(shares)
+
+
+def _privacy_metrics(records: list[MetricRecord]) -> dict[str, float]:
+    """The sites' plaintext ``dp_*`` metrics, reduced as the wire contract says (the worst epsilon: max).
+
+    They are accounting, not data; metrics reduced by a weighted mean would need the weights,
+    which stay secret, so none is sent in the clear."""
+    combine = {"sum": lambda a, b: a + b, "min": min, "max": max}
+    out: dict[str, float] = {}
+    for record in records:
+        for key, value in record.items():
+            how = metric_reduction(key)
+            if key.startswith("dp_") and how in combine and isinstance(value, (int, float)):
+                out[key] = float(value) if key not in out else combine[how](out[key], float(value))
+    return out
 
 
 def _positive_int(value, name: str) -> int:

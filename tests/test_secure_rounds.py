@@ -53,7 +53,7 @@ def client_app(fail_node=None, fail_round=None, groups=1):
         if groups > 1:
             s = s * (1.0 + 0.1 * (site + 1) * np.arange(1, groups + 1)[:, None] / len(RANKS))
         reply = {"fc.lora_U": u, "fc.lora_S": s, "fc.lora_V": v, "head.bias": arrays["head.bias"] + rng.normal(size=3)}
-        metrics = {"num-examples": SIZES[site], "train-loss": 1.0 + site}
+        metrics = {"num-examples": SIZES[site], "train-loss": 1.0 + site, "dp_epsilon": 0.5 + site / 10}
         if groups > 1:
             counts = rng.integers(5, 20, size=groups)
             metrics.update({f"group-count-g{g}": int(c) for g, c in enumerate(counts)})
@@ -126,3 +126,29 @@ def test_secure_wrapper_refuses_per_reply_bounds_and_factor_averaging():
         SecureLowRank(FedLowRank(rank=R, share_cap=None, robust="clip"))
     with pytest.raises(RuntimeError, match="train_round"):
         SecureLowRank(FedLowRank(rank=R, share_cap=None)).configure_train(1, initial(), None, None)
+
+
+class WatchingGrid(InProcessGrid):
+    """Keeps every reply the server receives, to check what left the sites in the clear."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        self.seen += replies
+        return replies
+
+
+def test_sites_send_no_weight_loss_or_factors_in_the_clear_and_privacy_metrics_reach_the_round():
+    strategy = SecureLowRank(FedLowRank(rank=R, share_cap=None, fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5))
+    grid = WatchingGrid(client_app(), [{"partition-id": i} for i in range(len(RANKS))], {})
+    result = run(strategy, grid, initial(), num_rounds=1, timeout=60)
+    assert result.train_metrics_clientapp[1]["dp_epsilon"] == pytest.approx(0.9)  # the worst site's, as in plain runs
+    for reply in grid.seen:
+        assert "arrays" not in reply.content  # factors only ever masked
+        for record in reply.content.metric_records.values():
+            assert set(record) <= {"dp_epsilon"}, dict(record)
+        for name, record in reply.content.array_records.items():
+            assert name == "secure-masked" and all(a.dtype == "uint64" for a in record.values())
