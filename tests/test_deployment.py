@@ -21,15 +21,16 @@ def flower_processes() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-node-auth-and-secure-aggregation"])
 def test_loopback_deployment_runs_saves_and_stops_every_process(tmp_path, secure):
     assert not flower_processes(), "Flower processes already running"
     home = tmp_path / "flwr-home"  # ours, so the runner keeps the logs for this test to read
     results = tmp_path / "results.json"
     command = [sys.executable, str(RUNNER), "adult-married", "--deployment", "3",
                "--run-config", f"num-server-rounds=3 results-file='{results}' central-evaluation=true"]  # loopback: the sites' own rows
-    if secure:
+    if secure:  # TLS, SuperNode auth and secure aggregation: the server learns only sums (docs/secure.md)
         command += ["--secure", "--unregistered", "1"]
+        command[command.index("--run-config") + 1] += " secure=true"
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env={**__import__("os").environ, "FLWR_HOME": str(home)})
     out = done.stdout + done.stderr
@@ -42,6 +43,7 @@ def test_loopback_deployment_runs_saves_and_stops_every_process(tmp_path, secure
     if secure:
         # Four SuperNodes started, three registered: three sites train (num-sites = 3 holds).
         assert "TLS + SuperNode auth" in out and "sites 3 kept, 0 dropped" in out
+        assert all(r["clients_train"]["agg-sketch-error-rel"] < 1e-6 and r["clients_train"]["secure-clipped"] == 0 for r in rounds[1:])
         # The fourth SuperNode's key was never registered: the SuperLink does not let it in.
         refused = (home / "deployment" / "supernode-3.log").read_text()
         assert "Failed to activate SuperNode" in refused, refused[-2000:]
