@@ -27,6 +27,9 @@ from fedlowrank.aggregation.sketched import corange_contribution, range_contribu
 from fedlowrank.secure.secagg import SecureSumClient, quantisation_bits
 from fedlowrank.wire import GROUP_COUNT_PREFIX
 
+REQUIRED_KEY = "secure-required"
+"""Node config: true makes this site refuse any train message outside a secure round."""
+
 
 def _bytes_fields(config, prefix: str) -> dict[int, bytes]:
     return {int(k[len(prefix):]): bytes(v) for k, v in config.items() if k.startswith(prefix)}
@@ -37,6 +40,9 @@ def make_secure_mod(rank_of: Callable[[Context], int]) -> Callable[[Message, Con
 
     def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN or wire.RECORD not in msg.content.config_records:
+            if msg.metadata.message_type == MessageType.TRAIN and bool(context.node_config.get(REQUIRED_KEY, False)):
+                raise ValueError(f"this site requires secure aggregation (node config {REQUIRED_KEY}): it sends no "
+                                 "adapter in the clear; run with secure = true")
             return call_next(msg, context)
         config = msg.content.config_records[wire.RECORD]
         stage = str(config.get(wire.STAGE, ""))
@@ -54,12 +60,19 @@ def make_secure_mod(rank_of: Callable[[Context], int]) -> Callable[[Message, Con
                     _, peer, name = key.split(":", 2)
                     public.setdefault(int(peer), {})[name] = bytes(value)
             out = client.share_keys(public)
-            return _reply(msg, context, client, RecordDict({wire.RECORD: ConfigRecord({f"ct:{k}": v for k, v in out.items()})}))
+            reply = {**{f"ct:{k}": v for k, v in out.items()}, **{f"commit:{k}": v for k, v in client.commitments().items()}}
+            return _reply(msg, context, client, RecordDict({wire.RECORD: ConfigRecord(reply)}))
         if stage == wire.RANGE_STAGE:
             client.receive_shares(_bytes_fields(config, "ct:"))
             global_arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
             plan = wire.plan_from_config(config, global_arrays)
-            trained = call_next(Message(RecordDict({k: v for k, v in msg.content.items() if k != wire.RECORD}), metadata=msg.metadata), context)
+            # The ClientApp may write Context.state to disk (state-dir): the protocol's secrets stay out of it.
+            secrets = context.state.config_records.pop(wire.STATE, None)
+            try:
+                trained = call_next(Message(RecordDict({k: v for k, v in msg.content.items() if k != wire.RECORD}), metadata=msg.metadata), context)
+            finally:
+                if secrets is not None:
+                    context.state.config_records[wire.STATE] = secrets
             if trained.has_error():
                 return trained
             arrays = {k: a.numpy() for k, a in trained.content["arrays"].items()}
@@ -72,7 +85,7 @@ def make_secure_mod(rank_of: Callable[[Context], int]) -> Callable[[Message, Con
             context.state.config_records[wire.TRAINED_INFO] = ConfigRecord({
                 "weight": weight, "clipped": clipped + more, **({"counts": [float(c) for c in counts]} if counts is not None else {}),
                 **{f"extra:{name}": float(metrics[name]) for name in plan.extras if name in metrics},
-                "plan": wire.client_plan_text(config),
+                "plan": wire.plan_to_text(plan),
             })
             if clipped + more:
                 log(WARNING, "secure round: %d values or weights clipped to their bounds", clipped + more)
@@ -93,7 +106,7 @@ def make_secure_mod(rank_of: Callable[[Context], int]) -> Callable[[Message, Con
                 raise ValueError("secure round: the corange stage came before this node trained")
             arrays = {k: a.numpy() for k, a in context.state.array_records[wire.TRAINED].items()}
             kept = context.state.config_records[wire.TRAINED_INFO]
-            plan = wire.plan_from_text(str(kept["plan"]), arrays)
+            plan = wire.plan_from_text(str(kept["plan"]))
             bases = {k: a.numpy() for k, a in msg.content[wire.BASES].items()}
             counts = np.asarray(kept["counts"], dtype=np.float64) if "counts" in kept else None
             extras = {name: float(kept[f"extra:{name}"]) for name in plan.extras if f"extra:{name}" in kept}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +31,7 @@ from fedlowrank.secure.secagg import SecureSetup, SecureSum, SecureSumError
 from fedlowrank.wire import metric_reduction
 
 from .fedlowrank import FedLowRank, flower_quiet
+from .replies import read_npy
 
 DEFAULT_WEIGHT_BOUND = 1e6
 DEFAULT_VALUE_BOUND = 1e4
@@ -145,6 +146,9 @@ class SecureLowRank(Strategy):
         except SecureSumError as err:
             log(WARNING, "Round %d: the secure sum failed (%s); the global model is kept", server_round, err)
             return TrainRound(None, None, nodes, exchange.train_replies)
+        except Exception as err:  # noqa: BLE001  (what the sites sent must not end the run)
+            log(ERROR, "Round %d: secure aggregation failed (%s: %s); the global model is kept", server_round, type(err).__name__, err)
+            return TrainRound(None, None, nodes, exchange.train_replies)
 
     def _round(self, server_round: int, train_messages: list[Message], nodes: list[int], exchange: "_Exchange") -> TrainRound:
         share_num = len(nodes)
@@ -157,8 +161,8 @@ class SecureLowRank(Strategy):
         setup = SecureSetup(nodes, LABELS, share_num, threshold)
         ranks: dict[int, int] = {}
         for node, record in exchange.ask({n: {wire.STAGE: wire.SETUP, **setup.setup_config()} for n in nodes}).items():
-            keys = {k.split(":", 2)[2]: bytes(v) for k, v in record.items() if k.startswith(f"pk:{node}:")}
             try:
+                keys = {k.split(":", 2)[2]: _bytes(v, 512) for k, v in record.items() if k.startswith(f"pk:{node}:")}
                 setup.add_keys(node, keys)
                 ranks[node] = _positive_int(record.get("rank"), "rank")
             except (ValueError, TypeError) as err:
@@ -167,7 +171,8 @@ class SecureLowRank(Strategy):
         for node, record in exchange.ask({n: {wire.STAGE: wire.SHARE_KEYS, **{f"pk:{p}:{k}": v for p, keys in setup.keys_for(n).items()
                                                                          for k, v in keys.items()}} for n in keyed}).items():
             try:
-                setup.add_shares(node, {int(k[3:]): bytes(v) for k, v in record.items() if k.startswith("ct:")})
+                setup.add_shares(node, {int(k[3:]): _bytes(v, 4096) for k, v in record.items() if k.startswith("ct:")},
+                                 {k[7:]: _bytes(v, 32) for k, v in record.items() if k.startswith("commit:")})
             except (ValueError, TypeError) as err:
                 log(WARNING, "Round %d: node %s left out of the secure sum: %s", server_round, node, err)
         sharing = setup.sharing
@@ -190,7 +195,9 @@ class SecureLowRank(Strategy):
         bases = bases_from_range(plan, range_total)
         bases_record = ArrayRecord({m: Array(np.ascontiguousarray(b)) for m, b in bases.items()})
         corange_sum = setup.secure_sum(CORANGE, plan.corange_bounds())
-        second = [n for n in range_sum.contributors if n in exchange.answered_unmask]
+        # Every site in the first sum must be in the second: the difference of two sums over different sites
+        # would be the missing site's sketch (SecureSum.request refuses to unmask such a sum; clients too).
+        second = sorted(range_sum.contributors)
         corange_shapes = [(plan.groups, plan.shapes[m][1], plan.widths[m]) for m in plan.modules]
         corange_shapes += [(plan.groups, plan.shapes[m][0], PROBES) for m in plan.modules]
         slots = (1 + len(plan.ranks)) * plan.groups + (plan.groups if plan.groups > 1 else 0)
@@ -217,12 +224,19 @@ class SecureLowRank(Strategy):
         return TrainRound(out, MetricRecord(metrics), nodes, exchange.train_replies)
 
     def _add_masked(self, server_round: int, summed: SecureSum, node: int, reply: RecordDict, shapes: list[tuple]) -> None:
+        """A site's masked vectors, read only once their names, count, types and sizes match the plan's."""
         try:
-            record = reply[wire.MASKED]
-            masked = [record[f"v{i}"].numpy() for i in range(len(shapes))]
-            if len(record) != len(shapes) or any(m.dtype != np.uint64 or m.shape != tuple(s) for m, s in zip(masked, shapes)):
-                raise ValueError("masked vectors of other shapes or types than the plan's")
-        except (KeyError, TypeError, ValueError) as err:
+            record = reply.array_records.get(wire.MASKED) if wire.MASKED in reply else None
+            if not isinstance(record, ArrayRecord) or sorted(record) != sorted(f"v{i}" for i in range(len(shapes))):
+                raise ValueError(f"no ArrayRecord '{wire.MASKED}' with the plan's {len(shapes)} vectors")
+            masked = []
+            for i, shape in enumerate(shapes):
+                # Size checked against the plan before anything is allocated (a header may claim any shape).
+                array = read_npy(record[f"v{i}"].data, f"v{i}", max_bytes=8 * math.prod(shape) + 1024)
+                if array.dtype != np.uint64 or array.shape != tuple(shape):
+                    raise ValueError(f"v{i}: {array.dtype} {array.shape}, expected uint64 {tuple(shape)}")
+                masked.append(array)
+        except Exception as err:  # noqa: BLE001  (any malformed reply is the same refusal)
             log(WARNING, "Round %d: dropping node %s from the secure sum %r: %s", server_round, node, summed.label, err)
             return
         summed.add(node, masked, 0)
@@ -233,11 +247,10 @@ class SecureLowRank(Strategy):
             log(INFO, "Round %d: sum %r without node(s) %s (their masks removed with the others' shares)", server_round,
                 summed.label, ", ".join(map(str, dropped)))
         answers = exchange.ask({n: {wire.STAGE: stage, "survivors": survivors, "dropped": dropped} for n in survivors})
-        exchange.answered_unmask = set(answers)
         shares = {}
         for node, record in answers.items():
             try:
-                shares[node] = {int(k[6:]): bytes(v) for k, v in record.items() if k.startswith("share:")}
+                shares[node] = {int(k[6:]): _bytes(v, 4096) for k, v in record.items() if k.startswith("share:")}
             except (ValueError, TypeError) as err:
                 log(WARNING, "Round %d: node %s sent malformed shares: %s", server_round, node, err)
         return summed.unmask(shares)
@@ -258,6 +271,13 @@ def _privacy_metrics(records: list[MetricRecord]) -> dict[str, float]:
     return out
 
 
+def _bytes(value, limit: int) -> bytes:
+    """A bytes field of a site's reply, at most ``limit`` long (``bytes(10**12)`` would allocate a terabyte)."""
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise ValueError(f"expected at most {limit} bytes, got {type(value).__name__}")
+    return value
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -270,7 +290,6 @@ class _Exchange:
     def __init__(self, grid: Grid, timeout: float | None, server_round: int) -> None:
         self.grid, self.timeout, self.server_round = grid, timeout, server_round
         self.train_replies: list[Message] = []
-        self.answered_unmask: set[int] = set()
         self.bytes: dict[int, int] = {}
 
     def _send(self, contents: dict[int, RecordDict]) -> dict[int, Message]:

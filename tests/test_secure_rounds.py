@@ -31,14 +31,16 @@ def initial(groups=1, seed=0):
     })
 
 
-def client_app(fail_node=None, fail_round=None, groups=1):
+def client_app(fail_node=None, fail_round=None, groups=1, outer_mods=()):
     """Each node loads its best rank-r part of the global, moves it by a change of its own, replies."""
-    app = ClientApp(mods=[make_secure_mod(lambda context: RANKS[int(context.node_config["partition-id"])])])
+    app = ClientApp(mods=[*outer_mods, make_secure_mod(lambda context: RANKS[int(context.node_config["partition-id"])])])
 
     @app.train()
     def train(msg: Message, context) -> Message:
         site = int(context.node_config["partition-id"])
         server_round = int(msg.content["config"]["server-round"])
+        # The protocol's secrets are out of Context.state while the ClientApp runs (it may write state to disk).
+        assert "secure-state" not in context.state.config_records
         if context.node_id == fail_node and server_round == fail_round:
             raise RuntimeError("site crashed while training")
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
@@ -152,3 +154,83 @@ def test_sites_send_no_weight_loss_or_factors_in_the_clear_and_privacy_metrics_r
             assert set(record) <= {"dp_epsilon"}, dict(record)
         for name, record in reply.content.array_records.items():
             assert name == "secure-masked" and all(a.dtype == "uint64" for a in record.values())
+
+
+def tampering_app(tamper):
+    """The honest client app with one more mod outside the secure one: ``tamper(stage, node, reply)`` may rewrite
+    what a site sends (a dishonest site)."""
+
+    def outer(msg, context, call_next):
+        reply = call_next(msg, context)
+        if "secure" in msg.content.config_records and not reply.has_error():
+            tamper(str(msg.content.config_records["secure"]["stage"]), context.node_id, reply)
+        return reply
+
+    return client_app(outer_mods=[outer])
+
+
+def forged_npy(shape):
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<u8", "fortran_order": False, "shape": shape})
+    return Array(dtype="uint64", shape=tuple(shape), stype="numpy.ndarray", data=buf.getvalue())
+
+
+def secure_run(app, rounds=2):
+    strategy = SecureLowRank(FedLowRank(rank=R, share_cap=None, fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5))
+    return run(strategy, InProcessGrid(app, [{"partition-id": i} for i in range(len(RANKS))], {}), initial(), num_rounds=rounds, timeout=60)
+
+
+def test_a_site_forging_its_weight_fails_that_round_only_and_the_global_survives(caplog):
+    rounds_seen = []
+
+    def tamper(stage, node, reply):
+        if stage == "corange" and node == 2 and not rounds_seen:
+            rounds_seen.append(1)
+            masked = reply.content["secure-masked"]
+            slots = masked["v2"].numpy().copy()
+            slots[0] -= np.uint64(2**61)  # a total weight far below zero
+            masked["v2"] = Array(slots)
+
+    with caplog.at_level(logging.WARNING):
+        result = secure_run(tampering_app(tamper))
+    assert "summed weight" in caplog.text and "the global model is kept" in caplog.text
+    assert 1 not in result.train_metrics_clientapp and result.train_metrics_clientapp[2]["agg-clients-kept"] == 5
+
+
+@pytest.mark.parametrize("forgery", ["huge header", "config record", "wrong dtype"])
+def test_a_malformed_masked_reply_drops_that_site_and_the_round_goes_on(forgery, caplog):
+    def tamper(stage, node, reply):
+        if stage == "range" and node == 4:
+            masked = reply.content["secure-masked"]
+            if forgery == "huge header":
+                masked["v0"] = forged_npy((2**37,))
+            elif forgery == "wrong dtype":
+                masked["v0"] = Array(masked["v0"].numpy().astype(np.float64))
+            else:
+                del reply.content["secure-masked"]
+                reply.content["secure-masked"] = __import__("flwr").app.ConfigRecord({"v0": 1})
+
+    with caplog.at_level(logging.WARNING):
+        result = secure_run(tampering_app(tamper), rounds=1)
+    assert "dropping node 4 from the secure sum 'range'" in caplog.text
+    assert result.train_metrics_clientapp[1]["agg-clients-kept"] == 4
+
+
+def test_bad_unmasking_shares_from_one_site_cost_a_subset_not_the_round():
+    def tamper(stage, node, reply):
+        if stage == "unmask-range" and node == 1:
+            record = reply.content["secure"]
+            for key in list(record):
+                record[key] = b"\x01\x00\x00\x00" + b"\x00" * 16  # a well-formed share of nothing
+    result = secure_run(tampering_app(tamper), rounds=1)
+    assert result.train_metrics_clientapp[1]["agg-clients-kept"] == 5
+
+
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_round():
+    app = client_app()
+    grid = InProcessGrid(app, [{"partition-id": i, "secure-required": True} for i in range(len(RANKS))], {})
+    strategy = FedLowRank(rank=R, share_cap=None, fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5)
+    with pytest.raises(Exception, match="requires secure aggregation|no round kept"):
+        run(strategy, grid, initial(), num_rounds=1, timeout=60)

@@ -120,26 +120,41 @@ def _scaled_weights(plan: SketchPlan, weight: float, group_counts: np.ndarray | 
     return scaled, np.array([scaled]), clipped
 
 
+def _bounded(values: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
+    """``values`` clipped to ``+-bound`` (before weighting: the server then checks every sum against
+    its total weight times the bound), and how many were clipped."""
+    return np.clip(values, -bound, bound), int(np.count_nonzero(np.abs(values) > bound))
+
+
+def _weighted_sketch(plan: SketchPlan, sketch: np.ndarray, product_weights: np.ndarray) -> tuple[np.ndarray, int]:
+    bounded, clipped = _bounded(sketch, plan.value_bound)
+    return bounded * product_weights[:, None, None], clipped
+
+
 def range_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weight: float,
                        group_counts: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
-    """A client's vectors for the ``"range"`` sum, and how many weights it clipped."""
+    """A client's vectors for the ``"range"`` sum, and how many weights and values it clipped."""
     _, product_weights, clipped = _scaled_weights(plan, weight, group_counts)
+    ones = np.ones(plan.groups)
     out = []
     for module in plan.modules:
         u, s, v = (np.asarray(arrays[f"{module}.lora_{x}"]) for x in "USV")
-        out.append(range_sketch(u, s, v, plan.omega(module), product_weights))
+        sketch, more = _weighted_sketch(plan, range_sketch(u, s, v, plan.omega(module), ones), product_weights)
+        out.append(sketch)
+        clipped += more
     return out, clipped
 
 
 def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], weight: float, bases: Mapping[str, np.ndarray],
                          group_counts: np.ndarray | None = None, extras: Mapping[str, float] | None = None,
                          clipped_before: int = 0) -> tuple[list[np.ndarray], int]:
-    """A client's vectors for the ``"corange"`` sum (its rank read off its factors), and how many weights it clipped.
+    """A client's vectors for the ``"corange"`` sum (its rank read off its factors), and how many weights and values it clipped.
 
     ``extras`` gives the values of ``plan.extras``; ``clipped_before`` what the client clipped
     in the first sum (the count is summed, so the server learns only the total).
     """
     scaled, product_weights, clipped = _scaled_weights(plan, weight, group_counts)
+    ones = np.ones(plan.groups)
     out = []
     rank = None
     for module in plan.modules:
@@ -148,12 +163,15 @@ def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], wei
         basis = np.asarray(bases[module], dtype=np.float64)
         if basis.shape != (plan.groups, plan.shapes[module][0], plan.widths[module]):
             raise ValueError(f"'{module}': basis of shape {basis.shape}, expected {(plan.groups, plan.shapes[module][0], plan.widths[module])}")
-        out.append(corange_sketch(u, s, v, basis, product_weights))
+        sketch, more = _weighted_sketch(plan, corange_sketch(u, s, v, basis, ones), product_weights)
+        out.append(sketch)
+        clipped += more
     for module in plan.modules:
-        # The probes again, over the clients of this sum: the error estimate is of the sum that is recovered
-        # (a client that dropped after the first sum is in Q but not here).
+        # The probes again, over the clients of this sum: the error estimate is of the sum that is recovered.
         u, s, v = (np.asarray(arrays[f"{module}.lora_{x}"]) for x in "USV")
-        out.append(range_sketch(u, s, v, plan.omega(module)[:, plan.widths[module]:], product_weights))
+        probes, more = _weighted_sketch(plan, range_sketch(u, s, v, plan.omega(module)[:, plan.widths[module]:], ones), product_weights)
+        out.append(probes)
+        clipped += more
     if rank is not None and rank not in plan.ranks:
         raise ValueError(f"this client's rank {rank} is not one the server assigned ({plan.ranks})")
     # [weight, weight per rank slot (per group: group counts per rank slot), group counts]
@@ -169,10 +187,48 @@ def corange_contribution(plan: SketchPlan, arrays: Mapping[str, np.ndarray], wei
     missing = [name for name in plan.extras if name not in extras]
     if missing:
         raise ValueError(f"the secure round sums {missing}, which this client did not report")
-    out.append(np.array([scaled * float(extras[name]) for name in plan.extras]))
+    values, more = _bounded(np.array([float(extras[name]) for name in plan.extras]), plan.value_bound)
+    out.append(scaled * values)
+    clipped += more
+    plain = []
+    for key in plan.plain:
+        values, more = _bounded(np.asarray(arrays[key], dtype=np.float64), plan.value_bound)
+        plain.append(scaled * values)
+        clipped += more
     out.append(np.array([float(clipped_before + clipped)]))
-    out.extend(scaled * np.asarray(arrays[k], dtype=np.float64) for k in plan.plain)
+    out.extend(plain)
     return out, clipped
+
+
+def check_sums(plan: SketchPlan, range_sum: list[np.ndarray], corange_sum: list[np.ndarray], clients: int) -> None:
+    """Refuse sums that no ``clients`` honest clients could give (``ValueError`` naming which).
+
+    A masked vector cannot be checked alone, but every honest value is clipped to the bound
+    before its weight (at most 1) multiplies it: each summed array is within its total
+    weight times the bound, rank slots add up to the weight, and the weight is positive. A
+    sum that passes keeps every mean the round computes within the bound, so no client moves
+    the global without bound (and none divides by a forged weight near zero).
+    """
+    layers, groups = len(plan.modules), plan.groups
+    slots = corange_sum[2 * layers]
+    weight = float(slots[0])
+    slack = clients * 2.0**-40  # quantisation, generously: its error is below 2^-50 of each bound per client
+    if not weight > slack:
+        raise ValueError(f"the summed weight {weight * plan.weight_bound:g} is not positive")
+    totals = slots[-groups:] if groups > 1 else np.array([weight])
+    per_rank = slots[1:1 + len(plan.ranks) * groups].reshape(len(plan.ranks), groups)
+    if np.any(totals < -slack) or np.any(totals > clients + slack):
+        raise ValueError("summed group counts out of range")
+    if np.any(per_rank < -slack) or np.any(per_rank > totals + slack) or np.any(np.abs(per_rank.sum(0) - totals) > slack * (1 + len(plan.ranks))):
+        raise ValueError("the per-rank weights do not add up to the summed weight")
+    limit = totals * plan.value_bound * (1 + 1e-9) + slack * plan.value_bound
+    for name, arrays in (("range sketch", range_sum[:layers]), ("corange sketch", corange_sum[:layers]), ("probes", corange_sum[layers:2 * layers])):
+        for module, values in zip(plan.modules, arrays, strict=True):
+            if np.any(np.abs(values).reshape(groups, -1).max(1) > limit):
+                raise ValueError(f"'{module}': the summed {name} exceeds the total weight x the value bound")
+    weighted = [corange_sum[2 * layers + 1], *corange_sum[2 * layers + 3:]]
+    if any(values.size and float(np.max(np.abs(values))) > weight * plan.value_bound * (1 + 1e-9) + slack * plan.value_bound for values in weighted):
+        raise ValueError("a summed metric or array exceeds the total weight x the value bound")
 
 
 def bases_from_range(plan: SketchPlan, range_sum: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,6 +245,7 @@ def add_to_round(server_round: ServerRound, plan: SketchPlan, range_sum: list[np
     exact; more when a client dropped between the sums and the clients' ranks add up to
     more than a layer's smaller side).
     """
+    check_sums(plan, range_sum, corange_sum, clients)
     modules = plan.modules
     layers = len(modules)
     products, errors = {}, []

@@ -33,6 +33,7 @@ The neighbour graph is SecAgg+'s: the nodes in a ring, each with the ``share_num
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ from flwr.supercore.primitives.asymmetric import (
     private_key_to_bytes,
     public_key_to_bytes,
 )
+
+
+MAX_SHARE_SUBSETS = 16
+"""Subsets of shares tried per node before its secret is declared unrecoverable."""
 
 
 class SecureSumError(RuntimeError):
@@ -150,7 +155,13 @@ class SecureSumClient:
 
     # -- stage 2: shares ------------------------------------------------------
     def share_keys(self, public_keys: dict[int, dict[str, bytes]]) -> dict[int, bytes]:
-        """Shamir shares of every seed and pairwise secret, encrypted for each neighbour."""
+        """Shamir shares of every seed and pairwise secret, encrypted for each neighbour.
+
+        Once per round: fresh seeds after a vector was masked would let two masked vectors
+        of one sum be compared.
+        """
+        if self.seeds:
+            raise SecureSumError(f"node {self.node}: keys were already shared this round")
         if len(public_keys) < self.threshold:
             raise SecureSumError(f"node {self.node}: {len(public_keys)} neighbours, fewer than the threshold {self.threshold}")
         if public_keys.get(self.node) != {"enc": self.enc_public, **self.pair_public}:
@@ -175,6 +186,10 @@ class SecureSumClient:
             plaintext = _pack([self.node.to_bytes(8, "little"), peer.to_bytes(8, "little"), *(n.encode() for n in names), *mine.values()])
             out[peer] = encrypt(self._channel(peer), plaintext)
         return out
+
+    def commitments(self) -> dict[str, bytes]:
+        """SHA-256 of each sum's private seed: the server checks the seed it rebuilds from shares against it."""
+        return {label: seed_commitment(seed) for label, seed in self.seeds.items()}
 
     def _channel(self, peer: int) -> bytes:
         return generate_shared_key(bytes_to_private_key(self.enc_secret), bytes_to_public_key(self.peers[peer]["enc"]))
@@ -225,6 +240,12 @@ class SecureSumClient:
             raise SecureSumError(f"node {self.node}: {len(survivors)} survivors, fewer than the threshold {self.threshold}")
         if set(survivors) & set(dropped):
             raise SecureSumError(f"node {self.node}: nodes {sorted(set(survivors) & set(dropped))} both survived and dropped")
+        finished_before = {n for other, given in self.revealed.items() if other != label for n, kind in given.items() if kind == "seed"}
+        if set(dropped) & finished_before:
+            # Two sums over different sets differ by the sketches of the missing: a node that finished one
+            # sum and is left out of another would be revealed by the difference.
+            raise SecureSumError(f"node {self.node}: nodes {sorted(set(dropped) & finished_before)} finished an earlier sum "
+                                 f"and are missing from {label!r}; unmasking would reveal them by difference")
         given = self.revealed.setdefault(label, {})
         out = {}
         for node, kind in [*((n, "seed") for n in survivors), *((n, "pair") for n in dropped)]:
@@ -235,6 +256,10 @@ class SecureSumClient:
             given[node] = kind
             out[node] = self.held_shares[node][f"{kind}:{label}"]
         return out
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    return hashlib.sha256(b"fedlowrank-seed\x00" + seed).digest()
 
 
 def _random_seed() -> bytes:
@@ -255,6 +280,9 @@ class SecureSum:
     graph: dict[int, list[int]]
     public_keys: dict[int, dict[str, bytes]]
     threshold: int
+    commitments: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    round_survivors: dict[str, list[int]] = field(default_factory=dict)
+    """Shared by the round's sums (its setup's): the survivors of the first sum unmasked."""
     total: list[np.ndarray] | None = None
     contributors: list[int] = field(default_factory=list)
     clipped: int = 0
@@ -269,9 +297,18 @@ class SecureSum:
         self.clipped += int(clipped)
 
     def request(self) -> tuple[list[int], list[int]]:
-        """``(survivors, dropped)``: who sent a vector, and which of the nodes that shared keys did not."""
+        """``(survivors, dropped)``: who sent a vector, and which of the nodes that shared keys did not.
+
+        Every sum of a round is over the nodes of the first one unmasked: a node that finished an
+        earlier sum and is missing from this one would be revealed by the difference of the two
+        (``SecureSumError``; clients refuse such a request too).
+        """
         survivors = sorted(self.contributors)
         dropped = sorted(set(self.graph) - set(survivors))
+        first = self.round_survivors.get("first")
+        if first is not None and set(first) & set(dropped):
+            raise SecureSumError(f"sum {self.label!r}: node(s) {sorted(set(first) & set(dropped))} finished an earlier sum "
+                                 "and dropped before this one; unmasking would reveal them by difference: the round is abandoned")
         return survivors, dropped
 
     def unmask(self, shares: dict[int, dict[int, bytes]]) -> list[np.ndarray]:
@@ -291,7 +328,7 @@ class SecureSum:
         shapes = [t.shape for t in self.total]
         total = [t.copy() for t in self.total]
         for node in survivors:
-            for mask, value in zip(mask_stream(self._secret(node, collected), self.label, shapes), total):
+            for mask, value in zip(mask_stream(self._secret(node, collected, "seed"), self.label, shapes), total):
                 value -= mask
         survivors_set = set(survivors)
         for node in dropped:
@@ -299,7 +336,7 @@ class SecureSum:
             active = [peer for peer in self.graph[node] if peer in survivors_set]
             if not active:
                 continue
-            secret = self._secret(node, collected)
+            secret = self._secret(node, collected, "pair")
             for peer in active:
                 key = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(self.public_keys[peer][self.label]))
                 for mask, value in zip(mask_stream(key, self.label, shapes), total):
@@ -308,6 +345,7 @@ class SecureSum:
                     else:
                         value += mask
         self.total = None  # the masked total is of no further use
+        self.round_survivors.setdefault("first", survivors)
         sums = dequantise(total, self.bounds, self.bits)
         # Honest clients clip to the bound: a sum beyond contributors x bound carries a value no honest client
         # sends (a masked vector cannot be checked alone). Refused, so no client moves the global without bound.
@@ -317,11 +355,23 @@ class SecureSum:
                                      f"+-{bound:g} can give; a client sent values outside the bound: the sum is refused")
         return sums
 
-    def _secret(self, node: int, collected: dict[int, list[bytes]]) -> bytes:
+    def _secret(self, node: int, collected: dict[int, list[bytes]], kind: str) -> bytes:
+        """Rebuild a node's seed (checked against its commitment) or pairwise secret (checked against its
+        public key) from ``threshold`` shares; a bad share (a dishonest client) costs another subset, not the server."""
         got = collected.get(node, [])
         if len(got) < self.threshold:
             raise SecureSumError(f"sum {self.label!r}: {len(got)} shares of node {node}'s mask came back, {self.threshold} needed")
-        return combine_shares(got[: self.threshold])
+        for subset in itertools.islice(itertools.combinations(got, self.threshold), MAX_SHARE_SUBSETS):
+            try:
+                secret = combine_shares(list(subset))
+                if kind == "seed" and seed_commitment(secret) == self.commitments[node][self.label]:
+                    return secret
+                if kind == "pair" and public_key_to_bytes(bytes_to_private_key(secret).public_key()) == self.public_keys[node][self.label]:
+                    return secret
+            except Exception:  # noqa: BLE001  (a malformed share is one more subset to try)
+                continue
+        raise SecureSumError(f"sum {self.label!r}: no {self.threshold} of the {len(got)} shares of node {node} rebuild its "
+                             f"{'seed' if kind == 'seed' else 'pairwise secret'} (a client sent bad shares)")
 
 
 @dataclass
@@ -352,6 +402,8 @@ class SecureSetup:
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)
     """``{destination: {source: ciphertext}}``"""
     shared: set[int] = field(default_factory=set)
+    commitments: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    round_survivors: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(set(self.nodes)) != len(self.nodes):
@@ -369,21 +421,34 @@ class SecureSetup:
             raise ValueError(f"keys from node {node}, which was not sampled")
         if set(keys) != {"enc", *self.labels} or not all(isinstance(k, bytes) and 0 < len(k) <= 512 for k in keys.values()):
             raise ValueError(f"node {node}: public keys must be 'enc' and {list(self.labels)}, as bytes")
+        for key in keys.values():
+            try:
+                bytes_to_public_key(key)
+            except Exception:  # noqa: BLE001  (any unparsable key is the same refusal)
+                raise ValueError(f"node {node}: a public key that does not parse") from None
+        seen = {k for entry in self.public_keys.values() for k in entry.values()}
+        if len(set(keys.values())) != len(keys) or seen & set(keys.values()):
+            raise ValueError(f"node {node}: a public key already in use (its own twice, or another node's)")
         self.public_keys[node] = dict(keys)
 
     def keys_for(self, node: int) -> dict[int, dict[str, bytes]]:
         """The public keys of ``node``'s neighbours that sent theirs (itself included)."""
         return {peer: self.public_keys[peer] for peer in self.graph[node] if peer in self.public_keys}
 
-    def add_shares(self, node: int, ciphertexts: dict[int, bytes]) -> None:
-        """A node's encrypted shares (stage 2), kept for their destinations until forwarded."""
+    def add_shares(self, node: int, ciphertexts: dict[int, bytes], commitments: dict[str, bytes]) -> None:
+        """A node's encrypted shares (stage 2), kept for their destinations until forwarded, and its seeds' commitments."""
         if node not in self.public_keys:
             raise ValueError(f"shares from node {node}, which sent no keys")
+        if set(commitments) != set(self.labels) or not all(isinstance(c, bytes) and len(c) == 32 for c in commitments.values()):
+            raise ValueError(f"node {node}: one 32-byte seed commitment per sum {list(self.labels)} is needed")
+        if not all(isinstance(c, bytes) and len(c) <= 4096 for c in ciphertexts.values()):
+            raise ValueError(f"node {node}: encrypted shares must be bytes of at most 4096")
         allowed = set(self.keys_for(node)) - {node}
         if set(ciphertexts) != allowed:
             raise ValueError(f"node {node}: shares for {sorted(ciphertexts)}, expected {sorted(allowed)}")
         for destination, ciphertext in ciphertexts.items():
             self.ciphertexts.setdefault(destination, {})[node] = ciphertext
+        self.commitments[node] = dict(commitments)
         self.shared.add(node)
 
     @property
@@ -400,4 +465,5 @@ class SecureSetup:
         """The server side of sum ``label`` over the nodes that shared keys."""
         sharing = set(self.sharing)
         graph = {n: [p for p in self.graph[n] if p in sharing] for n in sharing}
-        return SecureSum(label, list(bounds), quantisation_bits(len(sharing)), graph, self.public_keys, self.threshold)
+        return SecureSum(label, list(bounds), quantisation_bits(len(sharing)), graph, self.public_keys, self.threshold,
+                         self.commitments, self.round_survivors)

@@ -42,8 +42,9 @@ class InProcessSecureSums:
                 peers = self.setup.keys_for(n)
                 self.sent[n] += sum(len(k) for keys in peers.values() for k in keys.values())
                 out = self._client(n, client.share_keys, peers)
-                self.sent[n] += sum(len(c) for c in out.values())
-                self._server(self.setup.add_shares, n, out)
+                commitments = client.commitments()
+                self.sent[n] += sum(len(c) for c in out.values()) + sum(len(c) for c in commitments.values())
+                self._server(self.setup.add_shares, n, out, commitments)
         for n in self.setup.sharing:
             incoming = self.setup.shares_for(n)
             self.sent[n] += sum(len(c) for c in incoming.values())

@@ -94,10 +94,16 @@ def client_state_from_text(text: str) -> SecureSumClient:
 
 
 
-def client_plan_text(config) -> str:
-    """The plan fields of a stage config as text (the client keeps them until the second sum)."""
-    return json.dumps({k: list(config[k]) if isinstance(config[k], list) else config[k] for k in ROUND_KEYS if k in config})
+def plan_to_text(plan: SketchPlan) -> str:
+    """The whole plan as the client saw it in the range stage (kept until the second sum: the
+    trained arrays it is applied to then may order or name things otherwise)."""
+    return json.dumps({"seed": plan.seed, "widths": plan.widths, "ranks": plan.ranks, "groups": plan.groups,
+                       "shapes": {k: list(v) for k, v in plan.shapes.items()}, "plain": plan.plain,
+                       "weight-bound": plan.weight_bound, "value-bound": plan.value_bound, "extras": list(plan.extras)})
 
 
-def plan_from_text(text: str, arrays: dict[str, np.ndarray]) -> SketchPlan:
-    return plan_from_config(json.loads(text), arrays)
+def plan_from_text(text: str) -> SketchPlan:
+    data = json.loads(text)
+    return SketchPlan(int(data["seed"]), {k: int(v) for k, v in data["widths"].items()}, [int(r) for r in data["ranks"]],
+                      int(data["groups"]), {k: tuple(v) for k, v in data["shapes"].items()}, list(data["plain"]),
+                      float(data["weight-bound"]), float(data["value-bound"]), tuple(data["extras"]))
