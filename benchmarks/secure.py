@@ -1,7 +1,7 @@
 """What secure aggregation costs: bytes per client per round and compute time, against plain exact aggregation.
 
     python benchmarks/secure.py --d 4096 --rank 16 --clients 10
-    python benchmarks/secure.py --d 4096 --rank 16 --clients 10 --drop 2          # 2 sites drop between the sums
+    python benchmarks/secure.py --d 4096 --rank 16 --clients 10 --drop 2          # 2 sites drop after sharing keys
     python benchmarks/secure.py --d 4096 --rank 16 --clients 100 --width 64 --share-fraction 0.1
 
 One layer ``d x d`` with a rank-``rank`` global adapter; ``clients`` sites of that rank reply
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--width", type=int, default=0, help="sketch columns (0: the sum of ranks, exact)")
     parser.add_argument("--share-fraction", type=float, default=1.0, help="SecAgg+ neighbours as a share of the clients")
-    parser.add_argument("--drop", type=int, default=0, help="sites that drop after the first sum")
+    parser.add_argument("--drop", type=int, default=0,
+                        help="sites that drop after sharing keys, before any masked vector (their masks are removed from both sums)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,7 +71,7 @@ def main() -> None:
 
     share_num = k if args.share_fraction >= 1 else min(k, max(3, int(np.ceil(args.share_fraction * k))) | 1)
     threshold = max(2, int(np.ceil(0.5 * share_num)))
-    drop = {n: f"{CORANGE}:mask" for n in dropped}
+    drop = {n: f"{RANGE}:mask" for n in dropped}
     client_extra = {n: 0.0 for n in nodes}
     start = time.perf_counter()
     sums = InProcessSecureSums(nodes, LABELS, share_num, threshold, drop)
@@ -106,7 +107,7 @@ def main() -> None:
     diff = np.linalg.norm(product(secure) - product(plain)) / np.linalg.norm(product(plain))
 
     print(f"d = {d}, rank {r}, {k} clients, sketch width {plan.widths['fc']}, neighbours {share_num}, threshold {threshold}, "
-          f"{args.drop} dropped between the sums")
+          f"{args.drop} dropped after sharing keys")
     print(f"plain exact : {plain_bytes / 2**20:8.2f} MiB per client per round (reply + global), server {plain_seconds:7.3f} s")
     print(f"secure      : {secure_bytes / 2**20:8.2f} MiB per client per round ({secure_bytes / plain_bytes:.1f}x), "
           f"server {server_seconds:7.3f} s ({server_seconds / plain_seconds:.1f}x), client {client_seconds:.3f} s each, "
