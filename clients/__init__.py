@@ -4,6 +4,7 @@ from .app import AdapterConfig, ClientData, build_client_app, build_model, clien
 from .compression import EF_STATE_KEY, compress_arrays, compress_reply, compression_requested
 from .private import ACCOUNTANT_KEY, DPConfig, train_private
 from .runconfig import build_run_config_client_app, dp_from_run_config
+from .secure import make_secure_mod
 from fedlowrank.training import Predictions, TrainResult, pick_device, predict, train_local
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "compression_requested",
     "dp_from_run_config",
     "from_record",
+    "make_secure_mod",
     "pick_device",
     "predict",
     "to_record",
