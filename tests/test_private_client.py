@@ -112,3 +112,23 @@ def test_dp_training_and_lgreco_compression_compose():
         assert any(np.any(d != 0) for d in delta.values())
         arrays = to_record({k: torch.from_numpy(arrays[k].numpy() + delta[k]) for k in delta})
     assert 0 < epsilons[0] < epsilons[1]
+
+
+def test_dp_training_composes_with_secure_aggregation():
+    """Real DP-SGD clients under secure aggregation (FairLoRA, groups summed securely): epsilon still reported
+    (the worst site's, in the clear), everything else only as sums, the accountant in each site's Context."""
+    from fedlowrank.strategies import FairLoRA, SecureLowRank
+    from fedlowrank.strategies.checkpoint import run
+    from fedlowrank.strategies.testing import InProcessGrid
+
+    dp = DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-3, target_epsilon=50.0)
+    app = build_client_app(model_fn, data_fn, ADAPTER, dp=dp)
+    grid = InProcessGrid(app, [{"partition-id": i} for i in range(3)], {})
+    strategy = SecureLowRank(FairLoRA(rank=2, share_cap=None, fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3))
+    result = run(strategy, grid, initial_arrays(), num_rounds=2, timeout=60,
+                 train_config=ConfigRecord({"lr": 0.01, "local-epochs": 1}))
+    epsilons = [result.train_metrics_clientapp[r]["dp_epsilon"] for r in (1, 2)]
+    assert 0 < epsilons[0] < epsilons[1]
+    assert all(result.train_metrics_clientapp[r]["agg-clients-kept"] == 3 for r in (1, 2))
+    for context in grid.contexts.values():
+        assert epsilon_spent(dict(context.state[ACCOUNTANT_KEY]), delta=1e-3) == pytest.approx(epsilons[-1], rel=1e-6)
