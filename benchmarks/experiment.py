@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--force", action="store_true")
     s = sub.add_parser("summary", help="paired differences, intervals, headroom; Markdown and plots")
+    s.add_argument("--rules", default="", help="only these rules (comma-separated, as for run): seeds pool where these all ran")
     s.add_argument("results", nargs="+")
     s.add_argument("--reference", default=None, help="rule the others are paired against")
     s.add_argument("--markdown", default=None)

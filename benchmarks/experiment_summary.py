@@ -218,33 +218,50 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def merged(paths: list[str]) -> list[tuple[str, dict]]:
-    """Files of the same setting and regime merged into one (their rules side by side).
+def merged(paths: list[str], rules: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Files of the same setting and regime merged into one: their rules side by side, their seeds pooled.
 
-    Runs are deterministic given the seed (same split, init, batches, sampling), so rules
-    run in separate files on the same seeds pair exactly as if run together; seeds that
-    are not in every file are left out.
+    Runs are deterministic given the seed (same split, init, batches, sampling), so rules run
+    in separate files on the same seed pair exactly as if run together, and blocks of seeds
+    (0-9, 10-19, ...) pool into one paired comparison. Seeds on which some rule did not run
+    are left out; a setting with no seed left is an error naming its files. ``rules``: only
+    these (the others do not limit the seeds).
     """
-    groups: dict[str, tuple[str, dict]] = {}
+    groups: dict[str, tuple[str, dict, list[str]]] = {}
     for path in paths:
         results = json.loads(Path(path).read_text())
         key = json.dumps([results["setting"], results["regime"]], sort_keys=True)
         if key not in groups:
-            groups[key] = (path, results)
+            groups[key] = (path, results, [path])
             continue
         first = groups[key][1]
-        common = sorted(set(first["seeds"]) & set(results["seeds"]), key=int)
-        first["seeds"] = {s: first["seeds"][s] for s in common}
-        for seed in common:
-            first["seeds"][seed]["runs"].update(results["seeds"][seed]["runs"])
+        groups[key][2].append(path)
+        for seed, entry in results["seeds"].items():
+            if seed in first["seeds"]:
+                first["seeds"][seed]["runs"].update(entry["runs"])
+            else:
+                first["seeds"][seed] = entry
         first["rules"] += [r for r in results["rules"] if r not in first["rules"]]
         first["command"] = first.get("command", "") + "` and `" + results.get("command", "")
-    return list(groups.values())
+    out = []
+    for name, results, files in groups.values():
+        if rules:
+            results["rules"] = [r for r in results["rules"] if r in rules]
+            for entry in results["seeds"].values():
+                entry["runs"] = {r: v for r, v in entry["runs"].items() if r in rules}
+        complete = sorted((s for s, e in results["seeds"].items() if all(r in e["runs"] for r in results["rules"])), key=int)
+        if not complete:
+            raise SystemExit(f"{', '.join(files)}: no seed on which every rule ({', '.join(results['rules'])}) ran")
+        results["seeds"] = {s: results["seeds"][s] for s in complete}
+        out.append((name, results))
+    return out
 
 
 def summary_main(args) -> None:
     chunks = []
-    for name, results in merged(args.results):
+    from experiment import split_rules
+
+    for name, results in merged(args.results, split_rules(args.rules) if getattr(args, "rules", "") else None):
         summary = summarise(results, args.reference)
         regime = results["regime"]
         label = (f"{results['setting']}: lr {regime['lr']:g}, {regime['local_epochs']} local epoch(s), init {regime['init']}, "

@@ -96,6 +96,25 @@ def test_the_runner_writes_paired_per_round_results(tmp_path):
     assert (tmp_path / "plots" / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_blocks_of_seeds_pool_and_a_setting_without_a_complete_seed_is_named(tmp_path):
+    from experiment_summary import merged
+
+    blocks = [synthetic([0.9, 0.9], [0.8, 0.85]), synthetic([0.9, 0.9], [0.86, 0.87])]
+    blocks[1]["seeds"] = {str(int(s) + 10): {**e, "seed": int(s) + 10} for s, e in blocks[1]["seeds"].items()}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, results in zip(paths, blocks):
+        path.write_text(json.dumps(results))
+    [(_, results)] = merged([str(p) for p in paths])
+    assert sorted(results["seeds"], key=int) == ["0", "1", "10", "11"]
+    assert summarise(results, reference="a")["rules"]["b"]["vs_reference"]["diff"][0] == pytest.approx(-0.055)
+    only_c = synthetic([0.9], [0.8])
+    only_c["rules"] = ["c"]
+    only_c["seeds"] = {"5": {**only_c["seeds"]["0"], "runs": {"c": only_c["seeds"]["0"]["runs"]["b"]}}}
+    (tmp_path / "c.json").write_text(json.dumps(only_c))
+    with pytest.raises(SystemExit, match="no seed on which every rule"):
+        merged([str(paths[0]), str(tmp_path / "c.json")])
+
+
 def test_files_of_the_same_setting_and_regime_merge_on_their_common_seeds(tmp_path):
     from experiment_summary import merged
 
