@@ -24,7 +24,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.aggregation.round import ServerRound
-from fedlowrank.aggregation.sketch import PROBES
 from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round, bases_from_range, plan_round
 from fedlowrank.secure import wire
 from fedlowrank.secure.secagg import SecureSetup, SecureSum, SecureSumError
@@ -185,11 +184,10 @@ class SecureLowRank(Strategy):
         round_config = {**wire.plan_config(plan), "clients": len(sharing)}
         by_node = {m.metadata.dst_node_id: m for m in train_messages}
         range_sum = setup.secure_sum(RANGE, plan.range_bounds())
-        range_shapes = [(plan.groups, plan.shapes[m][0], plan.widths[m] + PROBES) for m in plan.modules]
         replies = exchange.ask_train({n: (by_node[n].content, {wire.STAGE: wire.RANGE_STAGE, **round_config,
                                                                **{f"ct:{s}": c for s, c in setup.shares_for(n).items()}}) for n in sharing})
         for node, reply in replies.items():
-            self._add_masked(server_round, range_sum, node, reply, range_shapes)
+            self._add_masked(server_round, range_sum, node, reply, plan.range_shapes())
         privacy = {n: reply["metrics"] for n, reply in replies.items() if "metrics" in reply.metric_records}
         range_total = self._unmask(server_round, exchange, range_sum, wire.UNMASK_RANGE)
         bases = bases_from_range(plan, range_total)
@@ -198,14 +196,10 @@ class SecureLowRank(Strategy):
         # Every site in the first sum must be in the second: the difference of two sums over different sites
         # would be the missing site's sketch (SecureSum.request refuses to unmask such a sum; clients too).
         second = sorted(range_sum.contributors)
-        corange_shapes = [(plan.groups, plan.shapes[m][1], plan.widths[m]) for m in plan.modules]
-        corange_shapes += [(plan.groups, plan.shapes[m][0], PROBES) for m in plan.modules]
-        slots = (1 + len(plan.ranks)) * plan.groups + (plan.groups if plan.groups > 1 else 0)
-        corange_shapes += [(slots,), (len(plan.extras),), (1,)] + [plan.shapes[k] for k in plan.plain]
         replies = exchange.ask({n: {wire.STAGE: wire.CORANGE_STAGE, "clients": len(sharing)} for n in second},
                                extra={wire.BASES: bases_record}, records=True)
         for node, reply in replies.items():
-            self._add_masked(server_round, corange_sum, node, reply, corange_shapes)
+            self._add_masked(server_round, corange_sum, node, reply, plan.corange_shapes())
         contributors = list(corange_sum.contributors)
         corange_total = self._unmask(server_round, exchange, corange_sum, wire.UNMASK_CORANGE)
         rnd = ServerRound(self.strategy.config, self.strategy.state, log=log)

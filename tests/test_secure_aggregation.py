@@ -15,7 +15,6 @@ from fedlowrank.aggregation.sketched import CORANGE, LABELS, RANGE, add_to_round
 from fedlowrank.secure.secagg import (
     SecureSetup,
     SecureSumError,
-    mask_stream,
     quantisation_bits,
     quantise,
 )
@@ -361,6 +360,17 @@ def test_grouped_secure_round_equals_the_plain_fairlora_round():
             return (a["fc.lora_U"] * a["fc.lora_S"][g]) @ a["fc.lora_V"].T
         assert np.linalg.norm(prod(secure.arrays) - prod(plain.arrays)) <= 1e-7 * np.linalg.norm(prod(plain.arrays))
     assert np.allclose(secure.arrays["head.bias"], plain.arrays["head.bias"], atol=1e-8)
+
+
+def test_the_plan_declares_the_shapes_of_what_clients_send():
+    arrays = with_head(start_arrays())
+    plan = plan_round(arrays, RANKS_MIXED, seed=1, weight_bound=1000.0)
+    reply = replies_for(arrays, 0.3, 3)[1]
+    ranged = range_contribution(plan, reply, 50.0)[0]
+    bases = bases_from_range(plan, ranged)
+    coranged = corange_contribution(plan, reply, 50.0, bases, extras={})[0]
+    assert [v.shape for v in ranged] == plan.range_shapes() and [v.shape for v in coranged] == plan.corange_shapes()
+    assert len(plan.range_bounds()) == len(ranged) and len(plan.corange_bounds()) == len(coranged)
 
 
 def test_a_secure_sum_refuses_rules_that_average_factors_and_per_reply_bounds():

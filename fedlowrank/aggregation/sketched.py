@@ -22,7 +22,7 @@ import numpy as np
 from .ranks import Factors
 from .round import ServerRound, factor_modules
 from .validate import MAX_ABS_VALUE
-from .sketch import corange_sketch, range_basis, range_sketch, recover, sketch_matrix
+from .sketch import PROBES, corange_sketch, range_basis, range_sketch, recover, sketch_matrix
 
 RANGE, CORANGE = "range", "corange"
 CLIP_COUNT_BOUND = 2**40
@@ -71,6 +71,17 @@ class SketchPlan:
 
     def omega(self, module: str) -> np.ndarray:
         return sketch_matrix(self.seed, module, self.shapes[module][1], self.widths[module])
+
+    def range_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of a client's ``"range"`` vectors: ``G x d_out x (width + probes)`` per layer."""
+        return [(self.groups, self.shapes[m][0], self.widths[m] + PROBES) for m in self.modules]
+
+    def corange_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of a client's ``"corange"`` vectors, in :func:`corange_contribution`'s order."""
+        slots = (1 + len(self.ranks)) * self.groups + (self.groups if self.groups > 1 else 0)
+        return ([(self.groups, self.shapes[m][1], self.widths[m]) for m in self.modules]
+                + [(self.groups, self.shapes[m][0], PROBES) for m in self.modules]
+                + [(slots,), (len(self.extras),), (1,)] + [tuple(self.shapes[k]) for k in self.plain])
 
     def range_bounds(self) -> list[float]:
         return [self.value_bound] * len(self.widths)
