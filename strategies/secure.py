@@ -29,7 +29,7 @@ from fedlowrank.secure import wire
 from fedlowrank.secure.secagg import SecureSetup, SecureSum, SecureSumError
 from fedlowrank.wire import metric_reduction
 
-from .fedlowrank import FedLowRank, flower_quiet
+from .fedlowrank import FedLowRank
 from .replies import read_npy
 
 DEFAULT_WEIGHT_BOUND = 1e6
@@ -136,8 +136,7 @@ class SecureLowRank(Strategy):
     # -- the round ------------------------------------------------------------
     def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, timeout: float | None) -> TrainRound:
         """One secure round; a failed protocol (too many dropouts) keeps the global and says why."""
-        with flower_quiet():
-            train_messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        train_messages = list(self.strategy.configure_train(server_round, arrays, config, grid))  # quiet already
         nodes = [m.metadata.dst_node_id for m in train_messages]
         exchange = _Exchange(grid, timeout, server_round)
         try:

@@ -179,7 +179,7 @@ def forged_npy(shape):
 
 def secure_run(app, rounds=2):
     strategy = SecureLowRank(FedLowRank(rank=R, share_cap=None, fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5))
-    return run(strategy, InProcessGrid(app, [{"partition-id": i} for i in range(len(RANKS))], {}), initial(), num_rounds=rounds, timeout=60)
+    return federate(strategy, app, rounds)
 
 
 def test_a_site_forging_its_weight_fails_that_round_only_and_the_global_survives(caplog):
