@@ -25,6 +25,16 @@ Fashion-MNIST (``apt-get install dataset-fashion-mnist``).
     upper-body garments positive, group B outerwear and footwear
     (:data:`fedlowrank.datasets.fashion_mnist.GROUP_RULES`, the imaging app's rules). A G = 1 model cannot fit both rules on the classes where they
     disagree; FairLoRA's per-group singular values can. Metric: AUC, worst-group AUC.
+``digits-mlp``
+    The digits split and base pretraining with an MLP instead of the transformer
+    (64-128-128, both hidden layers adapted): the model where heterogeneous ranks showed
+    the opposite sign to the transformer. Metric: accuracy.
+``fmnist-densenet``
+    The imaging app's MONAI DenseNet (``fairlora_images.model.DENSENET``: 42,594
+    parameters, 32x32 inputs) on ten-class Fashion-MNIST, adapters where the app puts them
+    (the last dense block's convolutions and the classifier), base pretrained on classes
+    0-5 of 10,000 held-out images; 5 sites of 800 images, 2,000 test images, as
+    ``fmnist-conv``. Metric: accuracy.
 """
 
 from __future__ import annotations
@@ -203,7 +213,8 @@ def _digits():
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def digits(seed: int, regime: Regime) -> Setting:
+def digits(seed: int, regime: Regime, network=DigitsTransformer, targets: str = r"blocks\.\d+\.(q|k|v|o|ff1|ff2)",
+           name: str = "digits") -> Setting:
     x, y = _digits()
     labels = y.numpy()
     rng = np.random.default_rng(seed)
@@ -213,11 +224,25 @@ def digits(seed: int, regime: Regime) -> Setting:
     pre = pool[:cut][labels[pool[:cut]] <= 5]
     sites = dirichlet_sites(labels, pool[cut:], regime.sites, regime.alpha, rng)
     torch.manual_seed(seed)
-    base = DigitsTransformer()
-    base.load_state_dict(pretrain(DigitsTransformer(), x, y, pre, epochs=40, lr=3e-3, seed=seed))
+    base = network()
+    base.load_state_dict(pretrain(network(), x, y, pre, epochs=40, lr=3e-3, seed=seed))
     zeros = torch.zeros(len(labels), dtype=torch.long)
-    return _finish("digits", base, r"blocks\.\d+\.(q|k|v|o|ff1|ff2)", r"head\..*", x, y, zeros, sites, test, regime, seed,
-                   binary=False)
+    return _finish(name, base, targets, r"head\..*", x, y, zeros, sites, test, regime, seed, binary=False)
+
+
+class DigitsMLP(nn.Module):
+    """8x8 digit -> 128 -> 128 -> 10 logits (ReLU)."""
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+def digits_mlp(seed: int, regime: Regime) -> Setting:
+    return digits(seed, regime, network=DigitsMLP, targets=r"fc[12]", name="digits-mlp")
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -331,14 +356,47 @@ CONV_SITE_IMAGES = 800  # per site: small sites, and a 10-seed lr x epochs sweep
 CONV_TEST_IMAGES = 2000
 
 
-def fmnist_conv(seed: int, regime: Regime) -> Setting:
+def fmnist_conv(seed: int, regime: Regime, network=FashionCNN, targets: str = r"conv2|fc", trainable: str = r"head\..*",
+                name: str = "fmnist-conv") -> Setting:
     x, y, labels, n_train, rng, order, pre = _fashion_draw(seed)
     pool = order[10_000 : 10_000 + CONV_SITE_IMAGES * regime.sites]
     test = n_train + rng.permutation(len(labels) - n_train)[:CONV_TEST_IMAGES]
     sites = dirichlet_sites(labels, pool, regime.sites, regime.alpha, rng)
-    base = _fashion_base(x, y, pre, seed, FashionCNN, epochs=2)
+    base = _fashion_base(x, y, pre, seed, network, epochs=2)
     zeros = torch.zeros(len(labels), dtype=torch.long)
-    return _finish("fmnist-conv", base, r"conv2|fc", r"head\..*", x, y, zeros, sites, test, regime, seed, binary=False)
+    return _finish(name, base, targets, trainable, x, y, zeros, sites, test, regime, seed, binary=False)
 
 
-SETTINGS = {"digits": digits, "fmnist": fmnist, "fmnist-conv": fmnist_conv, "fmnist-groups": fmnist_groups}
+def _imaging_app_model():
+    """The imaging app's DenseNet settings and adapter targets (one place: its model.py)."""
+    import sys
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "simulations" / "fairlora-images"
+    if str(app) not in sys.path:
+        sys.path.insert(0, str(app))
+    from fairlora_images import model
+
+    return model
+
+
+class FashionDenseNet(nn.Module):
+    """The imaging app's 10-class MONAI DenseNet as ``base``; 28x28 images zero-padded to its 32x32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = _imaging_app_model().densenet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(F.pad(x.view(-1, 1, 28, 28), (2, 2, 2, 2)))
+
+
+def fmnist_densenet(seed: int, regime: Regime) -> Setting:
+    # No separate head: the adapted classifier (class_layers.out) is the last layer; its
+    # bias is the one trained weight outside the adapters, as the heads are elsewhere.
+    return fmnist_conv(seed, regime, FashionDenseNet, "|".join(_imaging_app_model().ADAPTER_TARGETS),
+                       r"base\.class_layers\.out\.base\.bias", "fmnist-densenet")
+
+
+SETTINGS = {"digits": digits, "digits-mlp": digits_mlp, "fmnist": fmnist, "fmnist-conv": fmnist_conv,
+            "fmnist-densenet": fmnist_densenet, "fmnist-groups": fmnist_groups}

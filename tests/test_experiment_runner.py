@@ -182,3 +182,37 @@ def test_leave_one_setting_out_chooses_without_the_held_out_setting():
     assert rows["collapse"]["chosen"] == "bold" and rows["collapse"]["diff"] == pytest.approx(-0.20)
     assert rows["a"]["chosen"] == "steady" and rows["b"]["chosen"] == "steady"
     assert rows["a"]["diff"] == pytest.approx(0.01) and rows["a"]["baseline"] == "fedit"
+
+
+def test_the_densenet_setting_adapts_the_imaging_apps_layers_of_a_pretrained_base():
+    from experiment import adapted
+    from experiment_settings import SETTINGS, Regime, _imaging_app_model
+
+    from fedlowrank.adapters import adapter_layers, inject_adapters
+
+    setting = SETTINGS["fmnist-densenet"](0, Regime(rounds=1))
+    names = set(adapter_layers(adapted(setting, Regime(), 1)))
+    app = _imaging_app_model()
+    app_net = app.GroupTaskNet(app.densenet())  # the app's own network, adapted by its own targets
+    app_names = {name.removeprefix("base.") for name in inject_adapters(app_net, app.ADAPTER_TARGETS, rank=8)}
+    assert names and {name.removeprefix("base.") for name in names} == app_names
+    # Pretrained on classes 0-5 only: clearly above chance on ten classes, clearly below fitting them all.
+    from experiment import evaluate
+
+    accuracy = evaluate(adapted(setting, Regime(), 1), setting)["acc"]
+    assert 0.3 < accuracy < 0.8
+
+
+def test_the_mlp_digits_setting_shares_the_transformers_split_and_adapts_both_hidden_layers():
+    from experiment_settings import SETTINGS, Regime
+
+    from fedlowrank.adapters import adapter_layers, inject_adapters
+
+    mlp, transformer = SETTINGS["digits-mlp"](4, Regime()), SETTINGS["digits"](4, Regime())
+    assert [len(b) for b in mlp.site_train] == [len(b) for b in transformer.site_train]
+    assert all(a[1].tolist() == b[1].tolist() for a, b in zip(mlp.site_train[0], transformer.site_train[0]))
+    import copy
+
+    model = copy.deepcopy(mlp.base)
+    inject_adapters(model, mlp.targets, rank=4)
+    assert sorted(adapter_layers(model)) == ["fc1", "fc2"]
