@@ -43,6 +43,7 @@ class RunSettings:
     min_train_nodes: int = 2
     robust: str = ""
     robust_factor: float = 3.0
+    node_max_weights: str = ""
     lr: float = 0.01
     local_epochs: int = 1
     batch_size: int = 128
@@ -129,6 +130,10 @@ class RunSettings:
                     raise ValueError(f"run config '{key}' = {value!r} must be in (0, 1]")
             if self.secure_sketch_width < 0:
                 raise ValueError(f"run config 'secure-sketch-width' = {self.secure_sketch_width!r} must be >= 0 (0: exact)")
+        declared = self.declared_weights  # parses node-max-weights
+        if declared and self.secure:
+            raise ValueError("run config 'node-max-weights' cannot act with secure = true: the server sees no single "
+                             "weight (secure-weight-bound bounds each site on its side)")
         if self.residual.strip() not in ("", "drop", "carry", "fold"):
             raise ValueError(f"run config 'residual' = {self.residual!r} must be '', 'drop', 'carry' or 'fold'")
         ranks = self.ranks  # parses client-ranks
@@ -146,6 +151,26 @@ class RunSettings:
         if mode == "auto":
             return None if self.secure else "clip"
         return mode or None
+
+    @property
+    def declared_weights(self) -> dict[int, float] | None:
+        """``node-max-weights`` parsed: ``"<node id>:<largest weight>,..."`` (the ids Flower gave the
+        sites, e.g. by ``flwr supernode register``), or None where sites are not declared."""
+        text = self.node_max_weights.strip()
+        if not text:
+            return None
+        declared: dict[int, float] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            node, sep, limit = item.partition(":")
+            try:
+                node_id, value = int(node), float(limit)
+            except ValueError:
+                node_id, value = -1, math.nan
+            if not sep or node_id < 0 or not math.isfinite(value) or value <= 0 or node_id in declared:
+                raise ValueError(f"run config 'node-max-weights': {item!r} must be '<node id>:<largest weight>' with a "
+                                 "node id >= 0 given once and a weight > 0, e.g. '1234:5000,5678:800'")
+            declared[node_id] = value
+        return declared
 
     @property
     def ranks(self) -> list[int]:

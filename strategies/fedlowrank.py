@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, step_decay, tail_weight
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, node_max_weights, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, step_decay, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -95,6 +95,7 @@ class FedLowRank(FedAvg):
         max_reply_bytes: int | None = None,
         max_weight: float = MAX_WEIGHT,
         share_cap: float | None = 10.0,
+        node_max_weights: Mapping[Any, float] | None = None,
         robust: str | None = None,
         robust_factor: float = 3.0,
         min_valid_replies: int = 1,
@@ -116,7 +117,8 @@ class FedLowRank(FedAvg):
             options.setdefault("method", aggregation_method)
         self.config = RoundConfig(
             rule=rule, rule_options=options, residual=residual, rank=rank, align=align, gauge=gauge,
-            balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, share_cap=share_cap, robust=robust,
+            balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, share_cap=share_cap,
+            node_max_weights=node_max_weights, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
             server_learning_rate=server_learning_rate, momentum=momentum, step_decay=step_decay, tail_weight=tail_weight,
         )
@@ -240,7 +242,8 @@ class FedLowRank(FedAvg):
         non-finite metric is dropped with its node named; a metric of another type or
         length than the other replies' is left out of that reply only.
         """
-        kept, dropped = screen_evaluate_replies(list(replies), self.weighted_by_key, self.config.max_weight)
+        kept, dropped = screen_evaluate_replies(list(replies), self.weighted_by_key, self.config.max_weight,
+                                                self.config.node_max_weights)
         if not kept:
             return None
         cap = share_weight_cap(kept, self.weighted_by_key, self.config.share_cap)  # as in training

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from fedlowrank.aggregation.validate import MAX_WEIGHT, check_weight, finite_number  # noqa: F401  (re-exported)
+from fedlowrank.aggregation.validate import MAX_WEIGHT, check_declared_weight, check_weight, finite_number  # noqa: F401  (re-exported)
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY, PAYLOAD_KEY, SPEC_KEY
 from fedlowrank.wire import MAX_RECORD_BYTES, MAX_RECORD_KEYS, REPLY_NODE_KEY, metric_reduction
 
@@ -167,10 +167,12 @@ def default_reply_bytes(global_arrays: dict[str, np.ndarray]) -> int:
 
 
 def screen_evaluate_replies(
-    replies: Iterable[Message], weighted_by_key: str, max_weight: float = MAX_WEIGHT
+    replies: Iterable[Message], weighted_by_key: str, max_weight: float = MAX_WEIGHT,
+    node_max_weights: Mapping[str, float] | None = None,
 ) -> tuple[list[Message], int]:
-    """Evaluate replies whose one MetricRecord holds a valid weight and only finite numbers
-    (or lists of them); each other reply is logged with its node id and dropped.
+    """Evaluate replies whose one MetricRecord holds a valid weight (within the node's declared
+    maximum, where sites are declared) and only finite numbers (or lists of them); each other
+    reply is logged with its node id and dropped.
 
     Returns the kept replies and how many were dropped.
     """
@@ -181,7 +183,7 @@ def screen_evaluate_replies(
             if msg.has_error():
                 raise ValueError(msg.error.reason)
             check_records(msg.content)
-            reply_weight(msg.content, weighted_by_key, max_weight)
+            check_declared_weight(node, reply_weight(msg.content, weighted_by_key, max_weight), node_max_weights)
             for key, value in reply_metrics(msg.content).items():
                 for item in value if isinstance(value, list) else [value]:
                     finite_number(item, f"metric '{key}'")

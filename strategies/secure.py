@@ -90,9 +90,9 @@ class SecureLowRank(Strategy):
         if not isinstance(strategy, FedLowRank):
             raise TypeError(f"SecureLowRank wraps FedLowRank or FairLoRA, got {type(strategy).__name__}")
         config = strategy.config
-        if config.share_cap is not None or config.robust is not None:
-            raise ValueError("secure aggregation: the server sees no single reply, so share_cap and robust cannot act; "
-                             "build the strategy with share_cap=None and robust=None (weights and values are bounded "
+        if config.share_cap is not None or config.robust is not None or config.node_max_weights is not None:
+            raise ValueError("secure aggregation: the server sees no single reply, so share_cap, node_max_weights and "
+                             "robust cannot act; build the strategy with all three None (weights and values are bounded "
                              "on the clients by weight_bound and value_bound)")
         if not 0 < share_fraction <= 1 or not 0 < threshold_fraction <= 1:
             raise ValueError("share_fraction and threshold_fraction must be in (0, 1]")

@@ -67,6 +67,8 @@ def sampling(settings: RunSettings) -> dict:
         # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
         "robust": settings.robust_mode,
         "robust_factor": settings.robust_factor,
+        # Where a deployment knows its sites: each node's largest weight (node-max-weights).
+        "node_max_weights": settings.declared_weights,
         # A secure sum has no single weight to cap: each site bounds its own (secure-weight-bound).
         **({"share_cap": None} if settings.secure else {}),
     }

@@ -214,3 +214,58 @@ def test_a_malformed_carried_field_is_refused_by_name(field, value):
     saved["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
     with pytest.raises(ValueError, match=field):
         LowRankState().load_state_dict(saved)
+
+
+def test_declared_sites_bound_a_two_site_round_that_no_median_can(caplog):
+    """With 2 replies no median caps anything; a declared maximum per node does: a claim above it,
+    or a node the operator did not declare, is dropped and named, and the round is the honest one."""
+    from fedlowrank.strategies import FedLowRank
+    from fedlowrank.strategies.testing import run_round, train_reply
+
+    arrays = start()
+    declared = {1: 200.0, 2: 200.0}
+    good, lie = honest(arrays, 1), {**arrays, "fc.lora_U": arrays["fc.lora_U"] + 1.0}
+
+    def aggregate(strategy, replies):
+        out, metrics = run_round(strategy, arrays, replies, dtype=np.float64)
+        return {k: v.numpy() for k, v in out.items()}, metrics
+
+    alone, _ = aggregate(FedLowRank(rank=RANK), [train_reply(1, good, 100.0, np.float64)])
+    for liar in (train_reply(2, lie, 1e9, np.float64), train_reply(7, lie, 100.0, np.float64)):
+        with caplog.at_level(logging.WARNING):
+            out, metrics = aggregate(FedLowRank(rank=RANK, node_max_weights=declared),
+                                     [train_reply(1, good, 100.0, np.float64), liar])
+        np.testing.assert_allclose(product(out), product(alone), atol=1e-12)
+        assert metrics["agg-clients-dropped"] == 1
+    assert "above node 2's declared maximum 200" in caplog.text
+    assert "node 7 is not a declared site" in caplog.text
+    # Without declarations the same two-site round is the liar's.
+    taken, _ = aggregate(FedLowRank(rank=RANK), [train_reply(1, good, 100.0, np.float64), train_reply(2, lie, 1e9, np.float64)])
+    assert np.linalg.norm(product(taken) - product(lie)) < 1e-5 * np.linalg.norm(product(lie))
+
+
+def test_declared_sites_bound_the_evaluate_figures_too(caplog):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedlowrank.strategies import FedLowRank
+    from fedlowrank.strategies.testing import train_reply
+
+    def reply(node, examples, auc):
+        msg = train_reply(node, {}, examples)
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": examples, "eval-auc": auc})}),
+                       metadata=msg.metadata)
+
+    strategy = FedLowRank(rank=RANK, node_max_weights={1: 50, 2: 50})
+    with caplog.at_level(logging.WARNING):
+        metrics = strategy.aggregate_evaluate(1, [reply(1, 10.0, 0.7), reply(2, 1e6, 0.1), reply(3, 10.0, 0.1)])
+    assert metrics["eval-auc"] == pytest.approx(0.7) and metrics["eval-clients-dropped"] == 2
+    assert "node 3 is not a declared site" in caplog.text
+
+
+@pytest.mark.parametrize("declared,message", [
+    ({}, "empty"), ({1: 0.0}, "must be a finite number > 0"), ({1: float("inf")}, "must be a finite number > 0"),
+    ({1: "many"}, "must be a finite number > 0"), ({1: True}, "must be a finite number > 0"),
+])
+def test_a_malformed_declaration_is_refused_when_the_strategy_is_built(declared, message):
+    with pytest.raises(ValueError, match=message):
+        RoundConfig(rank=RANK, node_max_weights=declared)

@@ -71,3 +71,15 @@ def test_a_strategy_that_averages_factors_is_refused_under_secure_aggregation(st
         check_strategy(settings)
     ok = RunSettings.from_config({**APP, "strategy": "fedlowrank", "robust": "auto", "secure": True})
     assert check_strategy(ok)[0] == "fedlowrank"
+
+
+def test_declared_node_weights_parse_and_each_malformed_entry_is_named():
+    from fedlowrank.runconfig import RunSettings
+
+    assert RunSettings.from_config({"node-max-weights": "12:500, 7:80.5"}).declared_weights == {12: 500.0, 7: 80.5}
+    assert RunSettings.from_config({}).declared_weights is None
+    for bad in ("12", "12:0", "x:5", "12:5,12:6", "-1:5", "12:nan"):
+        with pytest.raises(ValueError, match="node-max-weights"):
+            RunSettings.from_config({"node-max-weights": bad})
+    with pytest.raises(ValueError, match="node-max-weights' cannot act with secure"):
+        RunSettings.from_config({"node-max-weights": "1:5", "secure": True, "robust": "auto"})

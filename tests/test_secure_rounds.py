@@ -122,10 +122,13 @@ def test_a_node_failing_in_training_is_left_out_as_a_plain_round_leaves_it_out(c
 
 
 def test_secure_wrapper_refuses_per_reply_bounds_and_factor_averaging():
-    with pytest.raises(ValueError, match="share_cap and robust cannot act"):
+    cannot_act = "share_cap, node_max_weights and robust cannot act"
+    with pytest.raises(ValueError, match=cannot_act):
         SecureLowRank(FedLowRank(rank=R))
-    with pytest.raises(ValueError, match="share_cap and robust cannot act"):
+    with pytest.raises(ValueError, match=cannot_act):
         SecureLowRank(FedLowRank(rank=R, share_cap=None, robust="clip"))
+    with pytest.raises(ValueError, match=cannot_act):
+        SecureLowRank(FedLowRank(rank=R, share_cap=None, node_max_weights={1: 100.0}))
     with pytest.raises(RuntimeError, match="train_round"):
         SecureLowRank(FedLowRank(rank=R, share_cap=None)).configure_train(1, initial(), None, None)
 

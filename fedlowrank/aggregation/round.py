@@ -41,7 +41,7 @@ from .grouped import balance_grouped_factors
 from .ranks import Factors
 from .rules import Accumulator, AggregationRule, RuleResult, get_rule
 from .state import LowRankState
-from .validate import MAX_WEIGHT, check_reply_arrays, check_weight
+from .validate import MAX_WEIGHT, check_declared_weight, check_reply_arrays, check_weight, declared_weights
 
 RESIDUAL_MODES = ("drop", "carry", "fold")
 GAUGES = ("balanced", "lora")
@@ -127,6 +127,13 @@ class RoundConfig:
         not act there; a federation whose largest site is more than 10x its median site is
         capped (and logged every round): raise it, or None for weights as claimed (up to
         ``max_weight``).
+    node_max_weights : mapping of node id to float, optional
+        Where a deployment knows its sites: the largest weight each node may claim, keyed
+        on the node id Flower authenticated (``src_node_id``; with node authentication,
+        the id ``flwr supernode register`` gave the site's key). A reply from a node not
+        listed, or claiming more than its entry, is dropped with the node named (before
+        ``share_cap``, which still applies). A federation of declared sites then bounds
+        each site's share by the declarations alone, whatever it claims.
     robust : {None, "clip", "reject"} (default: None)
         Bound each client's update norm (its completed adapter products and other arrays,
         relative to the global sent) by ``robust_factor`` times the round's median: clip
@@ -178,6 +185,7 @@ class RoundConfig:
     dense_products: str = "auto"
     max_weight: float = MAX_WEIGHT
     share_cap: float | None = 10.0
+    node_max_weights: Mapping[Any, float] | None = None
     robust: str | None = None
     robust_factor: float = 3.0
     min_valid_replies: int = 1
@@ -204,6 +212,7 @@ class RoundConfig:
             raise ValueError(f"robust must be None, 'clip' or 'reject', got {self.robust!r}")
         if self.share_cap is not None and not self.share_cap >= 1.0:
             raise ValueError(f"share_cap must be >= 1 (a multiple of the median weight) or None, got {self.share_cap}")
+        self.node_max_weights = declared_weights(self.node_max_weights)
         if not self.robust_factor > 0 or not self.max_weight > 0 or self.min_valid_replies < 1:
             raise ValueError("need robust_factor > 0, max_weight > 0 and min_valid_replies >= 1")
         if self.rank is not None and self.rank < 1:
@@ -409,6 +418,7 @@ class ServerRound:
         if self._failure is not None:
             raise RuntimeError(f"the round already failed: {self._failure}")
         weight, factors = self.check(arrays, weight, group_counts)
+        check_declared_weight(node, weight, self.config.node_max_weights)
         counts = None if group_counts is None else np.asarray(group_counts, dtype=np.float64)
         reply = _Reply(arrays, weight, counts, node)
         if self.config.robust is None and self.config.share_cap is None:
@@ -439,8 +449,9 @@ class ServerRound:
         """
         if self._failure is not None:
             raise RuntimeError(f"the round already failed: {self._failure}")
-        if self.config.share_cap is not None or self.config.robust is not None:
-            raise ValueError("a summed contribution has no single reply to cap or clip: set share_cap=None and robust=None")
+        if self.config.share_cap is not None or self.config.robust is not None or self.config.node_max_weights is not None:
+            raise ValueError("a summed contribution has no single reply to cap or clip: set share_cap=None, "
+                             "node_max_weights=None and robust=None")
         if not self.config.rule.sums_products:
             raise ValueError(f"rule {self.config.rule!r} needs each reply's factors; a secure sum gives products only")
         weight = check_weight(weight, "weight", self.config.max_weight * max(clients, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +99,39 @@ def check_weight(value, what: str = "weight", max_weight: float = MAX_WEIGHT) ->
     if weight > max_weight:
         raise ValueError(f"{what} = {weight:g} is above the cap {max_weight:g}")
     return weight
+
+
+def declared_weights(mapping: Mapping[Any, Any] | None) -> dict[str, float] | None:
+    """An operator's ``{node id: largest weight}`` checked and keyed by ``str(node id)``; None stays None."""
+    if mapping is None:
+        return None
+    declared = {}
+    for node, limit in dict(mapping).items():
+        try:
+            value = finite_number(limit, f"declared weight of node {node}")
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"declared weight of node {node} = {limit!r} must be a finite number > 0")
+        declared[str(node).strip()] = value
+    if not declared:
+        raise ValueError("node_max_weights is empty: declare at least one node, or pass None")
+    return declared
+
+
+def check_declared_weight(node: Any, weight: float, declared: Mapping[str, float] | None) -> None:
+    """``ValueError`` unless ``node`` is a declared site claiming at most its declared weight.
+
+    Keyed on the node id Flower authenticated (``src_node_id``), not on anything the reply
+    says about itself: a site cannot buy itself more than the operator declared for it.
+    """
+    if declared is None:
+        return
+    limit = declared.get(str(node))
+    if limit is None:
+        raise ValueError(f"node {node} is not a declared site (node_max_weights declares {len(declared)} nodes)")
+    if weight > limit:
+        raise ValueError(f"weight = {weight:g} is above node {node}'s declared maximum {limit:g}")
 
 
 def check_reply_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
