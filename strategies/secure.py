@@ -207,7 +207,9 @@ class SecureLowRank(Strategy):
         if result.arrays is None:
             return TrainRound(None, None, nodes, exchange.train_replies)
         metrics.update(result.metrics)
-        metrics.update(_privacy_metrics([privacy[n] for n in contributors if n in privacy]))
+        # Checked against the run's DP settings where the wrapped strategy's metrics function knows them.
+        check = getattr(self.strategy.train_metrics_aggr_fn, "check", lambda record, node: record)
+        metrics.update(_privacy_metrics([check(privacy[n], n) for n in contributors if n in privacy]))
         metrics.update({"agg-clients-kept": len(contributors), "agg-clients-dropped": len(nodes) - len(contributors),
                         "secure-bytes-per-client": exchange.bytes_per_node(contributors)})
         if metrics["secure-clipped"]:

@@ -33,6 +33,7 @@ from fedlowrank.fairness import group_fairness_report
 from .checkpoint import run
 from .catalog import make_strategy, rule_of, strategy_names
 from .federated_fairness import FederatedFairnessMetrics
+from .privacy_figures import PrivacyFigures
 from .fedlowrank import FedLowRank
 from .initial import initial_arrays
 from .lgreco import LGreCo
@@ -62,8 +63,10 @@ def sampling(settings: RunSettings) -> dict:
         "min_available_nodes": settings.min_train_nodes,
         "fraction_evaluate": settings.fraction_evaluate,
         "min_evaluate_nodes": settings.min_train_nodes,
-        # Every strategy merges the sites' fairness statistics into federation-wide metrics.
+        # Every strategy merges the sites' fairness statistics into federation-wide metrics,
+        # and keeps only the privacy figures an honest site could report in this run.
         "evaluate_metrics_aggr_fn": FederatedFairnessMetrics(num_groups=2),
+        "train_metrics_aggr_fn": PrivacyFigures(settings.dp_target_epsilon if settings.dp_noise_multiplier > 0 else None),
         # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
         "robust": settings.robust_mode,
         "robust_factor": settings.robust_factor,
