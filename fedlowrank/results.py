@@ -59,11 +59,17 @@ def readable_reason(reason: str) -> str:
     return text[:500]
 
 
-def failure_cause(site_errors: list[str], replies: int, asked: int, timeout: float) -> str:
+def failure_cause(site_errors: list[str], replies: int, asked: int, timeout: float, idle: int = 0, stopped: int = 0) -> str:
     """Why a run's rounds kept nothing: ``site_errors`` (the errors the sites sent), out of
-    ``replies`` received for ``asked`` requests over the run's rounds."""
+    ``replies`` received for ``asked`` requests over the run's rounds; ``idle`` of the replies
+    trained on no examples, ``stopped`` of those because their DP budget was spent (``dp_stopped``)."""
     if replies == 0:
         return f"no site replied within round-timeout = {timeout:g} s ({asked} requests)"
+    if idle and idle == replies - len(site_errors):
+        if stopped == idle:
+            return (f"every site stopped training: its DP budget would be exceeded ({stopped} replies with dp_stopped = 1; "
+                    "raise dp-target-epsilon or dp-noise-multiplier, or train fewer rounds)")
+        return f"every site that replied trained on no examples ({idle} replies with num-examples = 0)"
     if site_errors:
         reason, count = Counter(readable_reason(r) for r in site_errors).most_common(1)[0]
         if len(site_errors) == replies:

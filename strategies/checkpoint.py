@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedlowrank.results import RunFailed, failure_cause
 
-from .replies import read_npy
+from .replies import claimed_metrics, read_npy
 
 PREFIX = "round-"
 FILES = ("arrays.npz", "strategy.npz", "rng.npz", "meta.json")
@@ -386,7 +386,7 @@ def run(
         if on_round:
             on_round(0, result)
     site_errors: list[str] = []
-    replies_seen = asked = 0
+    replies_seen = asked = idle = stopped = 0
     # A resumed run whose earlier rounds aggregated (or has no round left) has kept something.
     kept_any = first > num_rounds or bool(result.train_metrics_clientapp)
     for current in range(first, num_rounds + 1):
@@ -405,6 +405,9 @@ def run(
         replies_seen += len(replies)
         if not kept_any:  # the cause of a failed run; once a round kept a reply none is needed
             site_errors += [r.error.reason for r in replies if r.has_error()]
+            claims = [claimed_metrics(r) for r in replies if not r.has_error()]
+            idle += sum(1 for m in claims if m.get(getattr(strategy, "weighted_by_key", "num-examples")) == 0)
+            stopped += sum(1 for m in claims if m.get("dp_stopped") == 1)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays
             kept_any = True
@@ -428,5 +431,5 @@ def run(
         if on_round:
             on_round(current, result)
     if not kept_any:
-        raise RunFailed(failure_cause(site_errors, replies_seen, asked, timeout))
+        raise RunFailed(failure_cause(site_errors, replies_seen, asked, timeout, idle, stopped))
     return result

@@ -98,6 +98,15 @@ def reply_metrics(content: RecordDict) -> MetricRecord:
     return next(iter(content.metric_records.values()))
 
 
+def claimed_metrics(msg: Message) -> MetricRecord | dict:
+    """A reply's one MetricRecord as it came, or ``{}`` where it has none or several (to read a
+    claim from, e.g. why a run kept nothing; never to aggregate)."""
+    try:
+        return reply_metrics(msg.content)
+    except ValueError:
+        return {}
+
+
 def reply_weight(content: RecordDict, weighted_by_key: str, max_weight: float = MAX_WEIGHT) -> float:
     """The reply's aggregation weight; ``ValueError`` if missing, negative, not finite or above the cap."""
     metrics = reply_metrics(content)

@@ -121,3 +121,29 @@ def test_a_simulated_sites_ray_wrapped_traceback_reads_as_its_own_error():
     assert readable_reason(reason) == (
         "ModuleNotFoundError: No module named 'opacus'; install the [dp] extra (pip install 'fedlowrank[dp]')"
     )
+
+
+def test_a_run_whose_sites_all_stopped_for_their_dp_budget_says_so():
+    cause = failure_cause([], replies=4, asked=4, timeout=60, idle=4, stopped=4)
+    assert cause.startswith("every site stopped training: its DP budget would be exceeded (4 replies with dp_stopped = 1")
+    assert "no examples (2 replies" in failure_cause(["<class 'ValueError'>:<'bad'>"], replies=3, asked=3, timeout=60, idle=2)
+    assert "rejected" in failure_cause([], replies=3, asked=3, timeout=60, idle=1)  # one idle site is not the cause
+
+
+def test_the_run_loop_counts_sites_that_stopped_for_their_dp_budget():
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def stopped(msg, context):  # what a DP client whose next round would exceed its budget sends
+        metrics = MetricRecord({"num-examples": 0, "dp_stopped": 1, "dp_epsilon": 7.9})
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+
+    model = base_model()
+    inject_adapters(model, ADAPTER.target_modules, rank=2, trainable=ADAPTER.trainable)
+    grid = InProcessGrid(app, [{"partition-id": i, "num-partitions": SITES} for i in range(SITES)], {})
+    with pytest.raises(RunFailed, match=r"every site stopped training: its DP budget would be exceeded \(6 replies"):
+        run(FedLowRank(fraction_evaluate=0.0), grid, to_record(exchange_state(model)), 2, timeout=30,
+            train_config=ConfigRecord({"local-epochs": 1}))

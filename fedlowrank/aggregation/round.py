@@ -596,8 +596,8 @@ class ServerRound:
         metrics: dict[str, float] = {"agg-clients-kept": kept}
         if kept < self.config.min_valid_replies or self._total <= 0:
             self.log(
-                logging.WARNING, "aggregate: %d valid replies with positive weight (at least %d needed); "
-                "the global model is kept", kept, self.config.min_valid_replies,
+                logging.WARNING, "aggregate: %d valid replies of total weight %g (at least %d and a positive weight "
+                "needed); the global model is kept", kept, self._total, self.config.min_valid_replies,
             )
             return RoundResult(None, metrics, self.state)
         out: dict[str, np.ndarray] = {}
