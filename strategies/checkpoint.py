@@ -397,10 +397,12 @@ def run(
             messages = list(strategy.configure_train(current, arrays, train_config, grid))
             replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
             sampled = [m.metadata.dst_node_id for m in messages]
-            silent = sorted(set(sampled) - {r.metadata.src_node_id for r in replies})
-            if silent:
-                log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
             new_arrays, metrics = strategy.aggregate_train(current, replies)
+        silent = sorted(set(sampled) - {r.metadata.src_node_id for r in replies})
+        if silent:
+            log(WARNING, "Round %d: no reply within %g s from node(s) %s", current, timeout, ", ".join(map(str, silent)))
+            # In the round's figures too, so the round line says the round went on without them.
+            metrics = MetricRecord({**(metrics or {}), "agg-clients-silent": len(silent)})
         asked += len(sampled)
         replies_seen += len(replies)
         if not kept_any:  # the cause of a failed run; once a round kept a reply none is needed

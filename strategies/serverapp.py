@@ -228,10 +228,12 @@ def round_line(server_round: int, num_rounds: int, result, group_names: Sequence
             groups = ", ".join(f"{name} {figures[f'auc_g{g}']:.4f}" for g, name in enumerate(group_names) if f"auc_g{g}" in figures)
             parts.append(f"{label} AUC {figures['auc']:.4f} ({groups}) ES-AUC {figures['es_auc']:.4f}")
     if server_round:
+        silent = int(train.get("agg-clients-silent", 0))
+        late = f", {silent} silent past round-timeout" if silent else ""
         if "agg-clients-kept" in train:
-            parts.append(f"| sites {int(train['agg-clients-kept'])} kept, {int(train['agg-clients-dropped'])} dropped")
-        elif not train:
-            parts.append("| no valid reply: global kept")
+            parts.append(f"| sites {int(train['agg-clients-kept'])} kept, {int(train['agg-clients-dropped'])} dropped{late}")
+        else:
+            parts.append(f"| no valid reply: global kept{late}")
         if "lgreco-bytes" in train:
             parts.append(f"| {int(train['lgreco-bytes']):,} B sent")
         if "dp_epsilon" in train:

@@ -74,3 +74,32 @@ def test_certs_again_keeps_the_ca_and_the_site_keys_and_issues_a_server_certific
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert "new.example.org" in names
     server.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))  # signed by the same CA
+
+
+def _stream_of(script: str, grace_s: float):
+    import time
+
+    from fedlowrank.cli.runner import Stream
+
+    stream = Stream(grace_s=grace_s)
+    start = time.monotonic()
+    code, run_id = stream([sys.executable, "-c", script], env={})
+    return stream, stream.outcome(code, run_id, {}), time.monotonic() - start
+
+
+def test_a_run_whose_serverapp_ended_is_not_held_by_a_hung_site(capsys):
+    """Flower's simulation waits for every ClientApp it started; the runner stops it once the
+    ServerApp's last line is ``grace`` seconds old, and the run is what the ServerApp made of it."""
+    done = ("import time; print('INFO : results written to r.json, final adapter to r.adapter.safetensors', flush=True);"
+            "time.sleep(600)")
+    stream, code, seconds = _stream_of(done, grace_s=1.0)
+    assert stream.stopped_hung and code == 0 and seconds < 30
+    assert "(a hung site was stopped after the ServerApp ended)" in capsys.readouterr().out
+    failed = "import time; print('fedlowrank.results.RunFailed: every site failed: X', flush=True); time.sleep(600)"
+    stream, code, seconds = _stream_of(failed, grace_s=1.0)
+    assert stream.stopped_hung and code == 1 and stream.failure == "every site failed: X" and seconds < 30
+
+
+def test_a_run_that_ends_on_its_own_is_not_stopped():
+    stream, code, _ = _stream_of("print('INFO : results written to r.json, final adapter to a')", grace_s=0.5)
+    assert not stream.stopped_hung and stream.server_finished and code == 0

@@ -105,6 +105,9 @@ def test_a_site_that_does_not_reply_is_named_in_the_round_log(caplog):
                      timeout=30, train_config=ConfigRecord({"local-epochs": 1}))
     assert result.train_metrics_clientapp[1]["agg-clients-kept"] == SITES - 1
     assert any("no reply within 30 s from node(s) 2" in r.getMessage() for r in caplog.records)
+    from fedlowrank.strategies.serverapp import round_line
+
+    assert f"| sites {SITES - 1} kept, 0 dropped, 1 silent past round-timeout" in round_line(1, 1, result, ("a", "b"))
 
 
 def test_a_simulated_sites_ray_wrapped_traceback_reads_as_its_own_error():

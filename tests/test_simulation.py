@@ -96,6 +96,45 @@ def test_a_run_where_every_site_fails_exits_non_zero_and_its_last_line_names_the
     assert not superlink_healthy()
 
 
+HANGING_OPACUS = """
+# The first process to import opacus hangs (a site stuck in its data loader, say); the others
+# get the real package.
+import importlib, os, sys, time
+try:
+    os.close(os.open(os.environ["HANG_FLAG"], os.O_CREAT | os.O_EXCL))
+    time.sleep(600)
+except FileExistsError:
+    pass
+here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+del sys.modules["opacus"]
+sys.modules["opacus"] = importlib.import_module("opacus")
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_site_is_named_in_the_round_line_and_does_not_hold_the_run(tmp_path):
+    """A site that hangs for 10 minutes: its rounds go on without it after round-timeout, the round
+    line says so, and the runner ends the run a grace period after the ServerApp's last line."""
+    assert not superlink_healthy(), "another SuperLink is serving the local ports"
+    fake = tmp_path / "hang" / "opacus"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(HANGING_OPACUS)
+    results = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(fake.parent), "HANG_FLAG": str(tmp_path / "hung")}
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "adult-married", "--supernodes", "2", "--grace", "10", "--run-config",
+         f"num-server-rounds=2 dp-noise-multiplier=0.5 dp-target-epsilon=1000 round-timeout=20 results-file='{results}'"],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "silent past round-timeout" in proc.stdout
+    assert "(a hung site was stopped after the ServerApp ended)" in proc.stdout
+    rounds = json.loads(results.read_text())["rounds"]
+    assert any(r["clients_train"].get("agg-clients-silent") for r in rounds[1:])
+    assert not superlink_healthy()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedlowrank", "fedit"])
 def test_thirty_rounds_with_adam_stay_stable(tmp_path, strategy):

@@ -142,8 +142,7 @@ def write_federation(flwr_home: Path, certs: dict[str, Path] | None) -> None:
     )
 
 
-def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stream, run_status,
-           unregistered: int = 0) -> int:
+def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stream, unregistered: int = 0) -> int:
     """Run ``app`` on a loopback deployment of ``nodes`` SuperNodes; returns the exit code.
 
     ``unregistered`` extra SuperNodes (``secure`` only) start with keys the SuperLink does
@@ -190,13 +189,8 @@ def deploy(app: Path, nodes: int, secure: bool, run_config: str, env: dict, stre
         command = [which("flwr"), "run", str(app), FEDERATION, "--stream"]
         if run_config:
             command += ["--run-config", run_config]
-        code, run_id = stream(command, env)
-        if code == 0 and run_id is not None:
-            status = run_status(run_id, env, FEDERATION)
-            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
-            if status is not None and "completed" not in status:
-                code = 1
-        return code
+        stream.superlink = FEDERATION
+        return stream.outcome(*stream(command, env), env)
     finally:
         stop_all(processes)
         print(f"stopped the SuperLink and {len(processes) - 1} SuperNodes", flush=True)

@@ -9,7 +9,8 @@ mode instead, runs the app with log streaming, and stops the SuperLink and every
 it spawned, by process group, when the run ends or fails. If a SuperLink is already
 serving the local ports it is used and left running. The exit code is non-zero when the
 run failed: ``flwr run --stream`` exits 0 even when the ServerApp raised, so the runner
-asks the SuperLink for the run's final status (``flwr ls``).
+asks the SuperLink for the run's final status (``flwr ls``). A run whose ServerApp has ended
+but whose simulation still waits on a hung site is stopped ``--grace`` seconds later.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
@@ -91,30 +93,83 @@ RUN_FAILED = re.compile(r"RunFailed: (.+)$")
 """The ServerApp's :class:`fedlowrank.results.RunFailed` in the streamed log: the run's cause of failure."""
 
 
-class Stream:
-    """``flwr run --stream``, echoed line by line; keeps the run ID and a failure's cause."""
+SERVER_FINISHED = re.compile(r"results written to .+, final adapter to ")
+"""The ServerApp's last line after a run that completed (:func:`fedlowrank.strategies.serverapp.serve`)."""
 
-    def __init__(self) -> None:
+SERVER_GRACE_S = 60.0
+"""How long the runner lets Flower wind down after the ServerApp's last line. Flower's simulation
+waits for every ClientApp it started, so a site hung past its round would hold ``flwr run`` (and
+the runner) for as long as it hangs; past this the run is stopped."""
+
+
+class Stream:
+    """``flwr run --stream``, echoed line by line; keeps the run ID and a failure's cause, and
+    stops a run whose ServerApp is done but whose sites are not (:data:`SERVER_GRACE_S`)."""
+
+    def __init__(self, grace_s: float = SERVER_GRACE_S, superlink: str = "local") -> None:
         self.failure: str | None = None
+        self.superlink = superlink  # the SuperLink connection flwr's commands name (``local``, a deployment's)
+        self.server_finished = False  # the ServerApp completed (its last line was seen)
+        self.stopped_hung = False  # the runner stopped a run whose ServerApp had ended
+        self.grace_s = grace_s
 
     def __call__(self, command: list[str], env: dict) -> tuple[int, int | None]:
         """Run it; its exit code and the run ID."""
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         run_id = None
+        watchdog: threading.Timer | None = None
         assert process.stdout is not None
         plain = not sys.stdout.isatty()  # Flower colours its log lines always; a redirected log gets none
-        for line in process.stdout:
-            if FLOWER_NOISE.search(line):
-                continue
-            sys.stdout.write(ANSI.sub("", line) if plain else line)
-            sys.stdout.flush()
-            found = RUN_STARTED.search(line)
-            if found and run_id is None:
-                run_id = int(found.group(1))
-            failed = RUN_FAILED.search(ANSI.sub("", line.rstrip()))
-            if failed:
-                self.failure = failed.group(1)
-        return process.wait(), run_id
+        try:
+            for line in process.stdout:
+                if FLOWER_NOISE.search(line) or self.stopped_hung:  # after a stop: flwr's lost-connection box
+                    continue
+                sys.stdout.write(ANSI.sub("", line) if plain else line)
+                sys.stdout.flush()
+                found = RUN_STARTED.search(line)
+                if found and run_id is None:
+                    run_id = int(found.group(1))
+                clean = ANSI.sub("", line.rstrip())
+                failed = RUN_FAILED.search(clean)
+                if failed:
+                    self.failure = failed.group(1)
+                self.server_finished = self.server_finished or bool(SERVER_FINISHED.search(clean))
+                if (failed or self.server_finished) and watchdog is None:
+                    watchdog = threading.Timer(self.grace_s, self._stop_hung, (process, run_id))
+                    watchdog.daemon = True
+                    watchdog.start()
+            code = process.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if self.stopped_hung and run_id is not None:  # here, not in the timer's thread: it must end before we do
+            subprocess.run([shutil.which("flwr") or "flwr", "stop", str(run_id), self.superlink], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+        return code, run_id
+
+    def outcome(self, code: int, run_id: int | None, env: dict) -> int:
+        """The run's exit code, printed with its status: ``flwr run --stream`` exits 0 even when the
+        ServerApp raised, so the SuperLink is asked; a run stopped for a hung site is what its
+        ServerApp made of it (its results are written)."""
+        if self.stopped_hung:
+            code = 0 if self.server_finished and not self.failure else 1
+            print(f"run {run_id}: {'completed' if code == 0 else 'failed'} (a hung site was stopped after the ServerApp "
+                  "ended)", flush=True)
+        elif code == 0 and run_id is not None:
+            status = run_status(run_id, env, self.superlink)
+            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
+            if status is not None and "completed" not in status:
+                code = 1
+        return code
+
+    def _stop_hung(self, process: subprocess.Popen, run_id: int | None) -> None:
+        """The ServerApp ended ``grace_s`` ago and Flower still waits: a site hangs. Stop the run."""
+        if process.poll() is not None:
+            return
+        self.stopped_hung = True
+        print(f"the ServerApp ended {self.grace_s:g} s ago but Flower still waits for a site that hangs past its "
+              f"round-timeout; stopping run {run_id}", flush=True)
+        process.terminate()  # ends the log stream; the run itself is stopped once the stream is closed
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -208,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployment", type=int, metavar="N", default=0,
                         help="run on Flower's Deployment Engine instead: a SuperLink and N SuperNodes on loopback")
     parser.add_argument("--secure", action="store_true", help="with --deployment: TLS and SuperNode authentication")
+    parser.add_argument("--grace", type=float, default=SERVER_GRACE_S, metavar="SECONDS",
+                        help="after the ServerApp's last line, how long to let Flower finish before stopping a run that "
+                             f"waits on a hung site (default {SERVER_GRACE_S:g})")
     parser.add_argument("--unregistered", type=int, default=0, help=argparse.SUPPRESS)  # tests: nodes with unknown keys
     args = parser.parse_args(argv)
     if args.secure and not args.deployment:
@@ -235,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     own_home = "FLWR_HOME" not in env
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedlowrank-flwr-"))
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    stream = Stream()
+    stream = Stream(args.grace)
     code = 1
     try:
         code = (deploy_app if args.deployment else simulate)(app, args, env, stream, own_home)
@@ -251,7 +309,7 @@ def deploy_app(app: Path, args: argparse.Namespace, env: dict, stream: Stream, o
 
     code = 1
     try:
-        code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, run_status, args.unregistered)
+        code = deploy(app, args.deployment, args.secure, args.run_config, env, stream, args.unregistered)
         return code
     finally:
         if own_home and code == 0:  # a temporary home: nothing to keep after a clean run
@@ -274,14 +332,7 @@ def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own
         command += ["--run-config", args.run_config]
     code = 1
     try:
-        code, run_id = stream(command, env)
-        if code == 0 and run_id is not None:
-            # `flwr run --stream` exits 0 even when the ServerApp raised; ask the SuperLink.
-            status = run_status(run_id, env)
-            print(f"run {run_id}: {status or 'status unknown'}", flush=True)
-            if status is not None and "completed" not in status:
-                code = 1
-        return code
+        return stream.outcome(*stream(command, env), env)
     finally:
         if owned is not None:
             stop(owned)
