@@ -52,6 +52,20 @@ every other metric is the mean weighted by the replies' sample counts."""
 
 _PER_GROUP = re.compile(r"_g\d+$")
 
+UNIT_INTERVAL_METRICS = re.compile(
+    r"^eval-(acc|auc|dpd|eod|es_acc|es_auc|worst_group_acc|worst_group_auc)(_g\d+)?$|^eval-xauc_g\d+_g\d+$"
+)
+"""Evaluate metrics in [0, 1] by definition (:func:`fedlowrank.fairness.group_fairness_report`):
+a site's value outside it is left out, not averaged (one ``eval-auc = 1e300`` would be the mean)."""
+
+SERVER_METRICS = re.compile(
+    r"^(agg-|group-share-|secure-|fed-|eval-clients-)"
+    r"|^lgreco-(bytes|bytes-per-client|node-ids|serialized-bytes|raw-bytes|dropped)$"
+)
+"""Names of the figures the server computes itself (aggregation diagnostics, group shares, secure and
+L-GreCo byte counts, the federation-wide fairness report): a client's metric of such a name is left
+out, so it cannot pass for the server's in a round where the server did not set it."""
+
 
 def metric_reduction(name: str) -> str:
     """``"mean"``, ``"sum"``, ``"min"`` or ``"max"``: how metric ``name`` combines over replies."""

@@ -305,7 +305,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _previous_hint(path: Path) -> str:
-    older = [p for p in sorted(path.parent.glob(f"{PREFIX}[0-9]*")) if p.name < path.name]
+    older = [p for p in sorted(path.parent.glob(f"{PREFIX}[0-9]*")) if ROUND_FOLDER.match(p.name) and p.name < path.name]
     return f"; the previous checkpoint is {older[-1]}" if older else ""
 
 

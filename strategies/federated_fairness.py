@@ -16,6 +16,7 @@ enter the average and the round goes on.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from logging import DEBUG, WARNING
 
@@ -31,6 +32,8 @@ from .replies import read_array, weighted_metrics
 
 STATS_KEY = FAIRNESS_STATS_KEY
 PREFIX = "fed-"
+# Most groups one report takes: it has 2 G^2 cross-group keys, within a reply's 1,024 at 16.
+MAX_GROUPS = 16
 # Metrics logged each round (the rest land in the MetricRecord and the results file).
 LOGGED = ("auc", "es_auc", "worst_group_auc", "dpd", "eod")
 
@@ -77,8 +80,8 @@ class FederatedFairnessMetrics:
         The bins every client uses in :func:`fedlowrank.fairness.local_statistics`;
         statistics on other bins are rejected (counts on different bins do not add).
     num_groups : int, optional
-        Expected number of groups; None accepts whatever the first valid reply has
-        (later replies must agree, as :func:`merge_statistics` checks).
+        Expected number of groups; None takes the count most valid replies have (at most
+        :data:`MAX_GROUPS`), and leaves the others out.
     stats_key : str (default: "fairness-stats")
         Name of the ArrayRecord holding the statistics in evaluate replies.
     prefix : str (default: "fed-")
@@ -114,17 +117,29 @@ class FederatedFairnessMetrics:
         self.last_report: dict[str, float] | None = None
 
     def collect(self, records: list[RecordDict]) -> list[dict[str, np.ndarray]]:
-        """Valid statistics of all replies; each rejected one is logged with its reason."""
-        collected, groups = [], self.num_groups
+        """Valid statistics of all replies; each rejected one is logged with its reason.
+
+        Without ``num_groups`` the group count most replies agree on is the federation's (not the
+        first reply's: one site answering first would otherwise set it for everyone)."""
+        valid = []
         for i, content in enumerate(records):
             try:
-                stats = reply_statistics(content, self.stats_key, self.bin_edges, groups)
+                stats = reply_statistics(content, self.stats_key, self.bin_edges, self.num_groups)
+                if stats["hist"].shape[0] > MAX_GROUPS:
+                    raise ValueError(f"statistics cover {stats['hist'].shape[0]} groups, more than the {MAX_GROUPS} "
+                                     "a federation report takes")
             except Exception as err:  # noqa: BLE001  (one site's statistics must not end the round)
                 log(WARNING, "Fairness statistics of evaluate reply from %s left out: %s", reply_source(content, i), err)
                 continue
-            groups = stats["hist"].shape[0]
-            collected.append(stats)
-        return collected
+            valid.append((i, content, stats))
+        if not valid:
+            return []
+        groups = Counter(stats["hist"].shape[0] for _, _, stats in valid).most_common(1)[0][0]
+        for i, content, stats in valid:
+            if stats["hist"].shape[0] != groups:
+                log(WARNING, "Fairness statistics of evaluate reply from %s left out: they cover %d groups, most "
+                    "sites' %d", reply_source(content, i), stats["hist"].shape[0], groups)
+        return [stats for _, _, stats in valid if stats["hist"].shape[0] == groups]
 
     def report(self, records: list[RecordDict]) -> dict[str, float] | None:
         """The federation-wide report of the valid statistics, or None if there are none."""

@@ -20,7 +20,8 @@ from flwr.common import log
 
 from fedlowrank.aggregation.validate import MAX_WEIGHT, check_declared_weight, check_weight, finite_number  # noqa: F401  (re-exported)
 from fedlowrank.compression import ENERGY_KEY, ERRORS_KEY, PAYLOAD_KEY, SPEC_KEY
-from fedlowrank.wire import MAX_RECORD_BYTES, MAX_RECORD_KEYS, REPLY_NODE_KEY, metric_reduction
+from fedlowrank.wire import (MAX_RECORD_BYTES, MAX_RECORD_KEYS, REPLY_NODE_KEY, SERVER_METRICS, UNIT_INTERVAL_METRICS,
+                            metric_reduction)
 
 NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's arrays are made of
 
@@ -61,6 +62,8 @@ def read_npy(data: bytes, name: str, max_bytes: int | None = None) -> np.ndarray
         raise ValueError(f"'{name}' is not a valid .npy array: {err}") from None
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"'{name}' has dtype {dtype!r}; only bool, integer and float arrays are accepted")
+    if any(d < 0 for d in shape):  # (-2, -8) has the product of (2, 8): caught here, not by numpy's reshape
+        raise ValueError(f"'{name}' declares shape {shape} with a negative dimension")
     count = math.prod(shape)
     if count * dtype.itemsize != len(data) - stream.tell():
         raise ValueError(
@@ -204,6 +207,21 @@ def screen_evaluate_replies(
     return kept, dropped
 
 
+def metric_problem(key: str, items: list[float], weight) -> str | None:
+    """Why an honest site could not have sent metric ``key`` with these values, or None."""
+    if SERVER_METRICS.search(key):
+        return "uses the name of a figure the server computes"
+    how = metric_reduction(key)
+    if how in ("sum", "min") and any(v < 0 for v in items):  # counts: a negative one would subtract
+        return "is a negative count"
+    # A count the federation sums (eval-n) cannot exceed the reply's weight (as capped).
+    if how == "sum" and isinstance(weight, (int, float)) and any(v > weight for v in items):
+        return f"is more than its {weight:g} examples (as capped)"
+    if UNIT_INTERVAL_METRICS.match(key) and any(not 0.0 <= v <= 1.0 for v in items):
+        return "is outside [0, 1]"
+    return None
+
+
 def share_weight_cap(replies: list[Message], weighted_by_key: str, share_cap: float | None) -> float | None:
     """``share_cap`` times the median weight of 3 or more replies (None for fewer, or no cap):
     no claimed sample count buys a site the federation's evaluate figures."""
@@ -226,7 +244,7 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
     for msg in replies:
         clean = MetricRecord()
         metrics = reply_metrics(msg.content)
-        weight = claimed = metrics.get(weighted_by_key)
+        weight = metrics.get(weighted_by_key)
         if weight_cap is not None and isinstance(weight, (int, float)) and weight > weight_cap:
             if log_caps:
                 log(WARNING, "Capping the weight of node %s: %.6g claimed, %.6g allowed", msg.metadata.src_node_id, weight, weight_cap)
@@ -240,10 +258,9 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
             except ValueError as err:
                 log(WARNING, "Ignoring metric from node %s: %s", msg.metadata.src_node_id, err)
                 continue
-            # A count the federation sums (eval-n) cannot exceed the examples the reply claims.
-            if metric_reduction(key) == "sum" and isinstance(claimed, (int, float)) and any(v > claimed for v in items):
-                log(WARNING, "Ignoring metric '%s' from node %s: %r is more than its %s examples", key,
-                    msg.metadata.src_node_id, value, claimed)
+            problem = metric_problem(key, items, weight)
+            if problem:
+                log(WARNING, "Ignoring metric '%s' from node %s: %r %s", key, msg.metadata.src_node_id, value, problem)
                 continue
             if shape != majority and key != weighted_by_key:
                 log(WARNING, "Ignoring metric '%s' from node %s: %r does not match the other replies", key,

@@ -14,7 +14,10 @@ What each test asserts is one of:
 - *refused*: a specific exception type whose message names the problem (checkpoints);
 - *memory*: ``tracemalloc``'s peak while handling the input stays far below what it declares.
 
-Defects found are kept as ``xfail(strict=True)`` tests whose reason names the defect.
+The nine defects it found (a crash on a 10**400 metric, clients posing as the server's own
+figures, eval-n past the capped weight, negative counts, AUCs outside [0, 1], the first reply
+setting the federation's group count, a quadratic fairness report, negative .npy dimensions, a
+hint naming a non-checkpoint folder) were fixed; their tests assert the fixed behaviour.
 """
 
 from __future__ import annotations
@@ -533,11 +536,6 @@ def test_bad_train_metric_is_left_out_not_averaged(value, flwr_log):
     assert any("train-loss" in line for line in naming(flwr_log))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "DEFECT: a train metric that is a Python int beyond float range (MetricRecord accepts any int, "
-    "e.g. 10**400) raises OverflowError out of FedLowRank.aggregate_train (replies.consistent_metrics "
-    "catches only ValueError from finite_number/float()), ending the ServerApp instead of leaving the "
-    "metric out"))
 def test_huge_integer_train_metric_does_not_crash_the_round(flwr_log):
     glob = global_arrays()
     ref, _ = run_round(FedLowRank(), glob, honest_replies(glob, 1) + [reply(BAD, trained(glob, BAD))])
@@ -558,10 +556,6 @@ def test_unknown_client_metric_keys_do_not_touch_the_model():
     assert metrics["agg-clients-kept"] == 4 and len(metrics) <= MAX_RECORD_KEYS + 16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (low): the server's own round diagnostics share one MetricRecord with client metrics, "
-    "so a client's 'agg-floor-rel' / 'agg-momentum-restart' / 'agg-error-rel-g0' / 'group-share-g0' is "
-    "reported as if the server computed it wherever that round did not compute the key itself"))
 def test_client_cannot_spoof_server_aggregation_metrics():
     glob = global_arrays()
     spoof = {"agg-floor-rel": 0.0, "agg-momentum-restart": 1.0, "agg-error-rel-g0": 0.0, "group-share-g0": 0.5}
@@ -630,19 +624,12 @@ def test_eval_n_above_the_claimed_examples_is_left_out(flwr_log):
     assert any("eval-n" in line for line in naming(flwr_log))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: a summed count (eval-n) is checked against the examples the reply *claims*, not the "
-    "weight it is capped to: a site claiming num-examples=1e9 and eval-n=1e9 has its weight capped "
-    "to 1,000 (logged) but the federation's eval-n becomes 1,000,000,300"))
 def test_eval_n_is_bounded_by_the_capped_weight(flwr_log):
     out = evaluate(honest_eval() + [eval_reply(BAD, **{"num-examples": 1e9, "eval-auc": 0.8, "eval-n": 1e9})])
     assert any("Capping" in line for line in naming(flwr_log))
     assert out["eval-n"] <= 300 + 10 * 100
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: negative counts are summed/min-reduced without a check: eval-n=-1e6 (or eval-n_g0, "
-    "eval-es_auc_groups) from one site makes the federation's figure negative, with no log line"))
 @pytest.mark.parametrize("key", ["eval-n", "eval-n_g0", "eval-es_auc_groups"])
 def test_negative_counts_are_left_out(key, flwr_log):
     out = evaluate(honest_eval() + [eval_reply(BAD, **{"num-examples": 100.0, "eval-auc": 0.8, key: -1e6})])
@@ -686,10 +673,6 @@ def test_eval_1e5_keys_drop_the_reply(flwr_log):
     assert naming(flwr_log)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (not promised by the docs): metrics defined on [0, 1] (eval-auc, eval-acc, which the "
-    "project's own clients send) are averaged without a range check: one site's eval-auc=1e300 at "
-    "a quarter of the weight makes the federation's eval-auc 2.5e299, logged nowhere"))
 def test_out_of_range_auc_is_not_averaged(flwr_log):
     out = evaluate(honest_eval() + [eval_reply(BAD, **{"num-examples": 100.0, "eval-auc": 1e300})])
     assert 0.0 <= out["eval-auc"] <= 1.0
@@ -715,21 +698,12 @@ def test_fairness_statistics_of_other_groups_are_left_out_with_fixed_groups(flwr
     assert any("left out" in line for line in naming(flwr_log))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: FederatedFairnessMetrics() (num_groups=None, the default) takes the group count of the "
-    "first valid reply: one site answering first with 3-group statistics gets every honest 2-group "
-    "site's statistics 'left out', so the federation-wide fairness figures are that one site's"))
 def test_first_reply_cannot_set_the_group_count_for_everyone(flwr_log):
     strategy = FedLowRank(evaluate_metrics_aggr_fn=FederatedFairnessMetrics())
     out = evaluate([_fair_reply(BAD, 3)] + [_fair_reply(n, 2) for n in (1, 2, 3)], strategy)
     assert out["fed-sites"] >= 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: with FederatedFairnessMetrics() (num_groups=None) one evaluate reply declaring G groups "
-    "makes the server compute G^2 xAUC pairs and emit ~2 G^2 metric keys (G=100: 20,217 keys from a "
-    "1.6 MB reply; evaluate replies have no array byte limit), far past the 1,024 keys it accepts "
-    "from a reply"))
 def test_one_reply_cannot_make_the_federation_metrics_quadratic():
     strategy = FedLowRank(evaluate_metrics_aggr_fn=FederatedFairnessMetrics())
     out = evaluate([_fair_reply(BAD, 100)], strategy)
@@ -1363,11 +1337,6 @@ def test_meta_round_that_is_not_a_round_number_is_refused(workdir, round_value):
         ckpt.load_checkpoint(workdir)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (low): the 'previous checkpoint' hint in a refusal lists any 'round-<digit>*' entry that "
-    "sorts before the refused one (checkpoint._previous_hint ignores ROUND_FOLDER), so with an "
-    "operator's backup 'round-000002.bak' present it tells them to resume from that folder, which "
-    "load_checkpoint then refuses"))
 def test_previous_checkpoint_hint_names_a_real_checkpoint(workdir):
     _save(workdir, 2)
     last = _save(workdir, 3)
@@ -1378,18 +1347,11 @@ def test_previous_checkpoint_hint_names_a_real_checkpoint(workdir):
     assert str(info.value).endswith("round-000002"), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (low): an .npy header with negative dimensions whose product matches the data "
-    "(shape (-2, -8) with 16 values) passes read_npy's size check and fails in numpy's reshape: the "
-    "refusal says only 'can only specify one unknown dimension', naming neither the array nor the problem"))
 def test_negative_npy_dimensions_in_a_reply_are_named(flwr_log):
     bad = attacked(replace("head.weight", raw_array(npy_header("<f4", (-2, -D_OUT)) + bytes(4 * 2 * D_OUT))))
     assert_rejected("fedlowrank", bad, flwr_log, "head.weight")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (low): the same negative-dimension .npy member in a checkpoint is refused as "
-    "'can only specify one unknown dimension; refusing <folder>', without naming arrays.npz or the member"))
 def test_negative_npy_dimensions_in_a_checkpoint_are_named(workdir):
     _save(workdir, 2)
     last = _save(workdir, 3)

@@ -82,7 +82,10 @@ def finite_number(value, what: str) -> float:
     """``value`` as a float; ``ValueError`` unless it is one finite number (not a list, not bool)."""
     if isinstance(value, (list, bool)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{what} = {value!r} must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int past float's range (10**400)
+        raise ValueError(f"{what} = {value!r} must be finite") from None
     if not math.isfinite(value):
         raise ValueError(f"{what} = {value!r} must be finite")
     return value
