@@ -1360,3 +1360,10 @@ def test_negative_npy_dimensions_in_a_checkpoint_are_named(workdir):
     with pytest.raises(ckpt.CheckpointError) as info:
         ckpt.load_checkpoint(workdir)
     assert "fc.lora_U" in str(info.value), str(info.value)
+
+
+def test_one_poisoned_error_table_of_three_cannot_steer_the_allocation():
+    """The issue's case: two honest sites and one liar (the median of three)."""
+    honest, _ = _allocation(3)
+    poisoned, metrics = _allocation(2, _table_lies)
+    assert poisoned == honest and metrics["agg-clients-kept"] == 3

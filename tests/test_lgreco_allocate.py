@@ -137,3 +137,17 @@ def test_feedback_errors_predict_the_settled_residual():
             settled.append(np.sum(residual**2))
     predicted = feedback_errors(np.array([[a * a * 200.0]]), np.array([[200.0, 200.0]]))[0, 0]
     assert np.mean(settled) == pytest.approx(predicted, rel=0.1)
+
+
+@pytest.mark.parametrize("lie", [0.0, 1e30, -1.0])
+def test_one_table_of_three_moves_no_pooled_cell_outside_the_two_honest_ones(lie):
+    """The bound L-GreCo's allocation rests on: pooled by the median, each cell of one client of
+    three lies between the honest clients' values whatever it claims (not at the liar's)."""
+    from fedlowrank.compression.controller import pooled
+
+    rng = np.random.default_rng(3)
+    honest = [rng.random((6, 12)), rng.random((6, 12))]
+    out = pooled([*honest, np.full((6, 12), lie)])
+    low, high = np.minimum(*honest), np.maximum(*honest)
+    assert np.all((out >= low) & (out <= high))
+    assert not np.allclose(out, lie)
