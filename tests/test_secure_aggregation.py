@@ -376,7 +376,7 @@ def test_the_plan_declares_the_shapes_of_what_clients_send():
 def test_a_secure_sum_refuses_rules_that_average_factors_and_per_reply_bounds():
     arrays = with_head(start_arrays())
     replies = replies_for(arrays, 0.3, 7)
-    with pytest.raises(ValueError, match="share_cap=None and robust=None"):
+    with pytest.raises(ValueError, match="share_cap=None, node_max_weights=None and robust=None"):
         secure_round(RoundConfig(rank=R), LowRankState(), arrays, replies, WEIGHTS_MIXED)
     with pytest.raises(ValueError, match="needs each reply's factors"):
         secure_round(RoundConfig(rule="fedit", rank=R, share_cap=None), LowRankState(), arrays, replies, WEIGHTS_MIXED)
