@@ -1232,6 +1232,19 @@ def test_checkpoint_of_another_rule_is_refused(workdir):
                  resume_from=workdir)
 
 
+def _refusal_and_peak(workdir):
+    """The CheckpointError loading ``workdir`` raises, and tracemalloc's peak while it loads."""
+    box = {}
+
+    def load():
+        try:
+            ckpt.load_checkpoint(workdir)
+        except ckpt.CheckpointError as err:
+            box["err"] = err
+    peak = _peak_of(load)
+    return box.get("err"), peak
+
+
 def test_zip_bomb_is_refused_before_inflating(workdir):
     _save(workdir, 2)
     last = _save(workdir, 3)
@@ -1245,15 +1258,8 @@ def test_zip_bomb_is_refused_before_inflating(workdir):
     size = (last / "arrays.npz").stat().st_size
     assert size < expanded // 100  # a small file that expands hugely
     _rehash(last)
-    box = {}
-
-    def load():
-        try:
-            ckpt.load_checkpoint(workdir)
-        except ckpt.CheckpointError as err:
-            box["err"] = err
-    peak = _peak_of(load)
-    assert "compressed" in str(box["err"]) and "fc.lora_U.npy" in str(box["err"])
+    err, peak = _refusal_and_peak(workdir)
+    assert "compressed" in str(err) and "fc.lora_U.npy" in str(err)
     assert peak < 4 * size + (1 << 20), (peak, size)
 
 
@@ -1262,15 +1268,8 @@ def test_npy_header_declaring_1TiB_in_a_checkpoint_is_refused(workdir):
     last = _save(workdir, 3)
     _write_npz(last / "arrays.npz", {"fc.lora_U.npy": npy_header("<f4", (2 ** 38,)) + bytes(16)})
     _rehash(last)
-    box = {}
-
-    def load():
-        try:
-            ckpt.load_checkpoint(workdir)
-        except ckpt.CheckpointError as err:
-            box["err"] = err
-    peak = _peak_of(load)
-    assert "declares" in str(box["err"]) and "fc.lora_U.npy" in str(box["err"])
+    err, peak = _refusal_and_peak(workdir)
+    assert "declares" in str(err) and "fc.lora_U.npy" in str(err)
     assert peak < 1 << 20
 
 
