@@ -60,7 +60,7 @@ class FedLowRank(FedAvg):
 
     Parameters
     ----------
-    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, node_max_weights, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, step_decay, tail_weight
+    rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, node_max_weights, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, server_optimizer, server_betas, server_tau, step_decay, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
     max_reply_bytes : int, optional
@@ -101,6 +101,9 @@ class FedLowRank(FedAvg):
         min_valid_replies: int = 1,
         server_learning_rate: float = 1.0,
         momentum: float = 0.0,
+        server_optimizer: str | None = None,
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_tau: float = 1e-3,
         step_decay: float = 1.0,
         tail_weight: float = 1.0,
         aggregation_method: str | None = None,
@@ -120,7 +123,8 @@ class FedLowRank(FedAvg):
             balance_cap=balance_cap, dense_above=dense_above, dense_products=dense_products, max_weight=max_weight, share_cap=share_cap,
             node_max_weights=node_max_weights, robust=robust,
             robust_factor=robust_factor, min_valid_replies=min_valid_replies,
-            server_learning_rate=server_learning_rate, momentum=momentum, step_decay=step_decay, tail_weight=tail_weight,
+            server_learning_rate=server_learning_rate, momentum=momentum, server_optimizer=server_optimizer,
+            server_betas=server_betas, server_tau=server_tau, step_decay=step_decay, tail_weight=tail_weight,
         )
         self.max_reply_bytes = max_reply_bytes
         self.state = LowRankState()

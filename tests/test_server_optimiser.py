@@ -190,3 +190,58 @@ def test_tail_weight_decays_what_lower_rank_clients_could_not_hold(tail_weight):
     if tail_weight < 1:  # what the rank-2 and rank-4 clients could not hold shrinks
         assert np.linalg.norm(product(got)) < np.linalg.norm(best(sum(w * (product(c) + g - best(g, r))
                                                                       for w, r, c in zip(shares, RANKS, replies)), R))
+
+
+def flower_adaptive_reference(kind, lr, betas, tau, rounds, scale):
+    """Flower's FedAdam / FedYogi formulas (flwr.serverapp.strategy) on the dense product, then best_R."""
+    (b1, b2), g = betas, product(start_arrays())
+    m, v = np.zeros((D_OUT, D_IN)), np.zeros((D_OUT, D_IN))
+    shares = np.array(WEIGHTS) / sum(WEIGHTS)
+    for t in range(1, rounds + 1):
+        replies = round_replies(g, t, scale)
+        delta = sum(w * (product(c) + g - best(g, r)) for w, r, c in zip(shares, RANKS, replies)) - g
+        m = b1 * m + (1 - b1) * delta
+        if kind == "adam":
+            v = b2 * v + (1 - b2) * delta**2
+            eta = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        else:
+            v = v - (1 - b2) * delta**2 * np.sign(v - delta**2)
+            eta = lr
+        g = best(g + eta * m / (np.sqrt(v) + tau), R)
+    return g
+
+
+@pytest.mark.parametrize("dense_above", [None, 10**6])
+@pytest.mark.parametrize("kind", ["adam", "yogi"])
+def test_the_adaptive_server_step_is_flowers_fedadam_and_fedyogi_on_the_exact_update(kind, dense_above):
+    lr, betas, tau, rounds = 0.05, (0.8, 0.95), 1e-2, 5
+    config = RoundConfig(rank=R, server_optimizer=kind, server_learning_rate=lr, server_betas=betas, server_tau=tau,
+                         align=False, dense_above=dense_above)
+    got, state = run(config, rounds, scale=0.3)
+    g = flower_adaptive_reference(kind, lr, betas, tau, rounds, 0.3)
+    assert np.linalg.norm(product(got) - g) / np.linalg.norm(g) < 1e-9
+    assert state.optimizer_steps == rounds and state.moments["fc"].shape == (2, D_OUT, D_IN)  # bounded by the layer
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi"])
+def test_an_adaptive_step_leaves_an_unchanged_round_unchanged_and_survives_a_checkpoint(kind):
+    start = start_arrays()
+    config = RoundConfig(rank=R, server_optimizer=kind, server_learning_rate=0.1)
+    unchanged, _ = run(config, 5, scale=0.0)
+    assert np.linalg.norm(product(unchanged) - product(start)) / np.linalg.norm(product(start)) < 1e-9
+    straight, _ = run(config, 6, scale=0.2)
+    half, state = run(config, 3, scale=0.2)
+    restored = LowRankState()
+    restored.load_state_dict({k: np.array(v) for k, v in state.state_dict().items()})
+    resumed, _ = run(config, 3, scale=0.2, state=restored, arrays=half, first=4)
+    assert all(np.array_equal(resumed[k], straight[k]) for k in straight)
+    fresh, _ = run(config, 3, scale=0.2, state=LowRankState(), arrays=half, first=4)
+    assert not np.allclose(product(fresh), product(straight))  # the moments mattered
+
+
+def test_an_adaptive_step_is_refused_where_it_cannot_act():
+    for bad in (dict(server_optimizer="sgd"), dict(server_optimizer="adam", momentum=0.5),
+                dict(server_optimizer="adam", rule="fedit"), dict(server_optimizer="adam", server_betas=(1.0, 0.9)),
+                dict(server_optimizer="adam", server_tau=0.0), dict(server_optimizer="adam", residual="fold")):
+        with pytest.raises(ValueError):
+            RoundConfig(rank=R, **bad)

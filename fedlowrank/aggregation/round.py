@@ -25,6 +25,7 @@ Arrays are a mapping ``name -> np.ndarray``; adapted layers are the keys
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from .validate import MAX_WEIGHT, check_declared_weight, check_reply_arrays, che
 RESIDUAL_MODES = ("drop", "carry", "fold")
 GAUGES = ("balanced", "lora")
 ROBUST_MODES = (None, "clip", "reject")
+SERVER_OPTIMIZERS = ("adam", "yogi")
 PEFT_FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$|\.lora_embedding_[AB]")
 """PEFT's LoRA parameter names (``...q_proj.lora_A.default.weight``)."""
 
@@ -164,6 +166,17 @@ class RoundConfig:
         ``G + server_learning_rate v``. ``v`` is kept exactly and bounded by the layer, not
         by rounds: its non-zero singular triplets while they are narrow, a dense matrix past
         ``dense_above`` (where that is cheaper). Exact G = 1 rules only; not with ``fold``.
+    server_optimizer : {None, "adam", "yogi"} (default: None)
+        An adaptive server step on the exact update, as Flower's ``FedAdam`` / ``FedYogi``
+        (Reddi et al. 2021) with ``eta = server_learning_rate``: ``m <- b1 m + (1 - b1) D``,
+        ``v <- b2 v + (1 - b2) D^2`` (Yogi: ``v <- v - (1 - b2) D^2 sign(v - D^2)``), and the
+        new global the best rank-r approximation of ``G + eta_t m / (sqrt(v) + tau)`` with
+        ``eta_t`` bias-corrected for Adam as Flower's is (Yogi: ``eta``). The second moment is elementwise, so both moments
+        are kept dense, ``d_out x d_in`` per adapted layer (bounded by the layer, not by
+        rounds). Exact G = 1 rules only; not with ``momentum`` or ``fold``.
+    server_betas : (float, float) (default: (0.9, 0.99))
+    server_tau : float (default: 1e-3)
+        The adaptive step's moment decays and its floor on ``sqrt(v)`` (Flower's defaults).
     step_decay : float in (0, 1] (default: 1.0, off)
         With ``momentum``: Kesten's rule with an adaptive restart. When a round's exact
         change points against the velocity (their inner product over all adapted layers is
@@ -191,6 +204,9 @@ class RoundConfig:
     min_valid_replies: int = 1
     server_learning_rate: float = 1.0
     momentum: float = 0.0
+    server_optimizer: str | None = None
+    server_betas: tuple[float, float] = (0.9, 0.99)
+    server_tau: float = 1e-3
     step_decay: float = 1.0
     tail_weight: float = 1.0
     clamped: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
@@ -227,11 +243,21 @@ class RoundConfig:
             raise ValueError("step_decay tests the change against the server momentum: set momentum > 0")
         if self.momentum and (not self.rule.residual or self.rule.grouped):
             raise ValueError(f"momentum needs an exact G = 1 rule; rule '{self.rule.name}' is not one")
+        if self.server_optimizer is not None:
+            if self.server_optimizer not in SERVER_OPTIMIZERS:
+                raise ValueError(f"server_optimizer must be None or one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+            if not self.rule.residual or self.rule.grouped:
+                raise ValueError(f"server_optimizer needs an exact G = 1 rule; rule '{self.rule.name}' is not one")
+            if self.momentum:
+                raise ValueError("server_optimizer keeps its own first moment: set momentum = 0")
+            b1, b2 = self.server_betas = tuple(float(b) for b in self.server_betas)
+            if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0) or not self.server_tau > 0:
+                raise ValueError(f"server_betas must be in [0, 1) and server_tau > 0, got {self.server_betas}, {self.server_tau}")
         if self.balance_cap is not None and not self.balance_cap >= 1.0:
             raise ValueError(f"balance_cap {self.balance_cap} must be >= 1 (or None)")
         rule = self.rule
         self.residual = rule.residual_modes[0] if self.residual is None else self.residual
-        if self.momentum and self.residual == "fold":
+        if (self.momentum or self.server_optimizer) and self.residual == "fold":
             raise ValueError("momentum does not combine with residual mode 'fold' (the fold takes what the rank cannot hold)")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"unknown residual mode {self.residual!r}; choose one of {RESIDUAL_MODES}")
@@ -247,6 +273,8 @@ class RoundConfig:
             "rule": self.rule.name, "residual": self.residual, "rank": self.rank, "gauge": self.gauge,
             "server_learning_rate": self.server_learning_rate, "momentum": self.momentum,
             "step_decay": self.step_decay, "tail_weight": self.tail_weight,
+            # Only when set: checkpoints written before the option existed still match.
+            **({"server_optimizer": self.server_optimizer} if self.server_optimizer else {}),
         }
 
     def check_fits(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -609,9 +637,13 @@ class ServerRound:
                 self.state.momentum.clear()  # the velocity restarts from this round's change
                 metrics["agg-momentum-restart"] = 1
             metrics["agg-server-step"] = self.config.server_learning_rate * self.state.step_scale
+        if self.config.server_optimizer:
+            self.state.optimizer_steps += 1
         for module, acc in self._accs.items():
             if self.config.momentum:
                 self._step_momentum(module, acc)
+            if self.config.server_optimizer:
+                self._step_adaptive(module, acc)
             if residual_mode == "carry" and module in self.state.residuals:
                 acc.add_carried(self.state.residuals[module])
             result = acc.result(self.layer_rank(module))
@@ -663,6 +695,24 @@ class ServerRound:
         if change is not None:
             acc.add_carried(_scaled(change, lr * (scale - 1.0)))
         self.state.momentum[module] = velocity.matrices() if velocity.dense else compact(velocity)
+
+    def _step_adaptive(self, module: str, acc: Accumulator) -> None:
+        """Flower's FedAdam / FedYogi step on the layer's exact change; the target becomes
+        ``G + eta_t m / (sqrt(v) + tau)`` (the accumulator holds ``G + lr D``)."""
+        config, lr = self.config, self.config.server_learning_rate
+        (b1, b2), tau = config.server_betas, config.server_tau
+        change = self._change(acc)
+        d = change[0] if not isinstance(change, Factors) else (change.u * change.s[0]) @ change.v.T
+        moments = self.state.moments.get(module)
+        m, v = (moments[0], moments[1]) if moments is not None else (torch.zeros_like(d), torch.zeros_like(d))
+        m = b1 * m + (1.0 - b1) * d
+        square = d * d
+        t = self.state.optimizer_steps
+        adam = config.server_optimizer == "adam"
+        eta = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if adam else lr  # as Flower's FedAdam / FedYogi
+        v = b2 * v + (1.0 - b2) * square if adam else v - (1.0 - b2) * square * torch.sign(v - square)
+        acc.add_carried((eta * m / (v.clamp_min(0).sqrt() + tau) - lr * d)[None])
+        self.state.moments[module] = torch.stack([m, v])
 
     def _change(self, acc: Accumulator) -> Factors | torch.Tensor:
         """The round's exact change ``D = M - G`` of one layer (the accumulator holds ``G + lr D``)."""

@@ -34,6 +34,11 @@ class LowRankState:
     momentum: dict[str, Factors | torch.Tensor] = field(default_factory=dict)
     """Per adapted module: the server's velocity ``v`` (``RoundConfig.momentum``), its exact
     non-zero triplets or, past the width where that is cheaper, a dense ``1 x d_out x d_in``."""
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per adapted module: the adaptive server step's moments ``m`` and ``v`` stacked,
+    ``2 x d_out x d_in`` (``RoundConfig.server_optimizer``)."""
+    optimizer_steps: int = 0
+    """Rounds the adaptive server step has taken (its bias correction)."""
     group_shares: list[float] | None = None
     """Group shares sent to clients (grouped adapters)."""
     server_round: int = 0
@@ -62,7 +67,7 @@ class LowRankState:
         out: dict[str, np.ndarray] = {}
         for key, value in (self.global_arrays or {}).items():
             out[f"global/{key}"] = np.array(value)
-        for kind, table in (("residual", self.residuals), ("momentum", self.momentum)):
+        for kind, table in (("residual", self.residuals), ("momentum", self.momentum), ("moments", self.moments)):
             for module, value in table.items():
                 if isinstance(value, Factors):
                     for leaf, t in zip("usv", value):
@@ -77,6 +82,7 @@ class LowRankState:
             "median_norm": self.median_norm,
             "at_bound": self.at_bound,
             "step_scale": self.step_scale,
+            "optimizer_steps": self.optimizer_steps,
         }
         out[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
         return out
@@ -101,6 +107,14 @@ class LowRankState:
         self.global_arrays = arrays if meta["has_global"] else None
         self.residuals = _factor_table(state, "residual/")
         self.momentum = _factor_table(state, "momentum/")
+        steps = meta.get("optimizer_steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state field optimizer_steps is {steps!r}, not a round count")
+        self.optimizer_steps = steps
+        moments = _factor_table(state, "moments/")
+        if any(isinstance(m, Factors) or m.ndim != 3 or m.shape[0] != 2 for m in moments.values()):
+            raise ValueError("state field moments must hold one dense 2 x d_out x d_in array per layer")
+        self.moments = moments
 
 
 def _factor_table(state: dict[str, np.ndarray], prefix: str) -> dict[str, Factors | torch.Tensor]:
