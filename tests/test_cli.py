@@ -103,3 +103,12 @@ def test_a_run_whose_serverapp_ended_is_not_held_by_a_hung_site(capsys):
 def test_a_run_that_ends_on_its_own_is_not_stopped():
     stream, code, _ = _stream_of("print('INFO : results written to r.json, final adapter to a')", grace_s=0.5)
     assert not stream.stopped_hung and stream.server_finished and code == 0
+
+
+def test_the_last_exception_of_a_failed_serverapp_and_the_results_path_are_kept():
+    traceback = ("import time; print('Traceback (most recent call last):'); print('  File \"x.py\", line 1');"
+                 "print('RuntimeError: stop-after-round = 3: stopping the ServerApp as a crash would; resume with ...')")
+    stream, _, _ = _stream_of(traceback, grace_s=30)
+    assert stream.error == "RuntimeError: stop-after-round = 3: stopping the ServerApp as a crash would; resume with ..."
+    stream, _, _ = _stream_of("print('INFO : results written to results/a b.json, final adapter to x')", grace_s=30)
+    assert stream.results == "results/a b.json"

@@ -67,21 +67,41 @@ def test_a_failing_serverapp_fails_the_runner(tmp_path):
     """`flwr run --stream` exits 0 when the ServerApp raises; the runner must not."""
     proc = subprocess.run(
         [sys.executable, str(RUNNER), "adult-married", "--supernodes", "2", "--run-config", "num-server-rounds=1 strategy='bogus'"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "unknown strategy 'bogus'" in proc.stdout and "finished:failed" in proc.stdout
     assert not superlink_healthy()
 
 
+def test_a_sigterm_stops_the_superlink_the_runner_started(tmp_path):
+    """A timeout or a scheduler sends SIGTERM: the runner unwinds as on Ctrl-C, nothing is left running."""
+    import signal
+    import time
+
+    assert not superlink_healthy(), "another SuperLink is serving the local ports"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}  # a failed run keeps its log there, not in /tmp
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "adult-married", "--supernodes", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "round 0/" in line:  # the run is under way
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped SuperLink" in out, out[-2000:]
+    assert time.monotonic() - started < 30 and not superlink_healthy()
+
+
 def test_a_run_where_every_site_fails_exits_non_zero_and_its_last_line_names_the_cause(tmp_path):
     """Sites without Opacus asked for DP-SGD (a package on PYTHONPATH that fails to import, as a
     missing one does): every ClientApp raises, so no round keeps a reply and no adapter is written."""
+    assert not superlink_healthy(), "another SuperLink is serving the local ports"
     missing = tmp_path / "site-packages-without-opacus" / "opacus"
     missing.mkdir(parents=True)
     (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'opacus'\", name='opacus')\n")
     results = tmp_path / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(missing.parent)}
+    env = {**os.environ, "PYTHONPATH": str(missing.parent), "FLWR_HOME": str(tmp_path / "flwr")}
     proc = subprocess.run(
         [sys.executable, str(RUNNER), "adult-married", "--supernodes", "2", "--run-config",
          f"num-server-rounds=2 dp-noise-multiplier=1.0 results-file='{results}'"],

@@ -93,8 +93,11 @@ RUN_FAILED = re.compile(r"RunFailed: (.+)$")
 """The ServerApp's :class:`fedlowrank.results.RunFailed` in the streamed log: the run's cause of failure."""
 
 
-SERVER_FINISHED = re.compile(r"results written to .+, final adapter to ")
+SERVER_FINISHED = re.compile(r"results written to (.+), final adapter to ")
 """The ServerApp's last line after a run that completed (:func:`fedlowrank.strategies.serverapp.serve`)."""
+
+EXCEPTION_LINE = re.compile(r"^([\w.]*(?:Error|Exception|RunFailed)): (.+)$")
+"""The last line of a Python traceback (``RuntimeError: stop-after-round = 3: ...``)."""
 
 SERVER_GRACE_S = 60.0
 """How long the runner lets Flower wind down after the ServerApp's last line. Flower's simulation
@@ -110,6 +113,8 @@ class Stream:
         self.failure: str | None = None
         self.superlink = superlink  # the SuperLink connection flwr's commands name (``local``, a deployment's)
         self.server_finished = False  # the ServerApp completed (its last line was seen)
+        self.results: str | None = None  # the results file it wrote
+        self.error: str | None = None  # the last exception line of a traceback in the log
         self.stopped_hung = False  # the runner stopped a run whose ServerApp had ended
         self.grace_s = grace_s
 
@@ -133,7 +138,12 @@ class Stream:
                 failed = RUN_FAILED.search(clean)
                 if failed:
                     self.failure = failed.group(1)
-                self.server_finished = self.server_finished or bool(SERVER_FINISHED.search(clean))
+                finished = SERVER_FINISHED.search(clean)
+                if finished:
+                    self.server_finished, self.results = True, finished.group(1)
+                raised = EXCEPTION_LINE.match(clean.strip())
+                if raised:
+                    self.error = f"{raised.group(1).rpartition('.')[2]}: {raised.group(2)}"
                 if (failed or self.server_finished) and watchdog is None:
                     watchdog = threading.Timer(self.grace_s, self._stop_hung, (process, run_id))
                     watchdog.daemon = True
@@ -142,6 +152,8 @@ class Stream:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if process.poll() is None:  # interrupted: the log stream goes with us
+                process.terminate()
         if self.stopped_hung and run_id is not None:  # here, not in the timer's thread: it must end before we do
             subprocess.run([shutil.which("flwr") or "flwr", "stop", str(run_id), self.superlink], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
@@ -239,7 +251,8 @@ def check_run_config(app: Path, overrides: str) -> None:
     try:
         given = parse_run_config(overrides)
     except Exception as err:  # noqa: BLE001
-        raise SystemExit(f"--run-config {overrides!r} cannot be parsed: {err}") from None
+        raise SystemExit(f"--run-config {overrides!r} cannot be parsed: {err} (string values need quotes, e.g. "
+                         "\"strategy='fedit' lr=0.01\")") from None
     unknown = sorted(set(given) - set(declared))
     if unknown:
         close = {k: difflib.get_close_matches(k, declared, n=1) for k in unknown}
@@ -295,12 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     stream = Stream(args.grace)
     code = 1
+    # A SIGTERM (timeout, a scheduler) unwinds like Ctrl-C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = (deploy_app if args.deployment else simulate)(app, args, env, stream, own_home)
     finally:
-        if code and stream.failure:
-            print(f"run failed: {stream.failure}", flush=True)  # the last line: what a person acts on
+        # The last line is what a person acts on: the cause of a failure, or where the results are.
+        if code and (stream.failure or stream.error):
+            print(f"run failed: {stream.failure or stream.error}", flush=True)
+        elif code == 0 and stream.results:
+            print(f"results written to {stream.results}", flush=True)
     return code
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def deploy_app(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own_home: bool) -> int:
@@ -324,6 +346,9 @@ def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own
     if not superlink_healthy():
         owned = start_superlink(env, Path(env["FLWR_HOME"]) / "superlink.log")
         print(f"started SuperLink (pid {owned.pid})", flush=True)
+    else:
+        print("using the SuperLink already serving 127.0.0.1:39091 (not started here, so left running; the apps run in "
+              "the Python environment it was started from)", flush=True)
     command = [
         shutil.which("flwr") or "flwr", "run", str(app), "local", "--stream",
         "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1",
@@ -332,7 +357,8 @@ def simulate(app: Path, args: argparse.Namespace, env: dict, stream: Stream, own
         command += ["--run-config", args.run_config]
     code = 1
     try:
-        return stream.outcome(*stream(command, env), env)
+        code = stream.outcome(*stream(command, env), env)
+        return code
     finally:
         if owned is not None:
             stop(owned)
