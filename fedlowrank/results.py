@@ -22,15 +22,15 @@ class RunFailed(RuntimeError):
         self.cause = cause
 
 
-EXTRA_OF_MODULE = {"opacus": "dp", "monai": "imaging", "einops": "imaging", "torchvision": "imaging", "matplotlib": "plot",
-                   "peft": "peft"}
+EXTRA_OF_MODULE = {"opacus": "dp", "monai": "imaging", "einops": "imaging", "torchvision": "imaging", "sklearn": "imaging",
+                   "matplotlib": "plot", "peft": "peft"}
 """The fedlowrank extra that installs a module a site may lack (``pyproject.toml``)."""
 
 _FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.S)
 """Flower's error reason for a raising ClientApp: ``<class 'ModuleNotFoundError'>:<'No module named ...'>``
 (in simulation the class is Ray's wrapper and the text its traceback)."""
 
-_RAISED = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
+TRACEBACK_LAST_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 """A traceback's last line: ``ModuleNotFoundError: No module named 'opacus'``."""
 
 _WRAPPERS = {"ClientAppException", "RayTaskError"}
@@ -46,7 +46,7 @@ def readable_reason(reason: str) -> str:
     found = _FLOWER_REASON.match(text)
     kind, body = (found.group(1).rsplit(".", 1)[-1], found.group(2)) if found else (None, text)
     # The first exception a traceback names that is not a wrapper is the site's own (chained ones follow).
-    raised = [m for m in map(_RAISED.match, (line.strip() for line in body.splitlines())) if m and m.group(1) not in _WRAPPERS]
+    raised = [m for m in map(TRACEBACK_LAST_LINE.match, (line.strip() for line in body.splitlines())) if m and m.group(1) not in _WRAPPERS]
     if raised:
         text = f"{raised[0].group(1)}: {raised[0].group(2)}"
     elif kind:

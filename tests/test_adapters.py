@@ -121,3 +121,17 @@ def test_bad_inputs_are_named():
     del state["0.lora_V"]
     with pytest.raises(KeyError, match="missing"):
         load_exchange_state(model, state)
+
+
+def test_loading_an_adapter_into_a_model_without_adapters_names_the_fix(tmp_path):
+    from fedlowrank.adapters import load_adapter, save_adapter
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    adapted = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    inject_adapters(adapted, r"^0$", rank=2)
+    path = save_adapter(tmp_path / "a.adapter.safetensors", {k: v.numpy() for k, v in exchange_state(adapted).items()},
+                        {"rank": 2})
+    with pytest.raises(ValueError, match=r"no adapters .* inject them first .*rank=2"):
+        load_adapter(model, path)
+    inject_adapters(model, r"^0$", rank=2)
+    assert load_adapter(model, path) == {"rank": 2}

@@ -59,6 +59,10 @@ def test_a_simulation_that_needs_a_missing_extra_is_refused_before_it_starts(mon
     assert missing_extras(HERE / "fairlora-images", "dp-noise-multiplier=1.0") == ["dp", "imaging"]
     with pytest.raises(SystemExit, match=r"needs the \[dp\] extra: pip install 'fedlowrank\[dp\]'"):
         main(["run", "adult-married", "--run-config", "dp-noise-multiplier=1.0"])
+    # The imaging app's digits fallback reads scikit-learn's digits: part of [imaging].
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    assert missing_extras(HERE / "fairlora-images", "dataset='digits'") == ["imaging"]
+    assert missing_extras(HERE / "fairlora-images", "") == []
 
 
 def test_certs_again_keeps_the_ca_and_the_site_keys_and_issues_a_server_certificate_for_a_new_name(tmp_path):

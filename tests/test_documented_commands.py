@@ -267,8 +267,8 @@ def test_a_wrong_command_in_the_docs_would_fail_this_file(wrong, parse_only, tmp
 
 # Blocks another test runs as written.
 RUN_ELSEWHERE = {
-    ("README.md", 0): "tests/test_readme_example.py::test_readme_app_runs_through_flwr_run",
-    ("README.md", 1): "tests/test_readme_example.py::test_readme_quickstart_client_under_lgreco",
+    ("README.md", 1): "tests/test_readme_example.py::test_readme_app_runs_through_flwr_run",
+    ("README.md", 2): "tests/test_readme_example.py::test_readme_quickstart_client_under_lgreco",
     ("docs/design.md", 0): "tests/test_core_without_flower.py",
     ("docs/design.md", 1): "tests/test_extending.py",
     ("docs/design.md", 2): "tests/test_extending.py",
@@ -283,7 +283,18 @@ G = 2
 y_true, groups = rng.integers(0, 2, 400), rng.integers(0, G, 400)
 probs = np.clip(0.35 * y_true + 0.65 * rng.random(400), 0, 1)
 """
+SAVED_ADAPTER = """
+import sys, tempfile
+sys.path.insert(0, "simulations/adult-married")
+from adult_married.model import ADAPTER_TARGETS, TRAINABLE, load_base_model
+from fedlowrank.adapters import exchange_state, inject_adapters, save_adapter
+trained = load_base_model()
+inject_adapters(trained, ADAPTER_TARGETS, rank=4, trainable=TRAINABLE)
+adapter_file = save_adapter(tempfile.mkdtemp() + "/run.adapter.safetensors",
+                            {k: v.numpy() for k, v in exchange_state(trained).items()}, {"rank": 4})
+"""
 GIVEN = {
+    ("README.md", 0): SAVED_ADAPTER,  # a run's adapter, as the ServerApp saves it
     ("docs/aggregation.md", 1): "from fedlowrank.strategies import FedLowRank\n",
     ("docs/aggregation.md", 2): "from fedlowrank.strategies import FedLowRank\n",
     ("docs/fairness.md", 0): FAIRNESS_DATA,
@@ -298,6 +309,7 @@ GIVEN = {
         "net.conv1 = __import__('torch').nn.Conv2d(1, 64, 7, 2, 3, bias=False)\n"
         "save_file({k: v.contiguous() for k, v in net.state_dict().items()}, 'resnet18-chest.safetensors')\n"),
 }
+RUN_FROM_THE_REPOSITORY = {("README.md", 0)}  # paths in it are the repository's
 STANDS_FOR = {("docs/fairness.md", 2): (", ..., ", ", ")}
 # Blocks that need a live federation (a grid of clients): their imports and names are checked here,
 # the same calls run in the tests named.
@@ -325,7 +337,7 @@ def test_a_documented_python_block_runs(where, index, code, tmp_path, monkeypatc
     compile(code, f"{where} block {index}", "exec")
     if key in RUN_ELSEWHERE:
         return
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(ROOT if key in RUN_FROM_THE_REPOSITORY else tmp_path)
     if key in NEEDS_A_FEDERATION:
         imports = "\n".join(line for line in code.splitlines() if line.startswith(("import ", "from ")))
         exec(compile(imports, f"{where} block {index} imports", "exec"), {})

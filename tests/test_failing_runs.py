@@ -82,7 +82,7 @@ def test_rejected_replies_and_silent_sites_are_named_as_the_cause(caplog):
          "ModuleNotFoundError: No module named 'monai'; install the [imaging] extra (pip install 'fedlowrank[imaging]')"),
         ("<class 'torch.OutOfMemoryError'>:<'CUDA out of memory'>", "OutOfMemoryError: CUDA out of memory"),
         ("An exception was raised when attempting to load `ClientApp`", "An exception was raised when attempting to load `ClientApp`"),
-        ("<class 'ModuleNotFoundError'>:<'No module named 'sklearn''>", "ModuleNotFoundError: No module named 'sklearn'"),
+        ("<class 'ModuleNotFoundError'>:<'No module named 'sklearn''>", "ModuleNotFoundError: No module named 'sklearn'; install the [imaging] extra (pip install 'fedlowrank[imaging]')"),
     ],
 )
 def test_flower_error_reasons_read_as_a_person_would_write_them(reason, readable):

@@ -32,12 +32,24 @@ def save_adapter(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: M
 def load_adapter(model: nn.Module, path: str | Path) -> dict[str, object]:
     """Load a saved adapter into ``model`` (adapters injected as when it was trained).
 
-    Returns the metadata stored with it. One call: ``load_adapter(model, "run.adapter.safetensors")``.
+    Returns the metadata stored with it (the rank, groups and run configuration the apps save).
+
+    Raises
+    ------
+    ValueError
+        If ``model`` has no adapters: inject them first, with the targets and rank it was
+        trained with (``inject_adapters(model, targets, rank=meta["rank"], ...)``).
     """
-    arrays = load_file(str(path))
-    load_exchange_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
     from safetensors import safe_open
 
+    from .inject import adapter_layers
+
     with safe_open(str(path), framework="numpy") as handle:
-        meta = handle.metadata() or {}
-    return json.loads(meta.get("fedlowrank", "{}"))
+        meta = json.loads((handle.metadata() or {}).get("fedlowrank", "{}"))
+    if not adapter_layers(model):
+        rank = f"rank={meta['rank']}" if "rank" in meta else "its rank"
+        raise ValueError(f"the model has no adapters to load {Path(path).name} into: inject them first as when it was "
+                         f"trained, e.g. inject_adapters(model, <the app's ADAPTER_TARGETS>, {rank}, trainable=<TRAINABLE>)")
+    arrays = load_file(str(path))
+    load_exchange_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
+    return meta

@@ -31,6 +31,8 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+from fedlowrank.results import TRACEBACK_LAST_LINE
+
 # Apps ship in the repository's simulations/ folder (not in the wheel): found from a checkout.
 HERE = Path(__file__).resolve().parents[2] / "simulations"
 CONTROL_PORT = 39093
@@ -96,9 +98,6 @@ RUN_FAILED = re.compile(r"RunFailed: (.+)$")
 SERVER_FINISHED = re.compile(r"results written to (.+), final adapter to ")
 """The ServerApp's last line after a run that completed (:func:`fedlowrank.strategies.serverapp.serve`)."""
 
-EXCEPTION_LINE = re.compile(r"^([\w.]*(?:Error|Exception|RunFailed)): (.+)$")
-"""The last line of a Python traceback (``RuntimeError: stop-after-round = 3: ...``)."""
-
 SERVER_GRACE_S = 60.0
 """How long the runner lets Flower wind down after the ServerApp's last line. Flower's simulation
 waits for every ClientApp it started, so a site hung past its round would hold ``flwr run`` (and
@@ -141,9 +140,9 @@ class Stream:
                 finished = SERVER_FINISHED.search(clean)
                 if finished:
                     self.server_finished, self.results = True, finished.group(1)
-                raised = EXCEPTION_LINE.match(clean.strip())
+                raised = TRACEBACK_LAST_LINE.match(clean.strip())  # e.g. RuntimeError: stop-after-round = 3: ...
                 if raised:
-                    self.error = f"{raised.group(1).rpartition('.')[2]}: {raised.group(2)}"
+                    self.error = f"{raised.group(1)}: {raised.group(2)}"
                 if (failed or self.server_finished) and watchdog is None:
                     watchdog = threading.Timer(self.grace_s, self._stop_hung, (process, run_id))
                     watchdog.daemon = True
@@ -224,7 +223,7 @@ def missing_extras(app: Path, run_config: str) -> list[str]:
     if float(settings.get("dp-noise-multiplier", 0) or 0) > 0:
         modules.append("opacus")
     if app.name == "fairlora-images":
-        modules += ["monai", "einops", "torchvision"]
+        modules += ["monai", "einops", "torchvision"] + (["sklearn"] if settings.get("dataset") == "digits" else [])
     return sorted({EXTRA_OF_MODULE[m] for m in modules if find_spec(m) is None})
 
 

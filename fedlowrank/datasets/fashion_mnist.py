@@ -125,8 +125,8 @@ def load_fashion_mnist(root: str | os.PathLike = DEFAULT_ROOT, split: str = "tra
         raise FileNotFoundError(
             f"Fashion-MNIST files not found: {missing}. Install them with "
             "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into /usr/share/datasets/fashion-mnist), "
-            "point root at a folder with the four *-idx*-ubyte.gz files, or use the small fallback "
-            "fedlowrank.datasets.load_digits_images() (scikit-learn's 8x8 digits)"
+            "point root at a folder with the four *-idx*-ubyte.gz files, or use the small fallback of scikit-learn's "
+            "8x8 digits (the imaging app: --run-config \"dataset='digits'\"; in code: fedlowrank.datasets.load_digits_images())"
         )
     images = read_idx(images_path)
     labels = read_idx(labels_path)
