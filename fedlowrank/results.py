@@ -105,6 +105,8 @@ class RunResults:
     """Names of groups 0, 1, ... (the metrics' ``_g0``/``_g1`` suffixes)."""
     compression_allocations: dict[str, dict[str, str]] = field(default_factory=dict)
     seconds: float | None = None
+    failure: str | None = None
+    """Why the run failed (:class:`RunFailed`), or None: its rounds then kept no valid reply."""
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def to_json(self) -> str:

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import adapter_layers, load_exchange_state, save_adapter
-from fedlowrank.results import RoundRecord, RunResults
+from fedlowrank.results import RoundRecord, RunFailed, RunResults
 from fedlowrank.runconfig import RunSettings
 from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
@@ -282,6 +282,8 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
     path = results_path(settings, name, spec.name)
     stop_after = settings.stop_after_round
 
+    written: dict[str, RunResults] = {}  # the last results written, to mark a failed run in them
+
     def write_results(server_round: int, result) -> None:
         """Results so far, every round: a run that stops loses nothing already measured."""
         results = RunResults(
@@ -306,6 +308,7 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
         if line.partition(":")[2].strip():  # round 0 without central evaluation has nothing to say
             log(INFO, "%s", line)
         results.write(path)
+        written["results"] = results
         if server_round and server_round == stop_after:
             # A drill: stop as a crash would, after the round's checkpoint is on disk.
             checkpoint = settings.checkpoint_dir.strip()
@@ -313,20 +316,26 @@ def serve(grid: Grid, context: Context, spec: AppSpec) -> None:
                    if checkpoint else "no checkpoint-dir was set, so this run cannot be resumed")
             raise RuntimeError(f"stop-after-round = {stop_after}: stopping the ServerApp as a crash would; {how}")
 
-    result = run(
-        strategy,
-        grid,
-        initial,
-        num_rounds=settings.num_server_rounds,
-        timeout=settings.round_timeout,
-        train_config=ConfigRecord({"lr": settings.lr, "local-epochs": settings.local_epochs}),
-        evaluate_fn=evaluate_fn,
-        checkpoint_dir=settings.checkpoint_dir.strip() or None,
-        resume_from=settings.resume_from.strip() or None,
-        on_round=write_results,
-        app=spec.name,
-        force_resume=settings.resume_force,
-    )
+    try:
+        result = run(
+            strategy,
+            grid,
+            initial,
+            num_rounds=settings.num_server_rounds,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord({"lr": settings.lr, "local-epochs": settings.local_epochs}),
+            evaluate_fn=evaluate_fn,
+            checkpoint_dir=settings.checkpoint_dir.strip() or None,
+            resume_from=settings.resume_from.strip() or None,
+            on_round=write_results,
+            app=spec.name,
+            force_resume=settings.resume_force,
+        )
+    except RunFailed as err:  # the file says so: a report must not show the untouched base as a result
+        if "results" in written:
+            written["results"].failure = str(err)
+            written["results"].write(path)
+        raise
     adapter_path = Path(settings.save_adapter.strip() or path.with_suffix(".adapter.safetensors"))
     save_adapter(adapter_path, {k: a.numpy() for k, a in result.arrays.items()},
                  {"rank": rank, "groups": groups, "run_config": {k: v for k, v in cfg.items()}})

@@ -169,3 +169,15 @@ def load_results_from(config):
     from fedlowrank.results import RunResults
 
     return RunResults(strategy="fedlowrank", run_config=config, rounds=[])
+
+
+def test_a_failed_run_is_marked_failed_in_the_report_not_shown_as_a_result(tmp_path):
+    cause = "no round kept a valid reply: every site failed: ModuleNotFoundError: No module named 'opacus'"
+    good = write(tmp_path / "good.json", plain_rounds())
+    failed = write(tmp_path / "failed.json", plain_rounds(), config={**CONFIG, "seed": 1}, failure=cause)
+    assert load_results(failed).failure == cause and load_results(good).failure is None
+    assert main(["report", str(good), str(failed), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if "[FAILED]" in line and line.startswith("|"))
+    assert "seed=1" in row and cause in row
+    assert sum("[FAILED]" in line for line in text.splitlines() if line.startswith("|")) == 1

@@ -113,6 +113,7 @@ def test_a_run_where_every_site_fails_exits_non_zero_and_its_last_line_names_the
                     "No module named 'opacus'; install the [dp] extra (pip install 'fedlowrank[dp]')"), last
     assert "finished:failed" in proc.stdout
     assert not results.with_suffix(".adapter.safetensors").exists()  # no "final adapter" equal to the base
+    assert json.loads(results.read_text())["failure"].startswith("no round kept a valid reply: every site failed")
     assert not superlink_healthy()
 
 

@@ -167,7 +167,7 @@ def label_runs(runs: list[Run]) -> list[str]:
                   for run in runs]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({run.path.stem})" for label, run in zip(labels, runs)]
-    return labels
+    return [f"{label} [FAILED]" if run.results.failure else label for label, run in zip(labels, runs)]
 
 
 def usual_settings(runs: list[Run]) -> dict[str, str | None]:
@@ -337,6 +337,7 @@ def final_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     columns.append(("bytes, all rounds", lambda run, f: f"{int(sum(run.series(run.bytes_key(), train=True)[1])):,}"
                     if run.bytes_key() else "–"))
     columns.append(("epsilon", lambda run, f: number(f["train"].get("dp_epsilon"), 2)))
+    columns.append(("failed", lambda run, f: run.results.failure or "–"))  # its figures are the untouched base's
     cells = [[fn(run, f) for _, fn in columns] for run, f in zip(runs, finals)]
     # Drop metric columns no run has (the first three always stay).
     keep = [i for i in range(len(columns)) if i < 3 or any(row[i] != "–" for row in cells)]
