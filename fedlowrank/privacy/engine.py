@@ -9,6 +9,7 @@ Model checks live in :mod:`.validation`, the accountant in :mod:`.accounting`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,11 @@ from .accounting import (
 )
 from .grad_sampler import _PENDING
 from .validation import wrap_model
+
+# Opacus' per-sample hooks on the first adapted layer fire on its output alone, since the frozen
+# base's input needs no gradient: correct here, and torch says so at every backward of every round.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                        "module outputs since no inputs require gradients", category=UserWarning)
 
 
 @dataclass
