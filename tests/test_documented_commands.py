@@ -32,7 +32,7 @@ PROGRAMS = ("python ", "fedlowrank ", "flwr ", "pip ", "docker ")
 # Program names mentioned in prose, not commands to run.
 MENTIONS = {
     "flwr run", "fedlowrank run", "flwr ls", "flwr stop", "flwr run --stream", "python simulations/run.py",
-    "python -m fedlowrank", "flwr supernode register",
+    "python -m fedlowrank", "flwr supernode register", "fedlowrank report", "fedlowrank certs",
 }
 
 EXECUTED_BY = {
