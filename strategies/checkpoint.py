@@ -388,7 +388,8 @@ def run(
     site_errors: list[str] = []
     replies_seen = asked = idle = stopped = 0
     # A resumed run whose earlier rounds aggregated (or has no round left) has kept something.
-    kept_any = first > num_rounds or bool(result.train_metrics_clientapp)
+    # (A round whose only figure is its silent sites kept nothing.)
+    kept_any = first > num_rounds or any(set(m) - {"agg-clients-silent"} for m in result.train_metrics_clientapp.values())
     for current in range(first, num_rounds + 1):
         log(DEBUG, "[ROUND %s/%s]", current, num_rounds)
         if hasattr(strategy, "train_round"):  # a round of several exchanges (secure aggregation)
