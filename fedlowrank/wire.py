@@ -58,6 +58,15 @@ UNIT_INTERVAL_METRICS = re.compile(
 """Evaluate metrics in [0, 1] by definition (:func:`fedlowrank.fairness.group_fairness_report`):
 a site's value outside it is left out, not averaged (one ``eval-auc = 1e300`` would be the mean)."""
 
+EVALUATE_METRICS = re.compile(
+    r"num-examples|eval-loss"
+    r"|eval-(n|acc|auc|dpd|eod|es_acc|es_auc|es_acc_groups|es_auc_groups|worst_group_acc|worst_group_auc)(_g\d+)?"
+    r"|eval-xauc_g\d+_g\d+|dp_\w+"
+)
+"""The evaluate metrics a fedlowrank client sends (``clients/app.py``: the loss, the examples and
+:func:`fedlowrank.fairness.group_fairness_report` under ``eval-``); the apps' servers keep only these
+(``FedLowRank(evaluate_metric_keys=...)``): an invented key is left out with its node named."""
+
 SERVER_METRICS = re.compile(
     r"^(agg-|group-share-|secure-|fed-|eval-clients-)"
     r"|^lgreco-(bytes|bytes-per-client|node-ids|serialized-bytes|raw-bytes|dropped)$"

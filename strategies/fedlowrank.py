@@ -9,6 +9,7 @@ round, build the ``ArrayRecord`` and ``MetricRecord``.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -63,6 +64,10 @@ class FedLowRank(FedAvg):
     rule, rule_options, residual, rank, align, gauge, balance_cap, dense_above, dense_products, max_weight, share_cap, node_max_weights, robust, robust_factor, min_valid_replies, server_learning_rate, momentum, server_optimizer, server_betas, server_tau, step_decay, tail_weight
         What the round does: :class:`fedlowrank.aggregation.round.RoundConfig` (documented
         there, kept as ``self.config``).
+    evaluate_metric_keys : str or re.Pattern, optional
+        The evaluate metric names the clients send (a regular expression, matched in full);
+        a reply's other keys are left out with its node named. None keeps every key (a
+        key one site alone sends still averages over that site only).
     max_reply_bytes : int, optional
         Largest reply (its arrays' bytes), checked before anything is read; default
         twice the global arrays in float64 plus 1 MiB.
@@ -108,6 +113,7 @@ class FedLowRank(FedAvg):
         tail_weight: float = 1.0,
         aggregation_method: str | None = None,
         balance_cap: float | None = 1.0,
+        evaluate_metric_keys: str | re.Pattern | None = None,
         **kwargs,
     ) -> None:
         # Per-metric normalisation: a metric left out of one reply does not bias the mean.
@@ -127,6 +133,8 @@ class FedLowRank(FedAvg):
             server_betas=server_betas, server_tau=server_tau, step_decay=step_decay, tail_weight=tail_weight,
         )
         self.max_reply_bytes = max_reply_bytes
+        # Where the clients are known (the apps': fedlowrank.wire.EVALUATE_METRICS), any other key is left out.
+        self.evaluate_metric_keys = re.compile(evaluate_metric_keys) if isinstance(evaluate_metric_keys, str) else evaluate_metric_keys
         self.state = LowRankState()
 
     @property
@@ -251,6 +259,7 @@ class FedLowRank(FedAvg):
         if not kept:
             return None
         cap = share_weight_cap(kept, self.weighted_by_key, self.config.share_cap)  # as in training
-        metrics = aggregate_reply_metrics(self.evaluate_metrics_aggr_fn, kept, self.weighted_by_key, "evaluate", cap)
+        metrics = aggregate_reply_metrics(self.evaluate_metrics_aggr_fn, kept, self.weighted_by_key, "evaluate", cap,
+                                          self.evaluate_metric_keys)
         metrics["eval-clients-dropped"] = dropped
         return metrics

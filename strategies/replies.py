@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterable, Mapping
 from logging import WARNING
 
@@ -231,7 +232,7 @@ def share_weight_cap(replies: list[Message], weighted_by_key: str, share_cap: fl
 
 
 def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap: float | None = None,
-                       log_caps: bool = True) -> list[RecordDict]:
+                       log_caps: bool = True, known_keys: re.Pattern | None = None) -> list[RecordDict]:
     """The replies' MetricRecords with every metric kept only where it has one type and length
     across replies (Flower's weighted mean of a float and a list raises); dropped metrics are
     logged with the node that sent them. A weight above ``weight_cap`` is capped (logged)."""
@@ -259,6 +260,8 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
                 log(WARNING, "Ignoring metric from node %s: %s", msg.metadata.src_node_id, err)
                 continue
             problem = metric_problem(key, items, weight)
+            if known_keys is not None and not known_keys.fullmatch(key):
+                problem = "is not a metric this federation's clients send"
             if problem:
                 log(WARNING, "Ignoring metric '%s' from node %s: %r %s", key, msg.metadata.src_node_id, value, problem)
                 continue
@@ -272,7 +275,7 @@ def consistent_metrics(replies: list[Message], weighted_by_key: str, weight_cap:
 
 
 def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: str, kind: str,
-                            weight_cap: float | None = None) -> MetricRecord:
+                            weight_cap: float | None = None, known_keys: re.Pattern | None = None) -> MetricRecord:
     """``aggr_fn`` (a strategy's ``*_metrics_aggr_fn``) over the replies' consistent metrics.
 
     Each content keeps its other records and gains the sender's node id
@@ -281,7 +284,8 @@ def aggregate_reply_metrics(aggr_fn, replies: list[Message], weighted_by_key: st
     """
     contents = []
     # Training caps were logged by the round itself.
-    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key, weight_cap, log_caps=kind != "train")):
+    for msg, clean in zip(replies, consistent_metrics(replies, weighted_by_key, weight_cap, log_caps=kind != "train",
+                                                          known_keys=known_keys)):
         content = RecordDict({**{k: v for k, v in msg.content.items() if not isinstance(v, MetricRecord)}, **clean})
         content[REPLY_NODE_KEY] = ConfigRecord({"node-id": int(msg.metadata.src_node_id)})
         contents.append(content)

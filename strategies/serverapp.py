@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlowrank.adapters import adapter_layers, load_exchange_state, save_adapter
 from fedlowrank.results import RoundRecord, RunFailed, RunResults
 from fedlowrank.runconfig import RunSettings
+from fedlowrank.wire import EVALUATE_METRICS
 from fedlowrank.training import pick_device, predict
 from fedlowrank.fairness import group_fairness_report
 
@@ -67,6 +68,8 @@ def sampling(settings: RunSettings) -> dict:
         # and keeps only the privacy figures an honest site could report in this run.
         "evaluate_metrics_aggr_fn": FederatedFairnessMetrics(num_groups=2),
         "train_metrics_aggr_fn": PrivacyFigures(settings.dp_target_epsilon if settings.dp_noise_multiplier > 0 else None),
+        # The apps' clients send the wire contract's evaluate metrics: an invented key is left out, named.
+        "evaluate_metric_keys": EVALUATE_METRICS,
         # None, "clip" or "reject": bound each update's norm by robust-factor x the round's median.
         "robust": settings.robust_mode,
         "robust_factor": settings.robust_factor,

@@ -269,3 +269,31 @@ def test_declared_sites_bound_the_evaluate_figures_too(caplog):
 def test_a_malformed_declaration_is_refused_when_the_strategy_is_built(declared, message):
     with pytest.raises(ValueError, match=message):
         RoundConfig(rank=RANK, node_max_weights=declared)
+
+
+def test_an_invented_evaluate_metric_is_left_out_and_every_metric_a_client_sends_is_kept(caplog):
+    """The apps' servers keep the wire contract's evaluate metrics: what clients/app.py sends (the
+    real fairness report's keys) passes, an invented key is left out with its node named."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedlowrank.fairness import group_fairness_report
+    from fedlowrank.strategies import FedLowRank
+    from fedlowrank.strategies.testing import train_reply
+    from fedlowrank.wire import EVALUATE_METRICS
+
+    rng = np.random.default_rng(0)
+    y, groups = rng.integers(0, 2, 300), rng.integers(0, 2, 300)
+    report = group_fairness_report(y, np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1), groups)
+    sent = {f"eval-{k}": float(v) for k, v in report.items() if k != "n"}  # as clients/app.py builds them
+    sent.update({"eval-loss": 0.4, "num-examples": 300.0, "dp_epsilon": 1.5})
+
+    def reply(node, **extra):
+        return Message(content=RecordDict({"metrics": MetricRecord({**sent, **extra})}),
+                       metadata=train_reply(node, {}, 300.0).metadata)
+
+    strategy = FedLowRank(rank=RANK, evaluate_metric_keys=EVALUATE_METRICS)
+    with caplog.at_level(logging.WARNING):
+        metrics = strategy.aggregate_evaluate(1, [reply(1), reply(2), reply(3, **{"eval-backdoor": 0.99})])
+    assert set(sent) - {"num-examples"} <= set(metrics.keys()) and "eval-backdoor" not in metrics
+    assert "Ignoring metric 'eval-backdoor' from node 3" in caplog.text
+    assert "node 1" not in caplog.text and "node 2" not in caplog.text
